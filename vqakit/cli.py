@@ -1,0 +1,172 @@
+"""``vqakit`` command line: one typed function per subcommand; the signatures are the interface.
+
+    vqakit prepare  --data.dataset easy-vqa
+    vqakit train    --config configs/easy-vqa.yaml --train.epochs 3 --model.fusion gated
+    vqakit evaluate --checkpoint runs/easy-vqa/checkpoint --data.eval_split test
+    vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape is it?"
+
+Every subcommand takes ``--config FILE.yaml`` (a preset from ``configs/``) and dotted overrides
+(jsonargparse, as litgpt and LightningCLI do); ``--print_config`` shows the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from vqakit.data.config import DataConfig
+from vqakit.models.two_tower import TwoTowerConfig
+from vqakit.train.config import TrainConfig  # a plain dataclass: no training code is imported
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("vqakit")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen towers are, on purpose
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared") -> dict:
+    """Load and validate a dataset, check every image, build the answer vocabulary, print statistics.
+
+    Writes ``{out_dir}/{dataset}/``: ``{split}.jsonl`` (one example per line), ``answer_vocab.json``,
+    ``stats.json`` and, for a sampled VQA v2 training split, ``sample.json`` (the sampled image ids).
+
+    Args:
+        data: which dataset and splits.
+        out_dir: where the prepared files go.
+    """
+    from vqakit.data.answers import AnswerVocab
+    from vqakit.data.config import load_split
+    from vqakit.data.images import filter_examples, scan_images
+
+    target = Path(out_dir) / data.dataset
+    target.mkdir(parents=True, exist_ok=True)
+    stats = {"dataset": data.dataset, "splits": {}}
+    for split in dict.fromkeys([data.train_split, data.eval_split]):
+        examples = load_split(data, split)
+        report = scan_images({e.image_id: e.image for e in examples})
+        examples = filter_examples(examples, report)
+        with open(target / f"{split}.jsonl", "w") as f:
+            for e in examples:
+                f.write(json.dumps(e.to_dict()) + "\n")
+        stats["splits"][split] = {
+            "questions": len(examples),
+            "images": len({e.image_id for e in examples}),
+            "bad_images": len(report.bad),
+            "answer_types": dict(Counter(e.answer_type for e in examples)),
+        }
+        print(f"{split}: {len(examples):,} questions, {stats['splits'][split]['images']:,} images; {report.summary()}")
+        if split == data.train_split:
+            vocab = AnswerVocab.build([e.answers for e in examples], top_k=data.top_k_answers)
+            vocab.to_json(target / "answer_vocab.json")
+            coverage = vocab.coverage([e.answers for e in examples])
+            stats["answer_vocab"] = {"size": len(vocab), "coverage": round(100 * coverage, 2)}
+            print(f"answer vocabulary: {len(vocab)} answers cover {100 * coverage:.2f}% of {split} questions")
+    (target / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"wrote {target}")
+    return stats
+
+
+def train(
+    model: TwoTowerConfig = TwoTowerConfig(),
+    data: DataConfig = DataConfig(),
+    train: TrainConfig = TrainConfig(),
+    evaluate: bool = True,
+) -> dict:
+    """Train a VQA model, save an HF-style checkpoint directory, then evaluate it on ``data.eval_split``.
+
+    Args:
+        model: model architecture.
+        data: training and evaluation data.
+        train: strategies and optimisation.
+        evaluate: evaluate the checkpoint on the evaluation split after training.
+    """
+    from vqakit.eval.evaluate import format_metrics
+    from vqakit.train.run import fit
+
+    summary = fit(model, data, train, evaluate=evaluate)
+    print(f"\ncheckpoint: {summary['checkpoint']}")
+    print(f"time to train: {summary['time_to_train_s']:.1f} s ({summary['epochs']} epochs, {summary['steps']} steps); "
+          f"trainable parameters {summary['parameters']['trainable']:,} of {summary['parameters']['total']:,}")
+    if "metrics" in summary:
+        m = summary["metrics"]
+        print(f"\n{data.dataset} {m['split']} ({m['out_dir']}):\n{format_metrics(m)}")
+    return summary
+
+
+def evaluate(
+    checkpoint: str,
+    data: DataConfig = DataConfig(),
+    split: str | None = None,
+    out_dir: str | None = None,
+    batch_size: int = 256,
+    use_cache: bool = True,
+) -> dict:
+    """Evaluate a checkpoint: official VQA accuracy (overall, per answer type, per question type), exact match,
+    top-5, macro/weighted precision, recall and F1. Writes metrics.json, predictions.csv and failures.json.
+
+    Args:
+        checkpoint: checkpoint directory (``<run>/checkpoint``).
+        data: dataset to evaluate on.
+        split: split name (default ``data.eval_split``).
+        out_dir: output directory (default ``<checkpoint>/eval-<dataset>-<split>``).
+        batch_size: questions per forward pass.
+        use_cache: reuse / fill the feature cache for the towers' outputs.
+    """
+    from vqakit.eval.evaluate import evaluate_checkpoint, format_metrics
+
+    metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache)
+    print(format_metrics(metrics))
+    print(f"wrote {metrics['out_dir']}")
+    return metrics
+
+
+def predict(checkpoint: str, image: str, question: list[str], top_k: int = 5) -> list[dict]:
+    """Answer questions about one image; prints the top-k answers with their scores.
+
+    Args:
+        checkpoint: checkpoint directory.
+        image: image file.
+        question: one or more questions (repeat the flag, or pass a JSON list).
+        top_k: how many answers to show per question.
+    """
+    from vqakit.predict import VQAPredictor
+
+    predictor = VQAPredictor.from_pretrained(checkpoint)
+    results = predictor.predict(image, question, top_k=top_k)
+    for r in results:
+        print(f"Q: {r.question}")
+        for rank, (answer, score) in enumerate(r.top_k, 1):
+            print(f"  {rank}. {answer:<20} {score:.4f}")
+    return [{"question": r.question, "answer": r.answer, "score": r.score, "top_k": r.top_k} for r in results]
+
+
+def list_models() -> list[str]:
+    """List the model presets (YAML files under configs/ and named presets)."""
+    from vqakit.models.two_tower import list_models as presets
+
+    names = presets() + sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    print("\n".join(names))
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``vqakit`` console script (results are printed, not returned to the shell)."""
+    from jsonargparse import CLI
+
+    _setup_logging()
+    CLI([prepare, train, evaluate, predict, list_models], args=argv, as_positional=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

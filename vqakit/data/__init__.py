@@ -1,0 +1,1 @@
+"""Data: sources -> examples, answer normalisation and vocabulary, image loading, feature cache."""

@@ -1,0 +1,118 @@
+"""Which data a run uses, as one typed config, and the function that turns it into examples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from vqakit.data.example import Example
+
+
+@dataclass
+class DataConfig:
+    """Data for a run.
+
+    Args:
+        dataset: ``easy-vqa`` (packaged) or ``vqa-v2`` (official files under ``root``).
+        root: dataset directory (``vqa-v2``: the folder with the official JSON files and image folders).
+        train_split: split to train on.
+        eval_split: split to evaluate on after training (easy-VQA: ``test``; VQA v2: ``val``).
+        train_image_fraction: fraction of training *images* kept (all their questions stay), e.g. 0.25.
+        seed: seed of every sampling step (image fraction, validation hold-out, limits).
+        val_fraction: fraction of training images held out for validation during training.
+        limit: keep only about this many questions per split (whole images, seeded): for quick runs.
+        top_k_answers: size of the answer vocabulary (most frequent normalised answers).
+        cache_dir: feature cache directory (default ``$VQAKIT_CACHE`` or ``~/.cache/vqakit``).
+        scan_images: decode every image once before training and skip broken ones, with a report.
+        num_workers: DataLoader worker processes.
+    """
+
+    dataset: str = "easy-vqa"
+    root: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_image_fraction: float = 1.0
+    seed: int = 0
+    val_fraction: float = 0.05
+    limit: int | None = None
+    top_k_answers: int = 1000
+    cache_dir: str | None = None
+    scan_images: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < self.train_image_fraction <= 1.0:
+            raise ValueError(f"--data.train_image_fraction={self.train_image_fraction} must be in (0, 1]")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--data.limit={self.limit} must be a positive number of questions")
+        if self.top_k_answers < 1:
+            raise ValueError(f"--data.top_k_answers={self.top_k_answers} must be at least 1")
+
+
+def load_split(cfg: DataConfig, split: str) -> list[Example]:
+    """The examples of one split, sampled and limited as ``cfg`` says."""
+    from vqakit.data.sources import load_source
+
+    kwargs = {}
+    if cfg.root is not None:
+        kwargs["root"] = cfg.root
+    if cfg.dataset == "vqa-v2" and split == cfg.train_split:
+        kwargs.update(train_image_fraction=cfg.train_image_fraction, seed=cfg.seed)
+    examples = load_source(cfg.dataset, split, **kwargs)
+    if cfg.dataset != "vqa-v2" and split == cfg.train_split and cfg.train_image_fraction < 1.0:
+        examples = sample_images(examples, cfg.train_image_fraction, cfg.seed)
+    if cfg.limit is not None:
+        examples = limit_questions(examples, cfg.limit, cfg.seed)
+    return examples
+
+
+def _images_in_random_order(examples: list[Example], seed: int) -> list[int]:
+    ids = sorted({e.image_id for e in examples})
+    random.Random(seed).shuffle(ids)
+    return ids
+
+
+def sample_images(examples: list[Example], fraction: float, seed: int) -> list[Example]:
+    """Keep a seeded ``fraction`` of the images and all of their questions."""
+    ids = _images_in_random_order(examples, seed)
+    keep = set(ids[: max(1, round(fraction * len(ids)))])
+    return [e for e in examples if e.image_id in keep]
+
+
+def limit_questions(examples: list[Example], limit: int, seed: int) -> list[Example]:
+    """Keep whole images, in seeded random order, until at least ``limit`` questions are kept."""
+    if len(examples) <= limit:
+        return examples
+    per_image: dict[int, int] = {}
+    for e in examples:
+        per_image[e.image_id] = per_image.get(e.image_id, 0) + 1
+    keep, n = set(), 0
+    for image_id in _images_in_random_order(examples, seed):
+        if n >= limit:
+            break
+        keep.add(image_id)
+        n += per_image[image_id]
+    return [e for e in examples if e.image_id in keep]
+
+
+def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out a seeded ``fraction`` of the images (with all their questions) for validation."""
+    if fraction <= 0:
+        return examples, []
+    ids = _images_in_random_order(examples, seed + 1)
+    held = set(ids[: max(1, round(fraction * len(ids)))])
+    return [e for e in examples if e.image_id not in held], [e for e in examples if e.image_id in held]
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """A hash of the examples (ids, questions, answers, image paths): which data a checkpoint saw."""
+    h = hashlib.sha1()
+    for e in examples:
+        h.update(json.dumps([e.question_id, e.image_id, e.question, e.answers, Path(e.image).name]).encode())
+    return h.hexdigest()[:16]
+

@@ -1,0 +1,94 @@
+"""Evaluate a checkpoint directory on a split: ``metrics.json``, ``predictions.csv``, ``failures.json``.
+
+Uses only inference code (``VQAPredictor``), so it runs on any checkpoint, with no training imports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from vqakit.data.config import DataConfig, load_split
+from vqakit.data.images import filter_examples, scan_images
+from vqakit.eval.metrics import (
+    PredictionRecord,
+    compute_metrics,
+    failure_summary,
+    per_question_accuracy,
+    write_predictions_csv,
+)
+from vqakit.predict import VQAPredictor
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: DataConfig,
+    split: str | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int = 256,
+    use_cache: bool = True,
+    progress: bool = True,
+    predictor: VQAPredictor | None = None,
+) -> dict:
+    """Predict every question of ``split`` (default ``data.eval_split``) and score it.
+
+    Writes ``metrics.json``, ``predictions.csv`` and ``failures.json`` into ``out_dir`` (default:
+    ``<checkpoint>/eval-<dataset>-<split>``) and returns the metrics.
+    """
+    split = split or data.eval_split
+    predictor = predictor or VQAPredictor.from_pretrained(checkpoint)
+    examples = load_split(data, split)
+    if data.scan_images:
+        report = scan_images({e.image_id: e.image for e in examples}, progress=progress)
+        examples = filter_examples(examples, report)
+        skipped = [b[0] for b in report.bad]
+    else:
+        skipped = []
+    if not examples:
+        raise ValueError(f"no examples to evaluate in {data.dataset} split {split!r}")
+    start = time.perf_counter()
+    predictions = predictor.predict_examples(
+        examples, batch_size=batch_size, use_cache=use_cache, cache_dir=_features_dir(data), progress=progress
+    )
+    seconds = time.perf_counter() - start
+    records = [
+        PredictionRecord(
+            question_id=e.question_id, question=e.question, image_id=e.image_id, prediction=p.answer,
+            top_k=p.top_k, answers=e.answers, answer_type=e.answer_type, question_type=e.question_type,
+        )
+        for e, p in zip(examples, predictions)
+    ]  # fmt: skip
+    metrics = compute_metrics(records, labels=predictor.labels)
+    metrics.update(
+        dataset=data.dataset, split=split, checkpoint=str(checkpoint), skipped_images=skipped,
+        predict_seconds=round(seconds, 2), questions_per_second=round(len(records) / max(seconds, 1e-9), 1),
+    )  # fmt: skip
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint) / f"eval-{data.dataset}-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions_csv(records, per_question_accuracy(records), out / "predictions.csv")
+    (out / "failures.json").write_text(json.dumps(failure_summary(records), indent=2) + "\n")
+    metrics["out_dir"] = str(out)
+    return metrics
+
+
+def _features_dir(data: DataConfig):
+    return None if data.cache_dir is None else Path(data.cache_dir) / "features"
+
+
+def format_metrics(metrics: dict) -> str:
+    """A plain-text table of the headline numbers."""
+    rows = [
+        ("questions", f"{metrics['num_questions']}"),
+        ("VQA accuracy (official)", f"{metrics['vqa_accuracy']:.2f}"),
+        *[(f"  {t}", f"{v:.2f}") for t, v in sorted(metrics["per_answer_type"].items())],
+        ("exact match", f"{metrics['exact_match']:.2f}"),
+        ("top-5 accuracy", f"{metrics['top5_accuracy']:.2f}"),
+        ("precision (macro)", f"{metrics['precision_macro']:.2f}"),
+        ("recall (macro)", f"{metrics['recall_macro']:.2f}"),
+        ("F1 (macro)", f"{metrics['f1_macro']:.2f}"),
+        ("F1 (weighted)", f"{metrics['f1_weighted']:.2f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value:>8}" for name, value in rows)

@@ -1,0 +1,69 @@
+"""Frozen-tower features through the disk cache: images and questions encoded once, reused across runs.
+
+Used by training (frozen towers never run per step) and by evaluation of a checkpoint whose towers
+were frozen (the namespace hashes the tower weights, so such a checkpoint hits the training cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from vqakit.data.cache import FeatureCache, default_cache_dir, file_digests, text_digest
+
+
+def tower_fingerprint(module: nn.Module, *extra) -> str:
+    """A short hash of a module's parameters and buffers plus ``extra`` settings."""
+    h = hashlib.sha1(repr(extra).encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.rstrip("/").split("/")[-1])[:40]
+
+
+@torch.inference_mode()
+def cache_image_features(model, processor, image_paths: list[str], cache_root=None, batch_size: int = 64,
+                         progress: bool = True) -> tuple[FeatureCache, list[str]]:
+    """Encode every image with the (frozen) vision tower; returns the cache and one key per path."""
+    cfg = model.config
+    vision = model.backbone.vision.eval()
+    namespace = f"vision-{_slug(cfg.vision_tower)}-{cfg.image_size}-" + tower_fingerprint(
+        vision, cfg.image_size, cfg.image_mean, cfg.image_std
+    )
+    cache = FeatureCache(cache_root or default_cache_dir() / "features", namespace)
+    unique = list(dict.fromkeys(image_paths))
+    digest = dict(zip(unique, file_digests(unique)))
+    keys = [digest[p] for p in image_paths]
+
+    def encode(paths):
+        return {"tokens": vision(processor.images(paths)).to(torch.float16).numpy()}  # (B, N, D)
+
+    cache.build(keys, image_paths, encode, batch_size=batch_size, desc="image features", progress=progress)
+    return cache, keys
+
+
+@torch.inference_mode()
+def cache_text_features(model, processor, questions: list[str], cache_root=None, batch_size: int = 256,
+                        progress: bool = True) -> tuple[FeatureCache, list[str]]:
+    """Encode every distinct question with the (frozen) text tower, padded to ``max_question_length``."""
+    cfg = model.config
+    text = model.backbone.text.eval()
+    T = cfg.max_question_length
+    namespace = f"text-{_slug(cfg.text_tower)}-{T}-" + tower_fingerprint(text, T, processor.tokenizer.name_or_path)
+    cache = FeatureCache(cache_root or default_cache_dir() / "features", namespace)
+    keys = [text_digest(q) for q in questions]
+
+    def encode(batch):
+        enc = processor.tokenizer(batch, padding="max_length", truncation=True, max_length=T, return_tensors="pt")
+        states = text(enc["input_ids"], enc["attention_mask"])
+        return {"states": states.to(torch.float16).numpy(), "mask": enc["attention_mask"].to(torch.uint8).numpy()}
+
+    cache.build(keys, questions, encode, batch_size=batch_size, desc="question features", progress=progress)
+    return cache, keys
+

@@ -1,0 +1,390 @@
+"""Two-tower VQA: a pretrained vision tower and a pretrained text tower, fused, then classified.
+
+References:
+- Antol et al., 2015, "VQA: Visual Question Answering" (https://arxiv.org/abs/1505.00468): answer
+  classification over the most frequent answers.
+- Teney et al., 2018, "Tips and Tricks for Visual Question Answering" (https://arxiv.org/abs/1708.02711):
+  soft-score targets with a sigmoid/BCE loss, gated tanh-style units, the classifier shape.
+- Lu et al., 2019, ViLBERT (https://arxiv.org/abs/1908.02265) and Tan & Bansal, 2019, LXMERT
+  (https://arxiv.org/abs/1908.07490): co-attention layers in which question tokens attend to image
+  regions and image regions attend to question tokens.
+- Kim et al., 2018, BAN (https://github.com/jnhwkim/ban-vqa): BCE loss scaled by the number of answers.
+
+Fusions: ``concat`` (pooled image ++ pooled question -> MLP), ``gated`` (a learned sigmoid gate mixes
+the projected modalities, then a refinement MLP) and ``cross-attention`` (N co-attention layers).
+
+The ``nn.Module`` owns no training logic: losses live here only as a pure function of logits and
+targets so the Lightning system and the evaluator share one definition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vqakit.towers.text import POOLERS, HFTextTower, mean_pool
+from vqakit.towers.vision import build_vision_tower
+
+FUSIONS = ("concat", "gated", "cross-attention")
+LOSSES = ("bce", "ce")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class TwoTowerConfig:
+    """Architecture of a two-tower VQA classifier (saved as ``config.json`` in the checkpoint).
+
+    Args:
+        vision_tower: packaged ``efficientnet-lite0``, or any HF vision model id / local directory.
+        text_tower: packaged ``minilm-l6``, or any HF BERT-family model id / local directory.
+        image_size: square input size in pixels the image is resized to.
+        max_question_length: questions are truncated to this many tokens.
+        fusion: how the modalities meet: ``concat``, ``gated`` or ``cross-attention``.
+        hidden_size: width of the fusion layers.
+        num_fusion_layers: co-attention layers (``cross-attention`` only).
+        num_heads: attention heads per fusion layer.
+        dropout: dropout in the fusion layers and the classifier.
+        text_pooler: how ``concat``/``gated`` pool question tokens: ``mean`` or ``cls``.
+        loss: ``bce`` against VQA soft scores (standard) or ``ce`` against the majority answer.
+        gradient_checkpointing: recompute fusion activations in backward to save memory.
+        id2label: answer vocabulary, class id -> answer (filled from the training data).
+        image_mean: per-channel mean used to normalise pixels (filled from the vision tower).
+        image_std: per-channel std used to normalise pixels (filled from the vision tower).
+        num_image_tokens: tokens the vision tower yields at ``image_size`` (filled when built).
+    """
+
+    vision_tower: str = "efficientnet-lite0"
+    text_tower: str = "minilm-l6"
+    image_size: int = 224
+    max_question_length: int = 32
+    fusion: str = "cross-attention"
+    hidden_size: int = 256
+    num_fusion_layers: int = 3
+    num_heads: int = 4
+    dropout: float = 0.1
+    text_pooler: str = "mean"
+    loss: str = "bce"
+    gradient_checkpointing: bool = False
+    id2label: dict[int, str] = field(default_factory=dict)
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    num_image_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"--model.fusion={self.fusion!r} is not one of {FUSIONS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--model.loss={self.loss!r} is not one of {LOSSES}")
+        if self.text_pooler not in POOLERS:
+            raise ValueError(f"--model.text_pooler={self.text_pooler!r} is not one of {tuple(POOLERS)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"--model.hidden_size={self.hidden_size} must be divisible by --model.num_heads={self.num_heads}"
+            )
+        if self.image_size < 16:
+            raise ValueError(f"--model.image_size={self.image_size} is too small (at least 16)")
+        self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.id2label)
+
+    def to_dict(self) -> dict:
+        return {"model_type": "two_tower", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TwoTowerConfig":
+        d = _patch_missing_keys(dict(d))
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"model_type", "vqakit_version"}
+        if unknown:
+            raise ValueError(f"config.json has unknown fields {sorted(unknown)}; known fields = {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _patch_missing_keys(d: dict) -> dict:
+    """Fill fields that older checkpoints lack with the defaults they were trained under."""
+    d.setdefault("gradient_checkpointing", False)
+    return d
+
+
+@dataclass
+class VQAOutput:
+    """logits (B, A); attentions: per fusion layer, question->image attention (B, T, N), when asked."""
+
+    logits: torch.Tensor
+    attentions: list[torch.Tensor] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fusion blocks
+
+
+def mlp(d_in: int, d_hidden: int, d_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
+
+
+class ConcatFusion(nn.Module):
+    """[mean(image tokens); pool(question tokens)] -> MLP -> (B, H)."""
+
+    def __init__(self, cfg: TwoTowerConfig):
+        super().__init__()
+        self.pool_text = POOLERS[cfg.text_pooler]
+        self.mlp = nn.Sequential(mlp(2 * cfg.hidden_size, 2 * cfg.hidden_size, cfg.hidden_size, cfg.dropout), nn.GELU())
+        self.out_dim = cfg.hidden_size
+
+    def forward(self, v, q, q_mask, output_attentions=False):
+        fused = torch.cat([v.mean(1), self.pool_text(q, q_mask)], dim=-1)  # (B, 2H)
+        return self.mlp(fused), None
+
+
+class GatedFusion(nn.Module):
+    """g = sigmoid(W [v; q]); h = g * v + (1 - g) * q; h = h + MLP(LN(h)) -> (B, H)."""
+
+    def __init__(self, cfg: TwoTowerConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.pool_text = POOLERS[cfg.text_pooler]
+        self.gate = nn.Linear(2 * h, h)
+        self.ln = nn.LayerNorm(h)
+        self.refine = mlp(h, 2 * h, h, cfg.dropout)
+        self.out_dim = h
+
+    def forward(self, v, q, q_mask, output_attentions=False):
+        v, q = v.mean(1), self.pool_text(q, q_mask)  # (B, H) each
+        g = torch.sigmoid(self.gate(torch.cat([v, q], dim=-1)))
+        h = g * v + (1 - g) * q
+        return h + self.refine(self.ln(h)), None
+
+
+class CoAttentionLayer(nn.Module):
+    """One ViLBERT-style layer: cross-attention both ways, self-attention within each stream, MLPs (pre-LN)."""
+
+    def __init__(self, h: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln_q_cross, self.ln_v_cross = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.q_from_v = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
+        self.v_from_q = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
+        self.ln_q_self, self.ln_v_self = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.q_self = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
+        self.v_self = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
+        self.ln_q_mlp, self.ln_v_mlp = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.mlp_q, self.mlp_v = mlp(h, 4 * h, h, dropout), mlp(h, 4 * h, h, dropout)
+
+    def forward(self, v, q, q_pad, need_weights: bool = False):
+        # v: (B, N, H) image tokens; q: (B, T, H) question tokens; q_pad: (B, T) True where padding
+        qn, vn = self.ln_q_cross(q), self.ln_v_cross(v)
+        dq, attn = self.q_from_v(qn, vn, vn, need_weights=need_weights)  # attn: (B, T, N), head-averaged
+        dv, _ = self.v_from_q(vn, qn, qn, key_padding_mask=q_pad, need_weights=False)
+        q, v = q + dq, v + dv
+        qn, vn = self.ln_q_self(q), self.ln_v_self(v)
+        q = q + self.q_self(qn, qn, qn, key_padding_mask=q_pad, need_weights=False)[0]
+        v = v + self.v_self(vn, vn, vn, need_weights=False)[0]
+        q = q + self.mlp_q(self.ln_q_mlp(q))
+        v = v + self.mlp_v(self.ln_v_mlp(v))
+        return v, q, attn
+
+
+class CrossAttentionFusion(nn.Module):
+    """N co-attention layers, then [mean(image tokens); masked mean(question tokens)] -> (B, 2H)."""
+
+    def __init__(self, cfg: TwoTowerConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            CoAttentionLayer(cfg.hidden_size, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_fusion_layers)
+        )
+        self.ln_v, self.ln_q = nn.LayerNorm(cfg.hidden_size), nn.LayerNorm(cfg.hidden_size)
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.out_dim = 2 * cfg.hidden_size
+
+    def forward(self, v, q, q_mask, output_attentions=False):
+        q_pad = ~q_mask.bool()
+        attentions = []
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                v, q, attn = checkpoint(layer, v, q, q_pad, output_attentions, use_reentrant=False)
+            else:
+                v, q, attn = layer(v, q, q_pad, need_weights=output_attentions)
+            if output_attentions:
+                attentions.append(attn)
+        pooled = torch.cat([self.ln_v(v).mean(1), mean_pool(self.ln_q(q), q_mask)], dim=-1)
+        return pooled, (attentions if output_attentions else None)
+
+
+FUSION_CLASSES = {"concat": ConcatFusion, "gated": GatedFusion, "cross-attention": CrossAttentionFusion}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class TwoTowerModel(nn.Module):
+    """Towers + projections + fusion: ``(image, question) -> pooled joint vector``.
+
+    Either modality can come as raw input (``pixel_values`` / ``input_ids``) or as precomputed tower
+    output (``image_features`` (B, N, Dv) / ``text_features`` (B, T, Dt)), which is how frozen towers
+    train from the feature cache without running the towers at all.
+    """
+
+    def __init__(self, config: TwoTowerConfig, pretrained_towers: bool = True, tower_dir: str | Path | None = None):
+        super().__init__()
+        self.config = config
+        vision_cfg = _subdir(tower_dir, "vision_tower")
+        text_cfg = _subdir(tower_dir, "text_tower")
+        self.vision = build_vision_tower(
+            config.vision_tower, config.image_size, pretrained=pretrained_towers, config_dir=vision_cfg
+        )
+        self.text = HFTextTower(config.text_tower, pretrained=pretrained_towers, config_dir=text_cfg)
+        if config.image_mean is None or config.image_std is None:
+            config.image_mean, config.image_std = list(self.vision.image_mean), list(self.vision.image_std)
+        if config.num_image_tokens is None:
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, config.image_size, config.image_size)
+                config.num_image_tokens = self.vision.eval()(probe).shape[1]
+        h = config.hidden_size
+        self.vision_proj = nn.Sequential(nn.Linear(self.vision.out_dim, h), nn.LayerNorm(h))
+        self.text_proj = nn.Sequential(nn.Linear(self.text.out_dim, h), nn.LayerNorm(h))
+        self.image_pos = nn.Parameter(torch.zeros(1, config.num_image_tokens, h))  # where each grid cell is
+        nn.init.trunc_normal_(self.image_pos, std=0.02)
+        self.fusion = FUSION_CLASSES[config.fusion](config)
+        self.out_dim = self.fusion.out_dim
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values)  # (B, N, Dv)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids, attention_mask)  # (B, T, Dt)
+
+    def forward(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        image_features=None,
+        text_features=None,
+        output_attentions: bool = False,
+    ):
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or image_features")
+            image_features = self.encode_image(pixel_values)
+        if attention_mask is None:
+            raise ValueError("attention_mask is required (the question's token mask)")
+        if text_features is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or text_features")
+            text_features = self.encode_text(input_ids, attention_mask)
+        if image_features.shape[1] != self.image_pos.shape[1]:
+            raise ValueError(
+                f"the vision tower gave {image_features.shape[1]} tokens but the model was built for "
+                f"{self.image_pos.shape[1]} (image_size={self.config.image_size}); resize images to that size"
+            )
+        param_dtype = self.image_pos.dtype
+        v = self.vision_proj(image_features.to(param_dtype)) + self.image_pos  # (B, N, H)
+        q = self.text_proj(text_features.to(param_dtype))  # (B, T, H)
+        return self.fusion(v, q, attention_mask, output_attentions=output_attentions)
+
+
+class TwoTowerForQuestionAnswering(nn.Module):
+    """``TwoTowerModel`` + a classifier over the answer vocabulary (Teney et al.'s two-layer head).
+
+    >>> cfg = TwoTowerConfig(vision_tower="efficientnet-lite0", image_size=32, id2label={0: "yes", 1: "no"})
+    >>> # model = TwoTowerForQuestionAnswering(cfg)  # loads the packaged towers
+    """
+
+    def __init__(self, config: TwoTowerConfig, pretrained_towers: bool = True, tower_dir: str | Path | None = None):
+        super().__init__()
+        if config.num_answers == 0:
+            raise ValueError("config.id2label is empty: build the answer vocabulary first")
+        self.config = config
+        self.backbone = TwoTowerModel(config, pretrained_towers=pretrained_towers, tower_dir=tower_dir)
+        d, h = self.backbone.out_dim, config.hidden_size
+        self.classifier = nn.Sequential(
+            nn.Linear(d, 2 * h), nn.GELU(), nn.LayerNorm(2 * h), nn.Dropout(config.dropout),
+            nn.Linear(2 * h, config.num_answers),
+        )  # fmt: skip
+
+    def forward(self, output_attentions: bool = False, **inputs) -> VQAOutput:
+        pooled, attentions = self.backbone(output_attentions=output_attentions, **inputs)
+        return VQAOutput(logits=self.classifier(pooled), attentions=attentions)
+
+    # -- checkpoint directory (HF style) -------------------------------------------------------------------------
+
+    def save_pretrained(self, save_dir: str | Path, tokenizer=None) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the towers' configs / tokenizer files."""
+        from safetensors.torch import save_file
+
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(save_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+        if hasattr(self.backbone.vision, "config"):  # an HF vision tower: keep its architecture
+            self.backbone.vision.config.save_pretrained(save_dir / "vision_tower")
+        self.backbone.text.model.config.save_pretrained(save_dir / "text_tower")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_dir / "text_tower")
+        return save_dir
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, map_location: str = "cpu") -> "TwoTowerForQuestionAnswering":
+        """Rebuild from a checkpoint directory; needs no training code and downloads nothing."""
+        from safetensors.torch import load_file
+
+        checkpoint_dir = Path(checkpoint_dir)
+        config_path = checkpoint_dir / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
+        try:
+            config = TwoTowerConfig.from_dict(json.loads(config_path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+        model = cls(config, pretrained_towers=False, tower_dir=checkpoint_dir)
+        weights = checkpoint_dir / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found (the checkpoint has a config but no weights)")
+        missing, unexpected = model.load_state_dict(load_file(str(weights), device=map_location), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        return model.eval()
+
+
+def _subdir(root, name):
+    if root is None:
+        return None
+    path = Path(root) / name
+    return str(path) if (path / CONFIG_NAME).is_file() else None
+
+
+def vqa_loss(logits: torch.Tensor, soft_targets: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
+    """``bce``: BCE against soft scores, times the number of answers as in ban-vqa / ViLT
+    (https://github.com/jnhwkim/ban-vqa/blob/master/train.py); ``ce``: cross-entropy on the majority
+    answer (questions whose majority answer is out of vocabulary, label -100, are ignored)."""
+    if loss == "bce":
+        return F.binary_cross_entropy_with_logits(logits, soft_targets) * soft_targets.shape[1]
+    if loss == "ce":
+        return F.cross_entropy(logits, labels, ignore_index=-100)
+    raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Named presets (also as YAML under configs/)
+
+PRESETS = {
+    "two-tower-cross": dict(fusion="cross-attention", hidden_size=256, num_fusion_layers=3, num_heads=4),
+    "two-tower-gated": dict(fusion="gated", hidden_size=512),
+    "two-tower-concat": dict(fusion="concat", hidden_size=512),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(PRESETS)

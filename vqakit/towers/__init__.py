@@ -1,0 +1,1 @@
+"""Towers: pretrained unimodal encoders behind one small interface."""

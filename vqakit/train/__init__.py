@@ -1,0 +1,1 @@
+"""Training: LightningModule, DataModule, strategies (frozen / LoRA / full) and the run."""

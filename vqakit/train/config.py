@@ -1,0 +1,94 @@
+"""How a run trains: one typed config, saved with the run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STRATEGIES = ("frozen", "lora", "full")
+LOGGERS = ("csv", "tensorboard", "both", "none")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) applied to one tower with PEFT.
+
+    Args:
+        rank: rank r of the update B @ A.
+        alpha: scaling numerator; the update is scaled by alpha / r.
+        dropout: dropout on the LoRA branch input.
+        target_modules: module names to adapt; empty = the tower's defaults (BERT/ViT ``query``,
+            ``value``; EfficientNet the 1x1 ``_expand_conv`` and ``_project_conv``).
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank={self.rank} must be at least 1")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings.
+
+    Args:
+        vision: vision tower strategy: ``frozen`` (feature cache, fastest), ``lora`` or ``full``.
+        text: text tower strategy: ``frozen``, ``lora`` or ``full``.
+        lora_vision: LoRA settings of the vision tower (when ``vision=lora``).
+        lora_text: LoRA settings of the text tower (when ``text=lora``).
+        epochs: passes over the training questions.
+        max_steps: stop after this many optimizer steps (-1: no limit).
+        batch_size: questions per step.
+        lr: peak learning rate of the fusion layers and the head (AdamW).
+        tower_lr: peak learning rate of trained tower weights (``lora``/``full``).
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        warmup_ratio: fraction of the steps with a linear warm-up, then cosine decay to 0.
+        grad_clip: gradient norm clipping (0: off).
+        precision: Lightning precision, e.g. ``32-true``, ``bf16-mixed`` (AMP), ``16-mixed`` (GPU).
+        seed: seed of weights init, shuffling and dropout.
+        out_dir: run directory (config, logs, checkpoint, metrics).
+        logger: ``csv``, ``tensorboard``, ``both`` or ``none``.
+        accelerator: Lightning accelerator: ``auto``, ``cpu``, ``gpu``.
+        devices: number of devices.
+        eval_batch_size: batch size of the evaluation after training.
+        progress: show progress bars.
+    """
+
+    vision: str = "frozen"
+    text: str = "frozen"
+    lora_vision: LoraSettings = field(default_factory=LoraSettings)
+    lora_text: LoraSettings = field(default_factory=LoraSettings)
+    epochs: int = 10
+    max_steps: int = -1
+    batch_size: int = 128
+    lr: float = 1e-3
+    tower_lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    precision: str = "32-true"
+    seed: int = 0
+    out_dir: str = "runs/easy-vqa"
+    logger: str = "csv"
+    accelerator: str = "auto"
+    devices: int = 1
+    eval_batch_size: int = 256
+    progress: bool = True
+
+    def __post_init__(self):
+        for flag, value in (("--train.vision", self.vision), ("--train.text", self.text)):
+            if value not in STRATEGIES:
+                raise ValueError(f"{flag}={value!r} is not one of {STRATEGIES}")
+        if self.logger not in LOGGERS:
+            raise ValueError(f"--train.logger={self.logger!r} is not one of {LOGGERS}")
+        if self.epochs < 1:
+            raise ValueError(f"--train.epochs={self.epochs} must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"--train.batch_size={self.batch_size} must be at least 1")
+        if isinstance(self.lora_vision, dict):
+            self.lora_vision = LoraSettings(**self.lora_vision)
+        if isinstance(self.lora_text, dict):
+            self.lora_text = LoraSettings(**self.lora_text)

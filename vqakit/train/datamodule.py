@@ -1,0 +1,113 @@
+"""Dataset and LightningDataModule: examples -> batches of model inputs and VQA targets.
+
+Each modality comes either from the feature cache (frozen tower: ``image_features`` / ``text_features``)
+or raw (trained tower: ``pixel_values`` / ``input_ids``). Targets are the soft scores over the answer
+vocabulary (``min(humans / 3, 1)``) and the majority answer's id (-100 when out of vocabulary).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vqakit.data.answers import AnswerVocab
+from vqakit.data.cache import FeatureCache
+from vqakit.data.example import Example
+
+
+class VQADataset(Dataset):
+    def __init__(
+        self,
+        examples: list[Example],
+        vocab: AnswerVocab,
+        processor,
+        image_cache: FeatureCache | None = None,
+        image_keys: list[str] | None = None,
+        text_cache: FeatureCache | None = None,
+        text_keys: list[str] | None = None,
+    ):
+        self.examples = examples
+        self.processor = processor
+        self.image_cache, self.image_keys = image_cache, image_keys
+        self.text_cache, self.text_keys = text_cache, text_keys
+        self.num_answers = len(vocab)
+        self.scores = [vocab.soft_scores(e.answers) for e in examples]
+        self.labels = []
+        for e in examples:
+            label = vocab.encode(vocab.majority(e.answers)) if e.answers else None
+            self.labels.append(-100 if label is None else label)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        item = {"index": i, "label": self.labels[i]}
+        target = torch.zeros(self.num_answers)
+        for answer_id, score in self.scores[i].items():
+            target[answer_id] = score
+        item["target"] = target
+        if self.image_cache is not None:
+            item["image_features"] = torch.from_numpy(np.array(self.image_cache.get(self.image_keys[i], "tokens")))
+        else:
+            item["pixel_values"] = self.processor.image(e.image)
+        if self.text_cache is not None:
+            key = self.text_keys[i]
+            item["text_features"] = torch.from_numpy(np.array(self.text_cache.get(key, "states")))
+            item["attention_mask"] = torch.from_numpy(np.array(self.text_cache.get(key, "mask"))).long()
+        else:
+            item["question"] = e.question
+        return item
+
+
+class VQACollator:
+    """Stacks items; tokenizes raw questions; trims cached question states to the batch's longest."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {
+            "index": torch.tensor([it["index"] for it in items]),
+            "labels": torch.tensor([it["label"] for it in items]),
+            "targets": torch.stack([it["target"] for it in items]),
+        }
+        for key in ("image_features", "pixel_values"):
+            if key in items[0]:
+                batch[key] = torch.stack([it[key] for it in items])
+        if "question" in items[0]:
+            batch.update(self.processor.text([it["question"] for it in items]))
+        else:
+            mask = torch.stack([it["attention_mask"] for it in items])
+            length = int(mask.sum(1).max())
+            batch["attention_mask"] = mask[:, :length]
+            batch["text_features"] = torch.stack([it["text_features"] for it in items])[:, :length]
+        return batch
+
+
+MODEL_INPUTS = ("pixel_values", "image_features", "input_ids", "attention_mask", "text_features")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+class VQADataModule(L.LightningDataModule):
+    def __init__(self, train_set: VQADataset, val_set: VQADataset | None, batch_size: int, num_workers: int = 0,
+                 eval_batch_size: int = 256):
+        super().__init__()
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.collate = VQACollator(train_set.processor)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        if not self.val_set:
+            return []
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

@@ -1,0 +1,74 @@
+"""Training strategies, one explicit knob per tower: ``frozen``, ``lora`` (PEFT) or ``full``.
+
+Fusion layers and the head always train. ``frozen`` towers do not run during training at all: their
+outputs come from the feature cache. ``lora`` wraps the tower's network in a PEFT model
+(``get_peft_model``), so only the low-rank updates train; at save time the adapter is written in
+PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``) and then merged, so the
+checkpoint's ``model.safetensors`` serves at full speed with no PEFT dependency.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from vqakit.train.config import LoraSettings, TrainConfig
+
+DEFAULT_LORA_TARGETS = {
+    "EfficientNetLiteTower": ["_expand_conv", "_project_conv"],  # the 1x1 convs of every MBConv block
+    "HFVisionTower": ["query", "value"],  # ViT/DeiT/BEiT attention projections
+    "HFTextTower": ["query", "value"],  # BERT-family attention projections
+}
+
+
+def towers(model) -> dict[str, nn.Module]:
+    return {"vision": model.backbone.vision, "text": model.backbone.text}
+
+
+def apply_strategies(model, cfg: TrainConfig) -> dict[str, int]:
+    """Set what trains; returns ``{"trainable": n, "total": n}`` parameter counts."""
+    settings = {"vision": (cfg.vision, cfg.lora_vision), "text": (cfg.text, cfg.lora_text)}
+    for name, tower in towers(model).items():
+        strategy, lora = settings[name]
+        if strategy == "frozen":
+            tower.requires_grad_(False)
+        elif strategy == "full":
+            tower.requires_grad_(True)
+        elif strategy == "lora":
+            add_lora(tower, lora)
+    return count_parameters(model)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
+
+
+def add_lora(tower: nn.Module, lora: LoraSettings) -> None:
+    """Wrap ``tower.model`` with LoRA adapters; only they train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules or DEFAULT_LORA_TARGETS[type(tower).__name__]
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+    tower.requires_grad_(False)
+    try:
+        tower.model = get_peft_model(tower.model, config)
+    except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
+        names = sorted({n.split(".")[-1] for n, m in tower.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
+        raise ValueError(f"LoRA target_modules={targets} do not match {type(tower).__name__}; "
+                         f"its linear/conv module names are {names[:30]}") from err
+
+
+def merge_lora(model, adapter_dir: str | Path | None = None) -> list[str]:
+    """Save each LoRA tower's adapter under ``adapter_dir/<tower>/`` then merge it into the weights."""
+    from peft import PeftModel
+
+    merged = []
+    for name, tower in towers(model).items():
+        if isinstance(tower.model, PeftModel):
+            if adapter_dir is not None:
+                tower.model.save_pretrained(Path(adapter_dir) / name)
+            tower.model = tower.model.merge_and_unload()
+            merged.append(name)
+    return merged

@@ -1,0 +1,151 @@
+"""One training run, end to end: data -> vocab -> model -> caches -> Lightning fit -> checkpoint -> evaluation.
+
+The run directory ``train.out_dir`` ends up with::
+
+    config.yaml            the resolved configuration (model, data, train)
+    logs/                  CSV / TensorBoard metrics
+    checkpoint/            config.json, model.safetensors, answer_vocab.json, text_tower/ (tokenizer),
+                           training_metadata.json, adapters/<tower>/ (LoRA runs)
+    checkpoint/eval-<dataset>-<split>/  metrics.json, predictions.csv, failures.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+
+from vqakit.data.answers import AnswerVocab
+from vqakit.data.config import DataConfig, fingerprint, load_split, split_validation
+from vqakit.data.images import filter_examples, scan_images
+from vqakit.models.two_tower import TwoTowerConfig, TwoTowerForQuestionAnswering
+from vqakit.processor import VQAProcessor
+from vqakit.train.config import TrainConfig
+from vqakit.train.datamodule import VQADataModule, VQADataset
+from vqakit.train.recipes import apply_strategies, merge_lora
+from vqakit.train.system import VQASystem
+
+logger = logging.getLogger("vqakit")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _load_train_examples(data: DataConfig, progress: bool):
+    examples = load_split(data, data.train_split)
+    skipped = []
+    if data.scan_images:
+        report = scan_images({e.image_id: e.image for e in examples}, progress=progress)
+        examples = filter_examples(examples, report)
+        skipped = [b[0] for b in report.bad]
+    if not examples:
+        raise ValueError(f"no training examples left in {data.dataset} split {data.train_split!r}")
+    return examples, skipped
+
+
+def _dataset(examples, vocab, model, processor, train: TrainConfig, data: DataConfig) -> VQADataset:
+    from vqakit.features import cache_image_features, cache_text_features
+
+    root = None if data.cache_dir is None else Path(data.cache_dir) / "features"
+    kwargs = {}
+    if train.vision == "frozen":
+        kwargs["image_cache"], kwargs["image_keys"] = cache_image_features(
+            model, processor, [e.image for e in examples], root, progress=train.progress
+        )
+    if train.text == "frozen":
+        kwargs["text_cache"], kwargs["text_keys"] = cache_text_features(
+            model, processor, [e.question for e in examples], root, progress=train.progress
+        )
+    return VQADataset(examples, vocab, processor, **kwargs)
+
+
+def _loggers(train: TrainConfig, out: Path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = []
+    if train.logger in ("csv", "both"):
+        loggers.append(CSVLogger(out, name="logs", version=""))
+    if train.logger in ("tensorboard", "both"):
+        loggers.append(TensorBoardLogger(out, name="logs", version="tensorboard"))
+    return loggers or False
+
+
+def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: bool = True) -> dict:
+    """Train a model as configured; returns a summary (paths, time to train, metrics)."""
+    out = Path(train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {"model": asdict(model), "data": asdict(data), "train": asdict(train)}
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    L.seed_everything(train.seed, workers=True, verbose=False)
+
+    examples, skipped = _load_train_examples(data, train.progress)
+    train_examples, val_examples = split_validation(examples, data.val_fraction, data.seed)
+    vocab = AnswerVocab.build([e.answers for e in train_examples], top_k=data.top_k_answers)
+    model.id2label = vocab.id2label
+    logger.info("answer vocabulary: %d answers, covering %.2f%% of training questions",
+                len(vocab), 100 * vocab.coverage([e.answers for e in train_examples]))
+
+    net = TwoTowerForQuestionAnswering(model, pretrained_towers=True)
+    processor = VQAProcessor.from_config(model)
+    train_set = _dataset(train_examples, vocab, net, processor, train, data)
+    val_set = _dataset(val_examples, vocab, net, processor, train, data) if val_examples else None
+    params = apply_strategies(net, train)
+    logger.info("parameters: %s trainable of %s (%.2f%%)", f"{params['trainable']:,}", f"{params['total']:,}",
+                100 * params["trainable"] / params["total"])
+
+    system = VQASystem(net, train)
+    datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size)
+    trainer = L.Trainer(
+        max_epochs=train.epochs, max_steps=train.max_steps, precision=train.precision,
+        accelerator=train.accelerator, devices=train.devices, logger=_loggers(train, out),
+        gradient_clip_val=train.grad_clip or None, enable_checkpointing=False,
+        enable_progress_bar=train.progress, enable_model_summary=False, log_every_n_steps=10,
+        num_sanity_val_steps=0, default_root_dir=out,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(system, datamodule=datamodule)
+    time_to_train = time.perf_counter() - start
+
+    ckpt = out / "checkpoint"
+    net = net.cpu().float()
+    merged = merge_lora(net, ckpt / "adapters")
+    net.save_pretrained(ckpt, tokenizer=processor.tokenizer)
+    vocab.to_json(ckpt / "answer_vocab.json")
+    val_metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metadata = {
+        "time_to_train_s": round(time_to_train, 2),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "examples_per_s": round(trainer.global_step * train.batch_size / max(time_to_train, 1e-9), 1),
+        "parameters": params,
+        "strategies": {"vision": train.vision, "text": train.text},
+        "lora_merged_towers": merged,
+        "num_train_questions": len(train_examples),
+        "num_val_questions": len(val_examples),
+        "skipped_images": skipped,
+        "data_fingerprint": fingerprint(train_examples),
+        "answer_vocab_size": len(vocab),
+        "validation": val_metrics,
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+    }
+    (ckpt / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    summary = {"run_dir": str(out), "checkpoint": str(ckpt), **metadata}
+    if evaluate:
+        from vqakit.eval.evaluate import evaluate_checkpoint
+
+        summary["metrics"] = evaluate_checkpoint(
+            ckpt, data, batch_size=train.eval_batch_size, progress=train.progress
+        )
+    return summary

@@ -1,0 +1,78 @@
+"""The LightningModule: loss, metrics and optimizers around a ``TwoTowerForQuestionAnswering``.
+
+Method order follows the Lightning style guide: init, forward, training_step, validation_step,
+configure_optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from vqakit.models.two_tower import vqa_loss
+from vqakit.train.config import TrainConfig
+from vqakit.train.datamodule import model_inputs
+
+
+class VQASystem(L.LightningModule):
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        n = model.config.num_answers
+        self.val_vqa_score = MeanMetric()
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro", ignore_index=-100)
+
+    def forward(self, batch: dict):
+        return self.model(**model_inputs(batch))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch).logits
+        loss = vqa_loss(logits, batch["targets"], batch["labels"], self.model.config.loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch).logits
+        loss = vqa_loss(logits, batch["targets"], batch["labels"], self.model.config.loss)
+        # VQA score of the top answer: its soft target, min(humans / 3, 1) (Teney et al., 2018)
+        score = batch["targets"].gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
+        self.val_vqa_score.update(score)
+        self.val_acc.update(logits, batch["labels"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(logits))
+        self.log("val/vqa_score", self.val_vqa_score, prog_bar=True, batch_size=len(logits))
+        self.log("val/acc", self.val_acc, batch_size=len(logits))
+
+    def configure_optimizers(self):
+        towers = {id(p) for p in self.model.backbone.vision.parameters()} | {
+            id(p) for p in self.model.backbone.text.parameters()
+        }
+        groups = {"fusion_decay": [], "fusion_no_decay": [], "tower_decay": [], "tower_no_decay": []}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "tower" if id(p) in towers else "fusion"
+            decay = p.dim() >= 2 and "image_pos" not in name  # no decay on biases, norms, positions
+            groups[f"{part}_{'decay' if decay else 'no_decay'}"].append(p)
+        wd = self.cfg.weight_decay
+        param_groups = [
+            {"params": groups["fusion_decay"], "lr": self.cfg.lr, "weight_decay": wd},
+            {"params": groups["fusion_no_decay"], "lr": self.cfg.lr, "weight_decay": 0.0},
+            {"params": groups["tower_decay"], "lr": self.cfg.tower_lr, "weight_decay": wd},
+            {"params": groups["tower_no_decay"], "lr": self.cfg.tower_lr, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.cfg.warmup_ratio * total)
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
