@@ -131,13 +131,13 @@ def evaluate(
     return metrics
 
 
-def predict(checkpoint: str, image: str, question: list[str], top_k: int = 5) -> list[dict]:
+def predict(checkpoint: str, image: str, question: str | list[str], top_k: int = 5) -> list[dict]:
     """Answer questions about one image; prints the top-k answers with their scores.
 
     Args:
         checkpoint: checkpoint directory.
         image: image file.
-        question: one or more questions (repeat the flag, or pass a JSON list).
+        question: a question; for several, repeat ``--question+ "..."`` or pass a JSON list.
         top_k: how many answers to show per question.
     """
     from vqakit.predict import VQAPredictor
@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     _setup_logging()
-    CLI([prepare, train, evaluate, predict, list_models], args=argv, as_positional=False)
+    try:
+        CLI([prepare, train, evaluate, predict, list_models], args=argv, as_positional=False)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:  # bad input: say what, not a traceback
+        print(f"vqakit: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":

@@ -45,11 +45,13 @@ class TwoTowerConfig:
         vision_tower: packaged ``efficientnet-lite0``, or any HF vision model id / local directory.
         text_tower: packaged ``minilm-l6``, or any HF BERT-family model id / local directory.
         image_size: square input size in pixels the image is resized to.
+        vision_multiscale: append pooled stride-8/16 stage features to each grid token (EfficientNet).
         max_question_length: questions are truncated to this many tokens.
         fusion: how the modalities meet: ``concat``, ``gated`` or ``cross-attention``.
         hidden_size: width of the fusion layers.
         num_fusion_layers: co-attention layers (``cross-attention`` only).
         num_heads: attention heads per fusion layer.
+        mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
         text_pooler: how ``concat``/``gated`` pool question tokens: ``mean`` or ``cls``.
         loss: ``bce`` against VQA soft scores (standard) or ``ce`` against the majority answer.
@@ -63,11 +65,13 @@ class TwoTowerConfig:
     vision_tower: str = "efficientnet-lite0"
     text_tower: str = "minilm-l6"
     image_size: int = 224
+    vision_multiscale: bool = False
     max_question_length: int = 32
     fusion: str = "cross-attention"
     hidden_size: int = 256
     num_fusion_layers: int = 3
     num_heads: int = 4
+    mlp_ratio: int = 4
     dropout: float = 0.1
     text_pooler: str = "mean"
     loss: str = "bce"
@@ -112,6 +116,8 @@ class TwoTowerConfig:
 def _patch_missing_keys(d: dict) -> dict:
     """Fill fields that older checkpoints lack with the defaults they were trained under."""
     d.setdefault("gradient_checkpointing", False)
+    d.setdefault("vision_multiscale", False)
+    d.setdefault("mlp_ratio", 4)
     return d
 
 
@@ -137,7 +143,8 @@ class ConcatFusion(nn.Module):
     def __init__(self, cfg: TwoTowerConfig):
         super().__init__()
         self.pool_text = POOLERS[cfg.text_pooler]
-        self.mlp = nn.Sequential(mlp(2 * cfg.hidden_size, 2 * cfg.hidden_size, cfg.hidden_size, cfg.dropout), nn.GELU())
+        h = cfg.hidden_size
+        self.mlp = nn.Sequential(mlp(2 * h, cfg.mlp_ratio * h, h, cfg.dropout), nn.GELU())
         self.out_dim = cfg.hidden_size
 
     def forward(self, v, q, q_mask, output_attentions=False):
@@ -154,7 +161,7 @@ class GatedFusion(nn.Module):
         self.pool_text = POOLERS[cfg.text_pooler]
         self.gate = nn.Linear(2 * h, h)
         self.ln = nn.LayerNorm(h)
-        self.refine = mlp(h, 2 * h, h, cfg.dropout)
+        self.refine = mlp(h, cfg.mlp_ratio * h, h, cfg.dropout)
         self.out_dim = h
 
     def forward(self, v, q, q_mask, output_attentions=False):
@@ -167,7 +174,7 @@ class GatedFusion(nn.Module):
 class CoAttentionLayer(nn.Module):
     """One ViLBERT-style layer: cross-attention both ways, self-attention within each stream, MLPs (pre-LN)."""
 
-    def __init__(self, h: int, heads: int, dropout: float):
+    def __init__(self, h: int, heads: int, dropout: float, mlp_ratio: int = 4):
         super().__init__()
         self.ln_q_cross, self.ln_v_cross = nn.LayerNorm(h), nn.LayerNorm(h)
         self.q_from_v = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
@@ -176,7 +183,7 @@ class CoAttentionLayer(nn.Module):
         self.q_self = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
         self.v_self = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
         self.ln_q_mlp, self.ln_v_mlp = nn.LayerNorm(h), nn.LayerNorm(h)
-        self.mlp_q, self.mlp_v = mlp(h, 4 * h, h, dropout), mlp(h, 4 * h, h, dropout)
+        self.mlp_q, self.mlp_v = mlp(h, mlp_ratio * h, h, dropout), mlp(h, mlp_ratio * h, h, dropout)
 
     def forward(self, v, q, q_pad, need_weights: bool = False):
         # v: (B, N, H) image tokens; q: (B, T, H) question tokens; q_pad: (B, T) True where padding
@@ -198,7 +205,8 @@ class CrossAttentionFusion(nn.Module):
     def __init__(self, cfg: TwoTowerConfig):
         super().__init__()
         self.layers = nn.ModuleList(
-            CoAttentionLayer(cfg.hidden_size, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_fusion_layers)
+            CoAttentionLayer(cfg.hidden_size, cfg.num_heads, cfg.dropout, cfg.mlp_ratio)
+            for _ in range(cfg.num_fusion_layers)
         )
         self.ln_v, self.ln_q = nn.LayerNorm(cfg.hidden_size), nn.LayerNorm(cfg.hidden_size)
         self.gradient_checkpointing = cfg.gradient_checkpointing
@@ -239,7 +247,8 @@ class TwoTowerModel(nn.Module):
         vision_cfg = _subdir(tower_dir, "vision_tower")
         text_cfg = _subdir(tower_dir, "text_tower")
         self.vision = build_vision_tower(
-            config.vision_tower, config.image_size, pretrained=pretrained_towers, config_dir=vision_cfg
+            config.vision_tower, config.image_size, pretrained=pretrained_towers, config_dir=vision_cfg,
+            multiscale=config.vision_multiscale,
         )
         self.text = HFTextTower(config.text_tower, pretrained=pretrained_towers, config_dir=text_cfg)
         if config.image_mean is None or config.image_std is None:

@@ -32,9 +32,15 @@ LITE_STD = (128.0 / 255.0,) * 3
 
 
 class EfficientNetLiteTower(nn.Module):
-    """EfficientNet-Lite feature extractor: the last conv map (B, 1280, S/32, S/32) as (B, N, 1280) tokens."""
+    """EfficientNet-Lite feature extractor: the last conv map (B, 1280, S/32, S/32) as (B, N, 1280) tokens.
 
-    def __init__(self, name: str = "efficientnet-lite0", image_size: int = 224, pretrained: bool = True):
+    ``multiscale=True`` appends to every grid cell the average of the stride-8 and stride-16 stage
+    outputs under it (hypercolumns, Hariharan et al., 2015, https://arxiv.org/abs/1411.5752): early
+    stages keep the exact colours and edges that ImageNet's top layer abstracts away.
+    """
+
+    def __init__(self, name: str = "efficientnet-lite0", image_size: int = 224, pretrained: bool = True,
+                 multiscale: bool = False):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -51,13 +57,36 @@ class EfficientNetLiteTower(nn.Module):
         else:
             net = EfficientNet.from_name(name, image_size=image_size)
         net._fc = nn.Identity()  # the ImageNet classifier is not used
+        _plain_pointwise_convs(net)
         self.model = net
-        self.out_dim = net._bn1.num_features
+        self.multiscale = multiscale
+        # the last block of the stride-8 and stride-16 stages (before the stride-2 block that ends each)
+        strides = [int(b._block_args.stride[0] if isinstance(b._block_args.stride, list) else b._block_args.stride)
+                   for b in net._blocks]
+        ends, total = [], 2  # the stem has stride 2
+        for i, s in enumerate(strides):
+            total *= s
+            if i + 1 == len(strides) or strides[i + 1] == 2:
+                ends.append((i, total))
+        self.tap_blocks = [i for i, stride in ends if stride in (8, 16)] if multiscale else []
+        self.out_dim = net._bn1.num_features + sum(net._blocks[i]._block_args.output_filters for i in self.tap_blocks)
         self.image_mean, self.image_std = LITE_MEAN, LITE_STD
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.model.extract_features(pixel_values)  # (B, C, h, w)
-        return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        if not self.multiscale:
+            x = self.model.extract_features(pixel_values)  # (B, C, h, w)
+            return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        net, taps = self.model, []
+        x = net._swish(net._bn0(net._conv_stem(pixel_values)))
+        for idx, block in enumerate(net._blocks):  # as EfficientNet.extract_features, keeping some stages
+            rate = net._global_params.drop_connect_rate
+            x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else rate)
+            if idx in self.tap_blocks:
+                taps.append(x)
+        x = net._swish(net._bn1(net._conv_head(x)))  # (B, 1280, h, w)
+        grid = x.shape[-2:]
+        x = torch.cat([x, *(nn.functional.adaptive_avg_pool2d(t, grid) for t in taps)], dim=1)
+        return x.flatten(2).transpose(1, 2)  # (B, h*w, 1280 + 112 + 40)
 
     def train(self, mode: bool = True):
         """BatchNorm statistics stay frozen even when the weights train: VQA batches are small and
@@ -74,6 +103,22 @@ class EfficientNetLiteTower(nn.Module):
         net = getattr(net, "base_model", net)  # under a PEFT wrapper
         net = getattr(net, "model", net)
         return [net._conv_stem, *net._blocks, net._conv_head]
+
+
+def _plain_pointwise_convs(net: nn.Module) -> None:
+    """Swap the library's 1x1, stride-1 "static same padding" convs (which pad nothing) for ``nn.Conv2d``
+    with the same weights. Same math and state-dict keys; PEFT can then build LoRA branches for them
+    (it instantiates ``type(base_layer)``, which the library's class cannot be called as)."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child).__name__ == "Conv2dStaticSamePadding" and child.kernel_size == (1, 1)
+                    and tuple(child.stride) == (1, 1)):  # 1x1, stride 1: pads nothing
+                conv = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None,
+                                 groups=child.groups)
+                conv.weight = child.weight
+                if child.bias is not None:
+                    conv.bias = child.bias
+                setattr(parent, name, conv)
 
 
 class HFVisionTower(nn.Module):
@@ -130,7 +175,8 @@ def _hf_image_stats(name_or_path: str) -> tuple[tuple, tuple]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True, config_dir: str | None = None):
+def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True, config_dir: str | None = None,
+                       multiscale: bool = False):
     """Build a vision tower by name: a packaged tower, an HF hub id, or a local HF directory.
 
     ``pretrained=False`` builds the architecture only (weights come from a vqakit checkpoint);
@@ -141,7 +187,10 @@ def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True
     torch.Size([1, 4, 1280])
     """
     if name in PACKAGED_VISION_TOWERS:
-        return EfficientNetLiteTower(name, image_size=image_size, pretrained=pretrained)
+        return EfficientNetLiteTower(name, image_size=image_size, pretrained=pretrained, multiscale=multiscale)
+    if multiscale:
+        raise NotImplementedError(f"multiscale features are implemented for {list(PACKAGED_VISION_TOWERS)}, "
+                                  f"not for Hugging Face tower {name!r}")
     config = None
     if config_dir is not None:
         from transformers import AutoConfig

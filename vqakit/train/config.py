@@ -16,8 +16,8 @@ class LoraSettings:
         rank: rank r of the update B @ A.
         alpha: scaling numerator; the update is scaled by alpha / r.
         dropout: dropout on the LoRA branch input.
-        target_modules: module names to adapt; empty = the tower's defaults (BERT/ViT ``query``,
-            ``value``; EfficientNet the 1x1 ``_expand_conv`` and ``_project_conv``).
+        target_modules: module names to adapt; empty = the tower's defaults (the attention query and
+            value projections; EfficientNet: the 1x1 ``_expand_conv`` and ``_project_conv``).
     """
 
     rank: int = 8

@@ -15,11 +15,23 @@ from torch import nn
 
 from vqakit.train.config import LoraSettings, TrainConfig
 
-DEFAULT_LORA_TARGETS = {
-    "EfficientNetLiteTower": ["_expand_conv", "_project_conv"],  # the 1x1 convs of every MBConv block
-    "HFVisionTower": ["query", "value"],  # ViT/DeiT/BEiT attention projections
-    "HFTextTower": ["query", "value"],  # BERT-family attention projections
-}
+# Attention query/value projections as each family names them (Hu et al. adapt W_q and W_v), and the
+# 1x1 convs of every EfficientNet MBConv block. The first pair found in a tower is its default.
+DEFAULT_LORA_TARGETS = (
+    ["query", "value"],  # BERT, RoBERTa, DeBERTa; ViT in transformers < 5
+    ["q_proj", "v_proj"],  # ViT/DeiT in transformers >= 5, CLIP-style encoders
+    ["q_lin", "v_lin"],  # DistilBERT
+    ["_expand_conv", "_project_conv"],  # EfficientNet(-Lite)
+)
+
+
+def default_lora_targets(tower: nn.Module) -> list[str]:
+    names = {n.split(".")[-1] for n, _ in tower.named_modules()}
+    for pair in DEFAULT_LORA_TARGETS:
+        if set(pair) <= names:
+            return pair
+    raise ValueError(f"no default LoRA targets for {type(tower).__name__}; set target_modules "
+                     f"(--train.lora_vision.target_modules / --train.lora_text.target_modules)")
 
 
 def towers(model) -> dict[str, nn.Module]:
@@ -49,7 +61,7 @@ def add_lora(tower: nn.Module, lora: LoraSettings) -> None:
     """Wrap ``tower.model`` with LoRA adapters; only they train."""
     from peft import LoraConfig, get_peft_model
 
-    targets = lora.target_modules or DEFAULT_LORA_TARGETS[type(tower).__name__]
+    targets = lora.target_modules or default_lora_targets(tower)
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
     tower.requires_grad_(False)
     try:

@@ -88,6 +88,10 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     L.seed_everything(train.seed, workers=True, verbose=False)
 
     examples, skipped = _load_train_examples(data, train.progress)
+    if data.train_image_fraction < 1.0:  # record exactly which images the sample kept
+        sample = {"dataset": data.dataset, "split": data.train_split, "fraction": data.train_image_fraction,
+                  "seed": data.seed, "image_ids": sorted({e.image_id for e in examples})}
+        (out / "sampled_images.json").write_text(json.dumps(sample) + "\n")
     train_examples, val_examples = split_validation(examples, data.val_fraction, data.seed)
     vocab = AnswerVocab.build([e.answers for e in train_examples], top_k=data.top_k_answers)
     model.id2label = vocab.id2label

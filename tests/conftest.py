@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random-config towers saved as local HF directories. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WORDS = (
+    "what is the color of shape does image contain a an there not no present in which this circle rectangle "
+    "triangle red green blue yellow black gray teal brown white how many ? , . yes"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_tower(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide BERT with a word-level vocabulary, saved with its tokenizer."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_tower(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide ViT for 32px images with 8px patches (16 patch tokens)."""
+    from transformers import ViTConfig, ViTModel
+
+    path = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_config(tiny_vision_tower, tiny_text_tower):
+    """A factory of tiny ``TwoTowerConfig``s (5 answers) over the tiny towers."""
+    from vqakit.models.two_tower import TwoTowerConfig
+
+    def make(**overrides):
+        kwargs = dict(vision_tower=tiny_vision_tower, text_tower=tiny_text_tower, image_size=32,
+                      hidden_size=32, num_heads=4, num_fusion_layers=2, max_question_length=16,
+                      id2label={i: a for i, a in enumerate(["yes", "no", "red", "circle", "2"])})
+        kwargs.update(overrides)
+        return TwoTowerConfig(**kwargs)
+
+    return make
+
+
+@pytest.fixture
+def tiny_batch():
+    """Raw inputs for a tiny model: 3 random 32px images and 3 questions."""
+    import torch
+
+    def make(tokenizer, batch: int = 3, size: int = 32):
+        g = torch.Generator().manual_seed(0)
+        questions = ["what is the color of the shape?", "is there a red circle?", "how many shapes?"][:batch]
+        enc = tokenizer(questions, padding=True, return_tensors="pt")
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=g),
+                "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    return make

@@ -1,0 +1,71 @@
+"""The feature cache: content keys, persistence across runs, atomic shards, skipping cached items."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vqakit.data.cache import FeatureCache, file_digest, text_digest
+
+
+def _encode_counting(calls):
+    def encode(items):
+        calls.append(list(items))
+        return {"x": np.array([[float(i), float(i) * 2] for i in items], dtype=np.float16),
+                "m": np.ones((len(items), 3), dtype=np.uint8)}
+    return encode
+
+
+def test_build_encodes_each_key_once_and_persists(tmp_path):
+    calls = []
+    cache = FeatureCache(tmp_path, "tower-a")
+    keys = ["k1", "k2", "k1", "k3"]
+    assert cache.build(keys, [1, 2, 1, 3], _encode_counting(calls), batch_size=2, progress=False) == 3
+    assert [i for c in calls for i in c] == [1, 2, 3]
+    np.testing.assert_array_equal(cache.gather(["k3", "k1"], "x"), [[3, 6], [1, 2]])
+
+    reopened = FeatureCache(tmp_path, "tower-a")  # a later run
+    assert len(reopened) == 3 and "k2" in reopened
+    assert reopened.build(keys, [1, 2, 1, 3], _encode_counting(calls), progress=False) == 0
+    assert reopened.build(["k4"], [4], _encode_counting(calls), progress=False) == 1
+    assert isinstance(FeatureCache(tmp_path, "tower-a").get("k4", "x"), np.memmap)  # memory-mapped
+    assert len(FeatureCache(tmp_path, "tower-b")) == 0  # another tower never sees these rows
+
+
+def test_shards_split_and_leave_no_temporary_files(tmp_path):
+    cache = FeatureCache(tmp_path, "t")
+    cache.build([f"k{i}" for i in range(10)], list(range(10)), _encode_counting([]), batch_size=3, shard_size=4,
+                progress=False)
+    assert len(list(cache.dir.glob("shard-*.keys.json"))) == 3
+    assert not list(cache.dir.glob(".*tmp"))
+    assert FeatureCache(tmp_path, "t").gather(["k9", "k0"], "x")[:, 0].tolist() == [9, 0]
+
+
+def test_interrupted_build_keeps_finished_shards(tmp_path):
+    def failing(items):
+        if 5 in items:
+            raise KeyboardInterrupt
+        return _encode_counting([])(items)
+
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(tmp_path, "t").build([f"k{i}" for i in range(8)], list(range(8)), failing, batch_size=2,
+                                          shard_size=4, progress=False)
+    cache = FeatureCache(tmp_path, "t")
+    assert sorted(cache.index) == ["k0", "k1", "k2", "k3"]
+    assert cache.missing([f"k{i}" for i in range(8)]) == ["k4", "k5", "k6", "k7"]
+
+
+def test_inconsistent_shard_is_reported(tmp_path):
+    cache = FeatureCache(tmp_path, "t")
+    cache.add(["a", "b"], {"x": np.zeros((2, 2))})
+    (cache.dir / "shard-00000.keys.json").write_text('["a", "b", "c"]')
+    with pytest.raises(RuntimeError, match="inconsistent"):
+        FeatureCache(tmp_path, "t")
+
+
+def test_content_keys(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"same")
+    (tmp_path / "b.png").write_bytes(b"same")
+    (tmp_path / "c.png").write_bytes(b"other")
+    assert file_digest(tmp_path / "a.png") == file_digest(tmp_path / "b.png") != file_digest(tmp_path / "c.png")
+    assert text_digest("what?") != text_digest("what ?")

@@ -1,0 +1,85 @@
+"""End-to-end smoke runs of the CLI on a few dozen examples with tiny towers: train, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vqakit.cli import main
+from vqakit.data.sources import easy_vqa_data_dir, write_vqa_v2_fixture
+
+
+def _tiny_args(vit, bert, tmp_path, *extra):
+    return [
+        "--model.vision_tower", vit, "--model.text_tower", bert, "--model.image_size", "32",
+        "--model.hidden_size", "32", "--model.num_heads", "4", "--model.num_fusion_layers", "1",
+        "--data.cache_dir", str(tmp_path / "cache"), "--train.out_dir", str(tmp_path / "run"),
+        "--train.epochs", "1", "--train.batch_size", "16", "--train.progress", "false", *extra,
+    ]  # fmt: skip
+
+
+def test_train_evaluate_predict_on_easy_vqa(tiny_vision_tower, tiny_text_tower, tmp_path, capsys):
+    main(["train", *_tiny_args(tiny_vision_tower, tiny_text_tower, tmp_path, "--data.limit", "40")])
+    out = capsys.readouterr().out
+    assert "time to train:" in out and "VQA accuracy (official)" in out
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoint"
+    assert {p.name for p in ckpt.iterdir()} == {
+        "config.json", "model.safetensors", "answer_vocab.json", "training_metadata.json", "text_tower",
+        "vision_tower", "eval-easy-vqa-test",
+    }  # fmt: skip
+    assert (ckpt / "text_tower" / "tokenizer.json").is_file()
+    assert (run / "config.yaml").is_file() and (run / "logs" / "metrics.csv").is_file()
+    meta = json.loads((ckpt / "training_metadata.json").read_text())
+    assert meta["steps"] >= 2 and meta["time_to_train_s"] > 0 and len(meta["data_fingerprint"]) == 16
+    assert meta["strategies"] == {"vision": "frozen", "text": "frozen"}
+    metrics = json.loads((ckpt / "eval-easy-vqa-test" / "metrics.json").read_text())
+    assert metrics["num_questions"] >= 40 and 0 <= metrics["vqa_accuracy"] <= 100
+    assert set(metrics["per_answer_type"]) <= {"yes/no", "other"}
+    header = (ckpt / "eval-easy-vqa-test" / "predictions.csv").read_text().splitlines()[0]
+    assert header.startswith("question_id,")
+
+    # evaluate again from the checkpoint alone (feature cache reused) into another folder
+    main(["evaluate", "--checkpoint", str(ckpt), "--data.limit", "40", "--data.cache_dir", str(tmp_path / "cache"),
+          "--out_dir", str(tmp_path / "eval")])
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["vqa_accuracy"] == metrics["vqa_accuracy"]
+
+    image = str(easy_vqa_data_dir() / "test" / "images" / "0.png")
+    main(["predict", "--checkpoint", str(ckpt), "--image", image, "--question", "what is the color of the shape?",
+          "--question+", "is there a circle?", "--top_k", "3"])
+    out = capsys.readouterr().out
+    assert out.count("Q: ") == 2 and "  3. " in out
+
+
+def test_lora_training_writes_adapters_and_a_merged_checkpoint(tiny_vision_tower, tiny_text_tower, tmp_path):
+    main(["train", *_tiny_args(tiny_vision_tower, tiny_text_tower, tmp_path, "--data.limit", "24",
+                              "--train.vision", "lora", "--train.text", "full", "--train.lora_vision.rank", "2",
+                              "--evaluate", "false")])
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert {p.name for p in (ckpt / "adapters" / "vision").iterdir()} >= {
+        "adapter_config.json", "adapter_model.safetensors"}
+    meta = json.loads((ckpt / "training_metadata.json").read_text())
+    assert meta["lora_merged_towers"] == ["vision"]
+    assert meta["parameters"]["trainable"] < meta["parameters"]["total"]
+
+
+def test_corrupt_images_are_skipped_and_reported(tiny_vision_tower, tiny_text_tower, tmp_path):
+    root = tmp_path / "vqa"
+    write_vqa_v2_fixture(root, split="train", num_images=6, questions_per_image=3)
+    write_vqa_v2_fixture(root, split="val", num_images=3, questions_per_image=3, seed=1)
+    broken = sorted((root / "train2014").glob("*.jpg"))[0]
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated download
+    main(["train", *_tiny_args(tiny_vision_tower, tiny_text_tower, tmp_path, "--data.dataset", "vqa-v2",
+                              "--data.root", str(root), "--data.eval_split", "val", "--data.val_fraction", "0")])
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "training_metadata.json").read_text())
+    assert meta["skipped_images"] == [int(broken.stem.split("_")[-1])]
+    assert meta["num_train_questions"] == 15
+
+
+def test_bad_flags_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--model.fusion", "bilinear", "--train.out_dir", str(tmp_path)])
+    assert "--model.fusion='bilinear' is not one of" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""Batches: soft targets, majority labels, cached vs raw inputs; seeded splits."""
+
+from __future__ import annotations
+
+
+from vqakit.data.answers import AnswerVocab
+from vqakit.data.config import DataConfig, limit_questions, load_split, split_validation
+from vqakit.data.example import Example
+from vqakit.towers.text import load_tokenizer
+from vqakit.processor import VQAProcessor
+from vqakit.train.datamodule import VQACollator, VQADataset
+
+
+def _examples(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "img.png"
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(path)
+    return [
+        Example(str(path), "what color is it?", 1, 7, ["red"] * 7 + ["Red", "orange", "pink"], "other"),
+        Example(str(path), "is it red?", 2, 7, ["yes"] * 2 + ["no"] * 8, "yes/no"),
+        Example(str(path), "what is it?", 3, 7, ["zebra"] * 10, "other"),
+    ]
+
+
+def test_targets_and_labels(tmp_path, tiny_text_tower):
+    examples = _examples(tmp_path)
+    vocab = AnswerVocab.build([e.answers for e in examples[:2]])
+    processor = VQAProcessor(32, [0.5] * 3, [0.5] * 3, load_tokenizer(tiny_text_tower))
+    ds = VQADataset(examples, vocab, processor)
+    batch = VQACollator(processor)([ds[i] for i in range(3)])
+    red, orange, yes, no = (vocab.encode(a) for a in ("red", "orange", "yes", "no"))
+    assert batch["targets"][0, red] == 1.0  # 8 humans (normalised "Red" counts) -> min(8 / 3, 1)
+    assert abs(batch["targets"][0, orange] - 1 / 3) < 1e-6
+    assert abs(batch["targets"][1, yes] - 2 / 3) < 1e-6 and batch["targets"][1, no] == 1.0
+    assert batch["targets"][2].sum() == 0 and batch["labels"].tolist() == [red, no, -100]  # zebra: out of vocab
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["input_ids"].shape[0] == 3
+
+
+def test_validation_split_and_limits_keep_whole_images_and_are_seeded():
+    examples = load_split(DataConfig(limit=200), "train")
+    assert len(examples) >= 200 and len({e.image_id for e in examples}) < len(examples)
+    assert [e.question_id for e in load_split(DataConfig(limit=200), "train")] == [e.question_id for e in examples]
+    train, val = split_validation(examples, 0.2, seed=0)
+    assert not {e.image_id for e in train} & {e.image_id for e in val}
+    assert len(train) + len(val) == len(examples) and val
+    other = limit_questions(load_split(DataConfig(), "train"), 200, seed=1)
+    assert {e.image_id for e in other} != {e.image_id for e in examples}
