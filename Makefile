@@ -27,8 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Needs a trained checkpoint (make demo). Writes benchmarks/results/*.json.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint
+	$(BIN)/vqakit export --checkpoint runs/easy-vqa/checkpoint
+	$(BIN)/python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint --backend onnx
+	$(BIN)/python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint --backend torch
 
 clean:
 	rm -rf runs .pytest_cache

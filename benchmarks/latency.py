@@ -1,11 +1,12 @@
 """Predict latency with the model loaded: one image + one question per call, distinct pairs, CPU.
 
-    python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint [--n 200] [--threads 2]
+    python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint [--backend onnx|torch] [--n 200]
 
 Prints and writes JSON (``--out``): p50 / p95 / mean milliseconds per call of
 ``VQAPredictor.predict(image_path, question)`` over ``--n`` distinct easy-VQA test questions, each on
-its own image file (decoding and preprocessing included), after ``--warmup`` calls. Target (issue 2):
-p50 <= 15 ms on 2 CPU cores.
+its own image file (decoding and preprocessing included), after ``--warmup`` calls. ``--backend onnx``
+exports the checkpoint to ONNX first if needed (``vqakit export``). Target (issue 2): p50 <= 15 ms on
+2 CPU cores.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", default="runs/easy-vqa/checkpoint")
     ap.add_argument("--n", type=int, default=200, help="timed calls")
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--out", default="benchmarks/results/latency.json")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's)")
+    ap.add_argument("--backend", default="onnx", choices=["torch", "onnx"])
+    ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/latency-<backend>.json)")
     args = ap.parse_args(argv)
 
     import torch
@@ -35,7 +37,8 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    predictor = VQAPredictor.from_pretrained(args.checkpoint, device="cpu")
+    predictor = VQAPredictor.from_pretrained(args.checkpoint, device="cpu", backend=args.backend,
+                                             threads=args.threads)
     examples = load_easy_vqa("test")
     seen, pairs = set(), []
     for e in examples:  # one question per image: no image is seen twice
@@ -54,6 +57,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "predict_latency",
         "checkpoint": args.checkpoint,
+        "backend": predictor.backend,
         "calls": len(times),
         "p50_ms": round(statistics.median(times), 2),
         "p95_ms": round(times[int(0.95 * (len(times) - 1))], 2),
@@ -64,8 +68,9 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out or f"benchmarks/results/latency-{predictor.backend}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

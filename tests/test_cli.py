@@ -83,3 +83,25 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--model.fusion", "bilinear", "--train.out_dir", str(tmp_path)])
     assert "--model.fusion='bilinear' is not one of" in capsys.readouterr().err
+
+
+def test_prepare_writes_splits_vocab_and_stats(tmp_path, capsys):
+    root = tmp_path / "vqa"
+    write_vqa_v2_fixture(root, split="train", num_images=8, questions_per_image=3)
+    write_vqa_v2_fixture(root, split="val", num_images=4, questions_per_image=2, seed=1)
+    main(["prepare", "--data.dataset", "vqa-v2", "--data.root", str(root), "--data.eval_split", "val",
+          "--data.train_image_fraction", "0.5", "--out_dir", str(tmp_path / "prepared")])
+    out = tmp_path / "prepared" / "vqa-v2"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["splits"]["train"] == {"questions": 12, "images": 4, "bad_images": 0,
+                                        "answer_types": stats["splits"]["train"]["answer_types"]}
+    assert stats["splits"]["val"]["questions"] == 8
+    assert len((out / "train.jsonl").read_text().splitlines()) == 12
+    assert (out / "answer_vocab.json").is_file()
+    assert "answer vocabulary:" in capsys.readouterr().out
+
+
+def test_missing_dataset_files_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", "--data.dataset", "vqa-v2", "--data.root", str(tmp_path), "--out_dir", str(tmp_path)])
+    assert "v2_OpenEnded_mscoco_train2014_questions.json" in capsys.readouterr().err

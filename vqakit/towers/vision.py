@@ -84,8 +84,8 @@ class EfficientNetLiteTower(nn.Module):
             if idx in self.tap_blocks:
                 taps.append(x)
         x = net._swish(net._bn1(net._conv_head(x)))  # (B, 1280, h, w)
-        grid = x.shape[-2:]
-        x = torch.cat([x, *(nn.functional.adaptive_avg_pool2d(t, grid) for t in taps)], dim=1)
+        grid = (int(x.shape[-2]), int(x.shape[-1]))
+        x = torch.cat([x, *(_pool_to(t, grid) for t in taps)], dim=1)
         return x.flatten(2).transpose(1, 2)  # (B, h*w, 1280 + 112 + 40)
 
     def train(self, mode: bool = True):
@@ -119,6 +119,14 @@ def _plain_pointwise_convs(net: nn.Module) -> None:
                 if child.bias is not None:
                     conv.bias = child.bias
                 setattr(parent, name, conv)
+
+
+def _pool_to(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Average ``t`` (B, C, H, W) down to ``grid``; a fixed-kernel pool when the sizes divide (exports to ONNX)."""
+    h, w = int(t.shape[-2]), int(t.shape[-1])
+    if h % grid[0] == 0 and w % grid[1] == 0:
+        return nn.functional.avg_pool2d(t, kernel_size=(h // grid[0], w // grid[1]))
+    return nn.functional.adaptive_avg_pool2d(t, grid)
 
 
 class HFVisionTower(nn.Module):

@@ -16,6 +16,7 @@ import logging
 import platform
 import resource
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     logger.info("parameters: %s trainable of %s (%.2f%%)", f"{params['trainable']:,}", f"{params['total']:,}",
                 100 * params["trainable"] / params["total"])
 
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen towers are, on purpose
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning
     system = VQASystem(net, train)
     datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size)
     trainer = L.Trainer(
