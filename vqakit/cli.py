@@ -167,10 +167,8 @@ def export(checkpoint: str, out_dir: str | None = None) -> None:
 
 
 def list_models() -> list[str]:
-    """List the model presets (YAML files under configs/ and named presets)."""
-    from vqakit.models.two_tower import list_models as presets
-
-    names = presets() + sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    """List the presets: YAML files under configs/, used as ``vqakit train --config configs/NAME.yaml``."""
+    names = sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
     print("\n".join(names))
     return names
 

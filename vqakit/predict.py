@@ -2,10 +2,10 @@
 
 It loads a checkpoint directory (no training code imported), preprocesses with the checkpoint's own
 processor, encodes the image once for all its questions, and returns answers with probabilities,
-the top-k, and optionally the question->image attention over the tower's grid (for heatmaps).
+the top-k, and optionally the question->image attention over the tower's grid (for heatmaps)::
 
->>> # predictor = VQAPredictor.from_pretrained("runs/easy-vqa/checkpoint")
->>> # predictor.predict("circle.png", "what shape is this?")[0].answer
+    predictor = VQAPredictor.from_pretrained("runs/easy-vqa/checkpoint")
+    predictor.predict("circle.png", "what shape is this?")[0].answer   # 'circle'
 """
 
 from __future__ import annotations

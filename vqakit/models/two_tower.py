@@ -304,8 +304,11 @@ class TwoTowerModel(nn.Module):
 class TwoTowerForQuestionAnswering(nn.Module):
     """``TwoTowerModel`` + a classifier over the answer vocabulary (Teney et al.'s two-layer head).
 
-    >>> cfg = TwoTowerConfig(vision_tower="efficientnet-lite0", image_size=32, id2label={0: "yes", 1: "no"})
-    >>> # model = TwoTowerForQuestionAnswering(cfg)  # loads the packaged towers
+    >>> cfg = TwoTowerConfig(image_size=64, fusion="gated", id2label={0: "yes", 1: "no"})
+    >>> model = TwoTowerForQuestionAnswering(cfg)  # the packaged towers, loaded offline
+    >>> ids = torch.tensor([[101, 2003, 2009, 2417, 1029, 102]])
+    >>> model(pixel_values=torch.zeros(1, 3, 64, 64), input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape
+    torch.Size([1, 2])
     """
 
     def __init__(self, config: TwoTowerConfig, pretrained_towers: bool = True, tower_dir: str | Path | None = None):
@@ -384,16 +387,3 @@ def vqa_loss(logits: torch.Tensor, soft_targets: torch.Tensor, labels: torch.Ten
         return F.cross_entropy(logits, labels, ignore_index=-100)
     raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Named presets (also as YAML under configs/)
-
-PRESETS = {
-    "two-tower-cross": dict(fusion="cross-attention", hidden_size=256, num_fusion_layers=3, num_heads=4),
-    "two-tower-gated": dict(fusion="gated", hidden_size=512),
-    "two-tower-concat": dict(fusion="concat", hidden_size=512),
-}
-
-
-def list_models() -> list[str]:
-    return sorted(PRESETS)

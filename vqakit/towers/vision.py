@@ -146,7 +146,7 @@ class HFVisionTower(nn.Module):
         if hasattr(config, "image_size"):
             config.image_size = image_size
         if pretrained:
-            self.model = AutoModel.from_pretrained(name_or_path, config=config, ignore_mismatched_sizes=False)
+            self.model = AutoModel.from_pretrained(name_or_path, config=config)
         else:
             self.model = AutoModel.from_config(config)
         self.config = config
