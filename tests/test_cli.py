@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from vqakit.cli import main
 from vqakit.data.sources import easy_vqa_data_dir, write_vqa_v2_fixture
@@ -105,3 +106,16 @@ def test_missing_dataset_files_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["prepare", "--data.dataset", "vqa-v2", "--data.root", str(tmp_path), "--out_dir", str(tmp_path)])
     assert "v2_OpenEnded_mscoco_train2014_questions.json" in capsys.readouterr().err
+
+
+def test_same_seed_gives_identical_weights(tiny_vision_tower, tiny_text_tower, tmp_path):
+    from safetensors.torch import load_file
+
+    weights = []
+    for run in ("a", "b"):
+        args = _tiny_args(tiny_vision_tower, tiny_text_tower, tmp_path / run, "--data.limit", "24",
+                          "--train.text", "full", "--evaluate", "false")
+        main(["train", *args])
+        weights.append(load_file(str(tmp_path / run / "run" / "checkpoint" / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
