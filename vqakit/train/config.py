@@ -55,6 +55,10 @@ class TrainConfig:
         devices: number of devices.
         eval_batch_size: batch size of the evaluation after training.
         progress: show progress bars.
+        checkpoint_every_n_examples: also save ``checkpoints/last.ckpt`` every this many training
+            questions (0: only at epoch ends). The best-by-validation checkpoint is kept as ``best.ckpt``.
+        resume: continue from ``<out_dir>/checkpoints/last.ckpt`` (model, optimizer, scheduler, RNG and
+            the position in the epoch's shuffled order); starts fresh when there is none.
     """
 
     vision: str = "frozen"
@@ -77,6 +81,8 @@ class TrainConfig:
     devices: int = 1
     eval_batch_size: int = 256
     progress: bool = True
+    checkpoint_every_n_examples: int = 0
+    resume: bool = False
 
     def __post_init__(self):
         for flag, value in (("--train.vision", self.vision), ("--train.text", self.text)):
@@ -88,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"--train.epochs={self.epochs} must be at least 1")
         if self.batch_size < 1:
             raise ValueError(f"--train.batch_size={self.batch_size} must be at least 1")
+        if self.checkpoint_every_n_examples < 0:
+            raise ValueError(f"--train.checkpoint_every_n_examples={self.checkpoint_every_n_examples} must be >= 0")
         if isinstance(self.lora_vision, dict):
             self.lora_vision = LoraSettings(**self.lora_vision)
         if isinstance(self.lora_text, dict):

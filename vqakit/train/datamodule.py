@@ -10,7 +10,8 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vqakit.data.answers import AnswerVocab
 from vqakit.data.cache import FeatureCache
@@ -94,17 +95,54 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation every epoch, a pure function of ``(seed, epoch)``, resumable mid-epoch.
+
+    ``StatefulDataLoader`` saves ``state_dict()`` (epoch and position) in each checkpoint; after
+    ``load_state_dict`` the next epoch starts at the saved position of the same permutation, and the
+    following epochs get the permutations an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
+        while self.position < self.num_samples:
+            self.position += 1
+            yield int(order[self.position - 1])
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
 class VQADataModule(L.LightningDataModule):
     def __init__(self, train_set: VQADataset, val_set: VQADataset | None, batch_size: int, num_workers: int = 0,
-                 eval_batch_size: int = 256):
+                 eval_batch_size: int = 256, seed: int = 0):
         super().__init__()
+        self.seed = seed
         self.train_set, self.val_set = train_set, val_set
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.collate = VQACollator(train_set.processor)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def train_dataloader(self) -> StatefulDataLoader:
+        # stateful: Lightning stores its position (and shuffle order) in checkpoints, so a resumed run
+        # continues mid-epoch exactly where the checkpoint was taken
+        # Neither the shuffling (the sampler's) nor the workers' base seed (the loader's generator) draws
+        # from the global RNG, which dropout uses and which a resumed run restores from the checkpoint.
+        return StatefulDataLoader(self.train_set, batch_size=self.batch_size,
+                                  sampler=EpochShuffleSampler(len(self.train_set), self.seed),
+                                  generator=torch.Generator().manual_seed(self.seed),
+                                  collate_fn=self.collate, num_workers=self.num_workers,
+                                  persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
         if not self.val_set:

@@ -15,7 +15,6 @@ import json
 import logging
 import platform
 import resource
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from vqakit.data.config import DataConfig, fingerprint, load_split, split_valida
 from vqakit.data.images import filter_examples, scan_images
 from vqakit.models.two_tower import TwoTowerConfig, TwoTowerForQuestionAnswering
 from vqakit.processor import VQAProcessor
+from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQADataModule, VQADataset
 from vqakit.train.recipes import apply_strategies, merge_lora
@@ -80,6 +80,19 @@ def _loggers(train: TrainConfig, out: Path):
     return loggers or False
 
 
+def _checkpoint_callbacks(train: TrainConfig, out: Path, val_set) -> list:
+    """``last.ckpt`` at every epoch end and every ``checkpoint_every_n_examples``; ``best.ckpt`` by validation."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = -(-train.checkpoint_every_n_examples // train.batch_size) if train.checkpoint_every_n_examples else None
+    callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True,
+                                 every_n_train_steps=every, save_on_train_epoch_end=True)]
+    if val_set:
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/vqa_score",
+                                         mode="max", save_top_k=1, enable_version_counter=False))
+    return callbacks
+
+
 def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: bool = True) -> dict:
     """Train a model as configured; returns a summary (paths, time to train, metrics)."""
     out = Path(train.out_dir)
@@ -109,18 +122,26 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
 
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen towers are, on purpose
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning
-    system = VQASystem(net, train)
-    datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size)
+    steps_per_epoch = -(-len(train_set) // train.batch_size)
+    total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
+    system = VQASystem(net, train, total_steps=total_steps)
+    datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
+                               seed=train.seed)
+    resume_state = ResumeState()
     trainer = L.Trainer(
         max_epochs=train.epochs, max_steps=train.max_steps, precision=train.precision,
         accelerator=train.accelerator, devices=train.devices, logger=_loggers(train, out),
-        gradient_clip_val=train.grad_clip or None, enable_checkpointing=False,
-        enable_progress_bar=train.progress, enable_model_summary=False, log_every_n_steps=10,
-        num_sanity_val_steps=0, default_root_dir=out,
+        gradient_clip_val=train.grad_clip or None, callbacks=[*_checkpoint_callbacks(train, out, val_set),
+                                                              resume_state],
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
+        log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=out,
     )  # fmt: skip
-    start = time.perf_counter()
-    trainer.fit(system, datamodule=datamodule)
-    time_to_train = time.perf_counter() - start
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if train.resume and last.is_file() else None
+    if ckpt_path:
+        logger.info("resuming from %s", last)
+    trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    time_to_train = resume_state.seconds
 
     ckpt = out / "checkpoint"
     net = net.cpu().float()
@@ -130,6 +151,7 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     val_metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metadata = {
         "time_to_train_s": round(time_to_train, 2),
+        "resumed_from_step": resume_state.resumed_from_step,
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "examples_per_s": round(trainer.global_step * train.batch_size / max(time_to_train, 1e-9), 1),

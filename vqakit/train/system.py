@@ -19,10 +19,13 @@ from vqakit.train.datamodule import model_inputs
 
 
 class VQASystem(L.LightningModule):
-    def __init__(self, model, cfg: TrainConfig):
+    def __init__(self, model, cfg: TrainConfig, total_steps: int):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        # Given, not read from trainer.estimated_stepping_batches: that builds the train loader before a
+        # checkpoint is restored, and Lightning (2.6) then never loads the saved loader position.
+        self.total_steps = max(1, total_steps)
         n = model.config.num_answers
         self.val_vqa_score = MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro", ignore_index=-100)
@@ -66,7 +69,7 @@ class VQASystem(L.LightningModule):
             {"params": groups["tower_no_decay"], "lr": self.cfg.tower_lr, "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.total_steps
         warmup = int(self.cfg.warmup_ratio * total)
 
         def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
