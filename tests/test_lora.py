@@ -90,3 +90,23 @@ def test_wrong_target_modules_name_the_real_ones(tiny_config):
     model = TwoTowerForQuestionAnswering(tiny_config())
     with pytest.raises(ValueError, match="query"):
         add_lora(model.backbone.text, LoraSettings(target_modules=["q_proj"]))
+
+
+def test_optimizer_gives_each_part_its_learning_rate(tiny_config):
+    from vqakit.train.system import VQASystem
+
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config())
+    cfg = TrainConfig(vision="full", text="lora", lr=1e-3, tower_lr=1e-5, lora_lr=3e-4)
+    apply_strategies(model, cfg)
+    optimizer = VQASystem(model, cfg, total_steps=10).configure_optimizers()["optimizer"]
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in lr_of, name
+        elif "lora_" in name:
+            assert lr_of[id(p)] == 3e-4, name
+        elif name.startswith("backbone.vision."):
+            assert lr_of[id(p)] == 1e-5, name
+        elif not name.startswith("backbone.text."):
+            assert lr_of[id(p)] == 1e-3, name

@@ -5,6 +5,7 @@
     vqakit evaluate --checkpoint runs/easy-vqa/checkpoint --data.eval_split test
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape is it?"
     vqakit export   --checkpoint runs/easy-vqa/checkpoint          # ONNX for fast CPU serving
+    vqakit compare  --config configs/easy-vqa.yaml --data.limit 4000 --strategies frozen,lora,full,two-stage
 
 Every subcommand takes ``--config FILE.yaml`` (a preset from ``configs/``) and dotted overrides
 (jsonargparse, as litgpt and LightningCLI do); ``--print_config`` shows the resolved configuration.
@@ -151,6 +152,51 @@ def predict(checkpoint: str, image: str, question: str | list[str], top_k: int =
     return [{"question": r.question, "answer": r.answer, "score": r.score, "top_k": r.top_k} for r in results]
 
 
+def compare(
+    model: TwoTowerConfig = TwoTowerConfig(),
+    data: DataConfig = DataConfig(),
+    train: TrainConfig = TrainConfig(),
+    strategies: str = "frozen,lora,full,two-stage",
+    lora_ranks: str | None = None,
+    stage1_epochs: int = 1,
+    out_dir: str = "runs/compare",
+) -> list[dict]:
+    """Train the same model under several strategies (same data split and seed) and compare time to train,
+    trainable parameters, peak memory, throughput and accuracy/precision/recall/F1. Writes
+    comparison.csv/json/md and plots into ``out_dir``; rerunning continues unfinished strategies.
+
+    Args:
+        model: model architecture (shared by every strategy).
+        data: data (use ``--data.limit`` for a quick subset).
+        train: training settings; ``train.epochs`` is each strategy's total, ``train.unfreeze_last_n``
+            is two-stage's stage 2, ``train.vision``/``train.text``/``train.out_dir`` are set per strategy.
+        strategies: comma-separated: frozen, lora, full, two-stage, lora-r<rank>.
+        lora_ranks: a LoRA rank sweep, e.g. ``2,4,8,16`` (adds lora-r2, lora-r4, ...).
+        stage1_epochs: epochs of two-stage's frozen stage 1.
+        out_dir: where the runs, tables and plots go.
+    """
+    import yaml
+
+    from vqakit.compare import markdown_table, parse_strategies, run_strategy, write_outputs
+
+    names = parse_strategies(strategies, lora_ranks)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / "base.yaml"
+    base.write_text(yaml.safe_dump({"model": asdict(model), "data": asdict(data), "train": asdict(train)},
+                                   sort_keys=False))
+    rows = []
+    for name in names:
+        print(f"== {name}", flush=True)
+        rows.append(run_strategy(name, ["--config", str(base)], out, stage1_epochs, train.unfreeze_last_n,
+                                 train.epochs))
+    write_outputs(rows, out)
+    print(markdown_table(rows))
+    print(f"wrote {out}/comparison.csv, comparison.json, comparison.md, curves.png, accuracy_vs_time.png, "
+          f"per_answer_type.png")
+    return rows
+
+
 def export(checkpoint: str, out_dir: str | None = None) -> None:
     """Export a checkpoint to ONNX (vision tower, text tower, fusion + head) for fast CPU serving, verified
     against PyTorch on fresh inputs. ``predict`` then uses it automatically (``--backend auto``).
@@ -179,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, export, list_models], args=argv, as_positional=False)
+        CLI([prepare, train, evaluate, predict, export, compare, list_models], args=argv, as_positional=False)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -102,7 +102,7 @@ class EfficientNetLiteTower(nn.Module):
         net = self.model
         net = getattr(net, "base_model", net)  # under a PEFT wrapper
         net = getattr(net, "model", net)
-        return [net._conv_stem, *net._blocks, net._conv_head]
+        return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
 
 
 def _plain_pointwise_convs(net: nn.Module) -> None:

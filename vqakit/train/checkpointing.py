@@ -40,6 +40,8 @@ class ResumeState(L.Callback):
         self.previous_seconds = 0.0
         self.start = None
         self.resumed_from_step: int | None = None
+        self.epoch_seconds: list[float] = []
+        self._epoch_start = None
 
     @property
     def seconds(self) -> float:
@@ -48,11 +50,18 @@ class ResumeState(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = time.perf_counter()
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch_seconds.append(round(time.perf_counter() - self._epoch_start, 2))
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # plain tensors and numbers only: Lightning loads checkpoints with torch.load(weights_only=True)
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["vqakit"] = {
             "time_to_train_s": self.seconds,
+            "epoch_seconds": list(self.epoch_seconds),
             "rng": {
                 "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2],
                 "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
@@ -66,6 +75,7 @@ class ResumeState(L.Callback):
         if state is None:
             return
         self.previous_seconds = state["time_to_train_s"]
+        self.epoch_seconds = list(state.get("epoch_seconds", []))
         rng = state["rng"]
         random.setstate((3, tuple(rng["python"]), rng["python_gauss"]))
         np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], *rng["numpy_gauss"]))

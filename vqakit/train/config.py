@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STRATEGIES = ("frozen", "lora", "full")
+STRATEGIES = ("frozen", "lora", "full", "partial")
 LOGGERS = ("csv", "tensorboard", "both", "none")
 
 
@@ -35,15 +35,20 @@ class TrainConfig:
     """Training settings.
 
     Args:
-        vision: vision tower strategy: ``frozen`` (feature cache, fastest), ``lora`` or ``full``.
-        text: text tower strategy: ``frozen``, ``lora`` or ``full``.
+        vision: vision tower strategy: ``frozen`` (feature cache, fastest), ``lora``, ``full``, or
+            ``partial`` (only the last ``unfreeze_last_n`` layers train).
+        text: text tower strategy: ``frozen``, ``lora``, ``full`` or ``partial``.
+        unfreeze_last_n: layers (EfficientNet blocks / transformer layers) that ``partial`` trains.
+        init_from: start from this checkpoint directory's weights (e.g. stage 2 of two-stage training,
+            after a ``frozen`` stage 1); its answer vocabulary must match this run's.
         lora_vision: LoRA settings of the vision tower (when ``vision=lora``).
         lora_text: LoRA settings of the text tower (when ``text=lora``).
         epochs: passes over the training questions.
         max_steps: stop after this many optimizer steps (-1: no limit).
         batch_size: questions per step.
         lr: peak learning rate of the fusion layers and the head (AdamW).
-        tower_lr: peak learning rate of trained tower weights (``lora``/``full``).
+        tower_lr: peak learning rate of pretrained tower weights that train (``full``/``partial``).
+        lora_lr: peak learning rate of LoRA adapter weights (new, low-rank: a higher rate than ``tower_lr``).
         weight_decay: AdamW weight decay (not applied to biases and norms).
         warmup_ratio: fraction of the steps with a linear warm-up, then cosine decay to 0.
         grad_clip: gradient norm clipping (0: off).
@@ -63,6 +68,8 @@ class TrainConfig:
 
     vision: str = "frozen"
     text: str = "frozen"
+    unfreeze_last_n: int = 2
+    init_from: str | None = None
     lora_vision: LoraSettings = field(default_factory=LoraSettings)
     lora_text: LoraSettings = field(default_factory=LoraSettings)
     epochs: int = 10
@@ -70,6 +77,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     tower_lr: float = 5e-5
+    lora_lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
@@ -94,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"--train.epochs={self.epochs} must be at least 1")
         if self.batch_size < 1:
             raise ValueError(f"--train.batch_size={self.batch_size} must be at least 1")
+        if self.unfreeze_last_n < 1:
+            raise ValueError(f"--train.unfreeze_last_n={self.unfreeze_last_n} must be at least 1")
         if self.checkpoint_every_n_examples < 0:
             raise ValueError(f"--train.checkpoint_every_n_examples={self.checkpoint_every_n_examples} must be >= 0")
         if isinstance(self.lora_vision, dict):

@@ -1,10 +1,12 @@
-"""Training strategies, one explicit knob per tower: ``frozen``, ``lora`` (PEFT) or ``full``.
+"""Training strategies, one explicit knob per tower: ``frozen``, ``lora`` (PEFT), ``full`` or ``partial``.
 
 Fusion layers and the head always train. ``frozen`` towers do not run during training at all: their
 outputs come from the feature cache. ``lora`` wraps the tower's network in a PEFT model
 (``get_peft_model``), so only the low-rank updates train; at save time the adapter is written in
 PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``) and then merged, so the
-checkpoint's ``model.safetensors`` serves at full speed with no PEFT dependency.
+checkpoint's ``model.safetensors`` serves at full speed with no PEFT dependency. ``partial`` trains
+only the tower's last ``unfreeze_last_n`` layer groups (stage 2 of two-stage training, as in seed 003's
+"unfreeze the last N layers").
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ def apply_strategies(model, cfg: TrainConfig) -> dict[str, int]:
             tower.requires_grad_(True)
         elif strategy == "lora":
             add_lora(tower, lora)
+        elif strategy == "partial":
+            tower.requires_grad_(False)
+            for group in tower.layer_groups()[-cfg.unfreeze_last_n :]:
+                group.requires_grad_(True)
     return count_parameters(model)
 
 

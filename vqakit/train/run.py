@@ -80,6 +80,23 @@ def _loggers(train: TrainConfig, out: Path):
     return loggers or False
 
 
+def _init_from(net: TwoTowerForQuestionAnswering, checkpoint: Path) -> None:
+    """Load a checkpoint's weights into ``net`` (same architecture and answer vocabulary)."""
+    from safetensors.torch import load_file
+
+    config_path = checkpoint / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--train.init_from={checkpoint}: {config_path} not found")
+    theirs = TwoTowerConfig.from_dict(json.loads(config_path.read_text()))
+    if theirs.id2label != net.config.id2label:
+        raise ValueError(f"--train.init_from={checkpoint} has another answer vocabulary "
+                         f"({len(theirs.id2label)} answers vs {len(net.config.id2label)}): train it on the same data")
+    missing, unexpected = net.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"--train.init_from={checkpoint} does not match this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
 def _checkpoint_callbacks(train: TrainConfig, out: Path, val_set) -> list:
     """``last.ckpt`` at every epoch end and every ``checkpoint_every_n_examples``; ``best.ckpt`` by validation."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -113,6 +130,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
                 len(vocab), 100 * vocab.coverage([e.answers for e in train_examples]))
 
     net = TwoTowerForQuestionAnswering(model, pretrained_towers=True)
+    if train.init_from:
+        _init_from(net, Path(train.init_from))
     processor = VQAProcessor.from_config(model)
     train_set = _dataset(train_examples, vocab, net, processor, train, data)
     val_set = _dataset(val_examples, vocab, net, processor, train, data) if val_examples else None
@@ -151,7 +170,9 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     val_metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metadata = {
         "time_to_train_s": round(time_to_train, 2),
+        "epoch_seconds": resume_state.epoch_seconds,
         "resumed_from_step": resume_state.resumed_from_step,
+        "init_from": train.init_from,
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "examples_per_s": round(trainer.global_step * train.batch_size / max(time_to_train, 1e-9), 1),

@@ -54,11 +54,11 @@ class VQASystem(L.LightningModule):
         towers = {id(p) for p in self.model.backbone.vision.parameters()} | {
             id(p) for p in self.model.backbone.text.parameters()
         }
-        groups = {"fusion_decay": [], "fusion_no_decay": [], "tower_decay": [], "tower_no_decay": []}
+        groups = {f"{part}_{d}": [] for part in ("fusion", "tower", "lora") for d in ("decay", "no_decay")}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            part = "tower" if id(p) in towers else "fusion"
+            part = "lora" if "lora_" in name else "tower" if id(p) in towers else "fusion"
             decay = p.dim() >= 2 and "image_pos" not in name  # no decay on biases, norms, positions
             groups[f"{part}_{'decay' if decay else 'no_decay'}"].append(p)
         wd = self.cfg.weight_decay
@@ -67,6 +67,8 @@ class VQASystem(L.LightningModule):
             {"params": groups["fusion_no_decay"], "lr": self.cfg.lr, "weight_decay": 0.0},
             {"params": groups["tower_decay"], "lr": self.cfg.tower_lr, "weight_decay": wd},
             {"params": groups["tower_no_decay"], "lr": self.cfg.tower_lr, "weight_decay": 0.0},
+            {"params": groups["lora_decay"], "lr": self.cfg.lora_lr, "weight_decay": wd},
+            {"params": groups["lora_no_decay"], "lr": self.cfg.lora_lr, "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
         total = self.total_steps

@@ -1,0 +1,42 @@
+"""vqakit compare: every strategy trains in its own process; tables and plots come out."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from vqakit.cli import main
+from vqakit.compare import parse_strategies
+
+
+def test_compare_frozen_lora_sweep_and_two_stage(tiny_vision_tower, tiny_text_tower, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    main(["compare", "--model.vision_tower", tiny_vision_tower, "--model.text_tower", tiny_text_tower,
+          "--model.image_size", "32", "--model.hidden_size", "32", "--model.num_heads", "4",
+          "--model.num_fusion_layers", "1", "--data.limit", "24", "--data.cache_dir", str(tmp_path / "cache"),
+          "--train.epochs", "2", "--train.batch_size", "8", "--train.unfreeze_last_n", "1",
+          "--strategies", "frozen,two-stage", "--lora_ranks", "2", "--out_dir", str(out)])
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["strategy"] for r in rows] == ["frozen", "two-stage", "lora-r2"]
+    by = {r["strategy"]: r for r in rows}
+    # frozen trains only fusion + head; two-stage's stage 2 trains more (the last layer of each tower)
+    assert by["frozen"]["trainable_parameters"] < by["two-stage"]["trainable_parameters"]
+    assert by["lora-r2"]["trainable_parameters"] > by["frozen"]["trainable_parameters"]
+    for r in rows:
+        assert r["time_to_train_s"] > 0 and r["peak_rss_mib"] > 0 and 0 <= r["vqa_accuracy"] <= 100
+    assert len(by["two-stage"]["run_dirs"]) == 2
+    stage2 = json.loads((out / "two-stage" / "stage2" / "checkpoint" / "training_metadata.json").read_text())
+    assert stage2["init_from"].endswith("stage1/checkpoint") and stage2["strategies"]["vision"] == "partial"
+    with open(out / "comparison.csv") as f:
+        assert [row["strategy"] for row in csv.DictReader(f)] == ["frozen", "two-stage", "lora-r2"]
+    for png in ("curves.png", "accuracy_vs_time.png", "per_answer_type.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "| strategy |" in capsys.readouterr().out
+
+
+def test_strategy_names_are_checked():
+    assert parse_strategies("frozen, lora", "4,8") == ["frozen", "lora", "lora-r4", "lora-r8"]
+    with pytest.raises(ValueError, match="available strategies"):
+        parse_strategies("frozen,adapter")
