@@ -185,7 +185,7 @@ def plot(rows: list[dict], out: Path) -> None:
                width, label=r["strategy"], color=f"C{i}")
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(types))], types)
     ax.set(title="VQA accuracy per answer type", ylabel="VQA accuracy")
-    ax.legend()
+    ax.legend(loc="lower right", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(out / "per_answer_type.png", dpi=120)
     plt.close(fig)

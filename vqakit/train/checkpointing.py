@@ -49,6 +49,7 @@ class ResumeState(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = time.perf_counter()
+        self._epoch_start = self.start  # a resumed run enters mid-epoch without on_train_epoch_start
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
