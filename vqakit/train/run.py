@@ -141,6 +141,7 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
 
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen towers are, on purpose
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")  # inside torchdata
     steps_per_epoch = -(-len(train_set) // train.batch_size)
     total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
     system = VQASystem(net, train, total_steps=total_steps)
