@@ -46,3 +46,14 @@ def test_validation_split_and_limits_keep_whole_images_and_are_seeded():
     assert len(train) + len(val) == len(examples) and val
     other = limit_questions(load_split(DataConfig(), "train"), 200, seed=1)
     assert {e.image_id for e in other} != {e.image_id for e in examples}
+
+
+def test_train_image_fraction_samples_whole_images_on_any_source():
+    examples = load_split(DataConfig(train_image_fraction=0.1, seed=3), "train")
+    images = {e.image_id for e in examples}
+    assert len(images) == 400  # of easy-VQA's 4,000 training images
+    per_image = {}
+    for e in load_split(DataConfig(), "train"):
+        per_image[e.image_id] = per_image.get(e.image_id, 0) + 1
+    assert len(examples) == sum(per_image[i] for i in images)  # every question of a kept image
+    assert images != {e.image_id for e in load_split(DataConfig(train_image_fraction=0.1, seed=4), "train")}

@@ -78,9 +78,10 @@ def _images_in_random_order(examples: list[Example], seed: int) -> list[int]:
 
 
 def sample_images(examples: list[Example], fraction: float, seed: int) -> list[Example]:
-    """Keep a seeded ``fraction`` of the images and all of their questions."""
-    ids = _images_in_random_order(examples, seed)
-    keep = set(ids[: max(1, round(fraction * len(ids)))])
+    """Keep a seeded ``fraction`` of the images and all of their questions (as VQA v2's loader does)."""
+    from vqakit.data.sources import sample_image_ids
+
+    keep = set(sample_image_ids([e.image_id for e in examples], fraction, seed))
     return [e for e in examples if e.image_id in keep]
 
 

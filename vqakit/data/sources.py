@@ -185,6 +185,17 @@ class VQAv2Split:
         return path
 
 
+def sample_image_ids(image_ids, fraction: float, seed: int) -> list[int]:
+    """A seeded ``fraction`` of the distinct image ids, sorted; the same for the same ids in any order.
+
+    >>> sample_image_ids([5, 1, 3, 2], 0.5, seed=0) == sample_image_ids([1, 2, 3, 5], 0.5, seed=0)
+    True
+    """
+    ids = sorted(set(image_ids))
+    k = max(1, round(fraction * len(ids)))
+    return sorted(random.Random(seed).sample(ids, k))
+
+
 def load_vqa_v2(
     root: str | Path,
     split: str,
@@ -246,8 +257,7 @@ def load_vqa_v2(
             )
         fraction, seed = recorded_fraction, recorded_seed
     elif train_image_fraction < 1.0:
-        k = max(1, round(train_image_fraction * len(all_image_ids)))
-        sampled = sorted(random.Random(seed).sample(all_image_ids, k))
+        sampled = sample_image_ids(all_image_ids, train_image_fraction, seed)
         fraction = train_image_fraction
     else:
         sampled, fraction = all_image_ids, 1.0
