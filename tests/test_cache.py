@@ -69,3 +69,32 @@ def test_content_keys(tmp_path):
     (tmp_path / "c.png").write_bytes(b"other")
     assert file_digest(tmp_path / "a.png") == file_digest(tmp_path / "b.png") != file_digest(tmp_path / "c.png")
     assert text_digest("what?") != text_digest("what ?")
+
+
+def test_two_processes_building_the_same_cache_encode_each_item_once(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_build_in_child, args=(tmp_path, i)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    counts = [int((tmp_path / f"encoded-{i}").read_text()) for i in range(2)]
+    assert sorted(counts) == [0, 20]  # one process encoded everything, the other found it cached
+    cache = FeatureCache(tmp_path, "shared")
+    assert len(cache) == 20 and len(list(cache.dir.glob("shard-*.keys.json"))) == 5
+
+
+def _build_in_child(root, i):
+    import time
+
+    def slow_encode(items):
+        time.sleep(0.05)
+        return {"x": np.array([[float(v)] for v in items], dtype=np.float32)}
+
+    cache = FeatureCache(root, "shared")
+    n = cache.build([f"k{j}" for j in range(20)], list(range(20)), slow_encode, batch_size=4, shard_size=4,
+                    progress=False)
+    (root / f"encoded-{i}").write_text(str(n))

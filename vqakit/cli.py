@@ -94,6 +94,8 @@ def train(
     from vqakit.train.run import fit
 
     summary = fit(model, data, train, evaluate=evaluate)
+    if "checkpoint" not in summary:  # a DDP rank other than 0
+        return summary
     print(f"\ncheckpoint: {summary['checkpoint']}")
     print(f"time to train: {summary['time_to_train_s']:.1f} s ({summary['epochs']} epochs, {summary['steps']} steps); "
           f"trainable parameters {summary['parameters']['trainable']:,} of {summary['parameters']['total']:,}")

@@ -11,6 +11,7 @@ opened memory-mapped, so a 20k-image cache does not have to fit in memory.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -53,6 +54,7 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._shards: list[dict[str, np.ndarray]] = []
         self.index: dict[str, tuple[int, int]] = {}
+        self._opened: set[str] = set()
         for keys_file in sorted(self.dir.glob("shard-*.keys.json")):
             self._open_shard(keys_file)
 
@@ -67,6 +69,7 @@ class FeatureCache:
             raise RuntimeError(f"feature cache shard {keys_file} is inconsistent; delete {self.dir} to rebuild it")
         shard_id = len(self._shards)
         self._shards.append(arrays)
+        self._opened.add(keys_file.name)
         for row, key in enumerate(keys):
             self.index[key] = (shard_id, row)
 
@@ -118,8 +121,25 @@ class FeatureCache:
     ) -> int:
         """Encode the items whose keys are missing, ``batch_size`` at a time, one shard per ``shard_size``.
 
+        Holds an exclusive lock on the cache folder while building, so processes sharing it (the ranks of
+        a DDP run) encode each item once: the others wait, re-read the shards, and find them cached.
         Returns how many items were encoded (0 when everything was cached already).
         """
+        with open(self.dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._reload()
+                return self._build(keys, items, encode, batch_size, shard_size, desc, progress)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _reload(self) -> None:
+        """Open shards another process wrote since this cache was opened."""
+        for keys_file in sorted(self.dir.glob("shard-*.keys.json")):
+            if keys_file.name not in self._opened:
+                self._open_shard(keys_file)
+
+    def _build(self, keys, items, encode, batch_size, shard_size, desc, progress) -> int:
         todo = {}
         for k, item in zip(keys, items):
             if k not in self.index and k not in todo:

@@ -61,6 +61,8 @@ class HFTextTower(nn.Module):
                 f"text tower {name!r} is neither a packaged tower {list(PACKAGED_TEXT_TOWERS)} nor a loadable "
                 f"Hugging Face model id or directory (no network here? pass a local directory): {err}"
             ) from err
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # vqakit reads token states; an unused pooler breaks DDP and wastes weights
         self.out_dim = self.model.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

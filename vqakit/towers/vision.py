@@ -149,6 +149,8 @@ class HFVisionTower(nn.Module):
             self.model = AutoModel.from_pretrained(name_or_path, config=config)
         else:
             self.model = AutoModel.from_config(config)
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # vqakit reads patch tokens; an unused pooler breaks DDP and wastes weights
         self.config = config
         self.out_dim = getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
         self.patch_size = getattr(config, "patch_size", None)

@@ -57,7 +57,9 @@ class TrainConfig:
         out_dir: run directory (config, logs, checkpoint, metrics).
         logger: ``csv``, ``tensorboard``, ``both`` or ``none``.
         accelerator: Lightning accelerator: ``auto``, ``cpu``, ``gpu``.
-        devices: number of devices.
+        devices: devices (processes) per node.
+        strategy: Lightning strategy: ``auto``, ``ddp`` (gloo on CPU, NCCL on GPU), ``ddp_spawn``, ``fsdp``.
+        num_nodes: machines; launch one process per node with torchrun or SLURM (see the README).
         eval_batch_size: batch size of the evaluation after training.
         progress: show progress bars.
         checkpoint_every_n_examples: also save ``checkpoints/last.ckpt`` every this many training
@@ -87,6 +89,8 @@ class TrainConfig:
     logger: str = "csv"
     accelerator: str = "auto"
     devices: int = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
     eval_batch_size: int = 256
     progress: bool = True
     checkpoint_every_n_examples: int = 0

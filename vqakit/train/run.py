@@ -142,7 +142,9 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen towers are, on purpose
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning
     warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")  # inside torchdata
-    steps_per_epoch = -(-len(train_set) // train.batch_size)
+    world = train.devices * train.num_nodes if train.strategy != "auto" else 1
+    per_rank = -(-len(train_set) // world)  # DistributedSampler pads every rank to the same count
+    steps_per_epoch = -(-per_rank // train.batch_size)
     total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
     system = VQASystem(net, train, total_steps=total_steps)
     datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
@@ -150,7 +152,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     resume_state = ResumeState()
     trainer = L.Trainer(
         max_epochs=train.epochs, max_steps=train.max_steps, precision=train.precision,
-        accelerator=train.accelerator, devices=train.devices, logger=_loggers(train, out),
+        accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
+        logger=_loggers(train, out),
         gradient_clip_val=train.grad_clip or None, callbacks=[*_checkpoint_callbacks(train, out, val_set),
                                                               resume_state],
         plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
@@ -162,6 +165,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
         logger.info("resuming from %s", last)
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     time_to_train = resume_state.seconds
+    if not trainer.is_global_zero:  # DDP: rank 0 alone writes the checkpoint directory and evaluates
+        return {"run_dir": str(out), "global_rank": trainer.global_rank}
 
     ckpt = out / "checkpoint"
     net = net.cpu().float()
