@@ -43,6 +43,16 @@ def tiny_vision_tower(tmp_path_factory) -> str:
 
 
 @pytest.fixture
+def tiny_model_args(tiny_vision_tower, tiny_text_tower) -> list[str]:
+    """CLI flags of a tiny model over the tiny towers (32px images, 1 fusion layer of width 32)."""
+    return [
+        "--model.vision_tower", tiny_vision_tower, "--model.text_tower", tiny_text_tower,
+        "--model.image_size", "32", "--model.hidden_size", "32", "--model.num_heads", "4",
+        "--model.num_fusion_layers", "1",
+    ]  # fmt: skip
+
+
+@pytest.fixture
 def tiny_config(tiny_vision_tower, tiny_text_tower):
     """A factory of tiny ``TwoTowerConfig``s (5 answers) over the tiny towers."""
     from vqakit.models.two_tower import TwoTowerConfig

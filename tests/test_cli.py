@@ -11,17 +11,15 @@ from vqakit.cli import main
 from vqakit.data.sources import easy_vqa_data_dir, write_vqa_v2_fixture
 
 
-def _tiny_args(vit, bert, tmp_path, *extra):
+def _tiny_args(model_args, tmp_path, *extra):
     return [
-        "--model.vision_tower", vit, "--model.text_tower", bert, "--model.image_size", "32",
-        "--model.hidden_size", "32", "--model.num_heads", "4", "--model.num_fusion_layers", "1",
-        "--data.cache_dir", str(tmp_path / "cache"), "--train.out_dir", str(tmp_path / "run"),
+        *model_args, "--data.cache_dir", str(tmp_path / "cache"), "--train.out_dir", str(tmp_path / "run"),
         "--train.epochs", "1", "--train.batch_size", "16", "--train.progress", "false", *extra,
     ]  # fmt: skip
 
 
-def test_train_evaluate_predict_on_easy_vqa(tiny_vision_tower, tiny_text_tower, tmp_path, capsys):
-    main(["train", *_tiny_args(tiny_vision_tower, tiny_text_tower, tmp_path, "--data.limit", "40")])
+def test_train_evaluate_predict_on_easy_vqa(tiny_model_args, tmp_path, capsys):
+    main(["train", *_tiny_args(tiny_model_args, tmp_path, "--data.limit", "40")])
     out = capsys.readouterr().out
     assert "time to train:" in out and "VQA accuracy (official)" in out
 
@@ -55,8 +53,8 @@ def test_train_evaluate_predict_on_easy_vqa(tiny_vision_tower, tiny_text_tower, 
     assert out.count("Q: ") == 2 and "  3. " in out
 
 
-def test_lora_training_writes_adapters_and_a_merged_checkpoint(tiny_vision_tower, tiny_text_tower, tmp_path):
-    main(["train", *_tiny_args(tiny_vision_tower, tiny_text_tower, tmp_path, "--data.limit", "24",
+def test_lora_training_writes_adapters_and_a_merged_checkpoint(tiny_model_args, tmp_path):
+    main(["train", *_tiny_args(tiny_model_args, tmp_path, "--data.limit", "24",
                               "--train.vision", "lora", "--train.text", "full", "--train.lora_vision.rank", "2",
                               "--evaluate", "false")])
     ckpt = tmp_path / "run" / "checkpoint"
@@ -67,13 +65,13 @@ def test_lora_training_writes_adapters_and_a_merged_checkpoint(tiny_vision_tower
     assert meta["parameters"]["trainable"] < meta["parameters"]["total"]
 
 
-def test_corrupt_images_are_skipped_and_reported(tiny_vision_tower, tiny_text_tower, tmp_path):
+def test_corrupt_images_are_skipped_and_reported(tiny_model_args, tmp_path):
     root = tmp_path / "vqa"
     write_vqa_v2_fixture(root, split="train", num_images=6, questions_per_image=3)
     write_vqa_v2_fixture(root, split="val", num_images=3, questions_per_image=3, seed=1)
     broken = sorted((root / "train2014").glob("*.jpg"))[0]
     broken.write_bytes(broken.read_bytes()[:100])  # truncated download
-    main(["train", *_tiny_args(tiny_vision_tower, tiny_text_tower, tmp_path, "--data.dataset", "vqa-v2",
+    main(["train", *_tiny_args(tiny_model_args, tmp_path, "--data.dataset", "vqa-v2",
                               "--data.root", str(root), "--data.eval_split", "val", "--data.val_fraction", "0")])
     meta = json.loads((tmp_path / "run" / "checkpoint" / "training_metadata.json").read_text())
     assert meta["skipped_images"] == [int(broken.stem.split("_")[-1])]
@@ -108,12 +106,12 @@ def test_missing_dataset_files_are_named(tmp_path, capsys):
     assert "v2_OpenEnded_mscoco_train2014_questions.json" in capsys.readouterr().err
 
 
-def test_same_seed_gives_identical_weights(tiny_vision_tower, tiny_text_tower, tmp_path):
+def test_same_seed_gives_identical_weights(tiny_model_args, tmp_path):
     from safetensors.torch import load_file
 
     weights = []
     for run in ("a", "b"):
-        args = _tiny_args(tiny_vision_tower, tiny_text_tower, tmp_path / run, "--data.limit", "24",
+        args = _tiny_args(tiny_model_args, tmp_path / run, "--data.limit", "24",
                           "--train.text", "full", "--evaluate", "false")
         main(["train", *args])
         weights.append(load_file(str(tmp_path / run / "run" / "checkpoint" / "model.safetensors")))

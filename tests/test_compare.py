@@ -11,11 +11,9 @@ from vqakit.cli import main
 from vqakit.compare import parse_strategies
 
 
-def test_compare_frozen_lora_sweep_and_two_stage(tiny_vision_tower, tiny_text_tower, tmp_path, capsys):
+def test_compare_frozen_lora_sweep_and_two_stage(tiny_model_args, tmp_path, capsys):
     out = tmp_path / "cmp"
-    main(["compare", "--model.vision_tower", tiny_vision_tower, "--model.text_tower", tiny_text_tower,
-          "--model.image_size", "32", "--model.hidden_size", "32", "--model.num_heads", "4",
-          "--model.num_fusion_layers", "1", "--data.limit", "24", "--data.cache_dir", str(tmp_path / "cache"),
+    main(["compare", *tiny_model_args, "--data.limit", "24", "--data.cache_dir", str(tmp_path / "cache"),
           "--train.epochs", "2", "--train.batch_size", "8", "--train.unfreeze_last_n", "1",
           "--strategies", "frozen,two-stage", "--lora_ranks", "2", "--out_dir", str(out)])
     rows = json.loads((out / "comparison.json").read_text())

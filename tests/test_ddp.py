@@ -8,12 +8,10 @@ import subprocess
 import sys
 
 
-def test_ddp_two_cpu_processes(tiny_vision_tower, tiny_text_tower, tmp_path):
+def test_ddp_two_cpu_processes(tiny_model_args, tmp_path):
     run = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "vqakit.cli", "train", "--model.vision_tower", tiny_vision_tower,
-        "--model.text_tower", tiny_text_tower, "--model.image_size", "32", "--model.hidden_size", "32",
-        "--model.num_heads", "4", "--model.num_fusion_layers", "1", "--data.limit", "48",
+        sys.executable, "-m", "vqakit.cli", "train", *tiny_model_args, "--data.limit", "48",
         "--data.cache_dir", str(tmp_path / "cache"), "--train.out_dir", str(run), "--train.epochs", "2",
         "--train.batch_size", "4", "--train.accelerator", "cpu", "--train.strategy", "ddp",
         "--train.devices", "2", "--train.progress", "false", "--train.text", "full",

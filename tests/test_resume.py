@@ -16,18 +16,16 @@ from safetensors.torch import load_file
 from vqakit.cli import main
 
 
-def _args(vit, bert, run_dir, cache):
+def _args(model_args, run_dir, cache):
     return [
-        "train", "--model.vision_tower", vit, "--model.text_tower", bert, "--model.image_size", "32",
-        "--model.hidden_size", "32", "--model.num_heads", "4", "--model.num_fusion_layers", "1",
-        "--data.limit", "64", "--data.cache_dir", str(cache), "--train.out_dir", str(run_dir),
+        "train", *model_args, "--data.limit", "64", "--data.cache_dir", str(cache), "--train.out_dir", str(run_dir),
         "--train.epochs", "3", "--train.batch_size", "4", "--train.checkpoint_every_n_examples", "8",
         "--train.progress", "false", "--evaluate", "false", "--train.logger", "none",
     ]  # fmt: skip
 
 
-def test_checkpoint_files(tiny_vision_tower, tiny_text_tower, tmp_path):
-    main(_args(tiny_vision_tower, tiny_text_tower, tmp_path / "run", tmp_path / "cache"))
+def test_checkpoint_files(tiny_model_args, tmp_path):
+    main(_args(tiny_model_args, tmp_path / "run", tmp_path / "cache"))
     ckpts = tmp_path / "run" / "checkpoints"
     assert {p.name for p in ckpts.iterdir()} == {"last.ckpt", "best.ckpt"}
     state = torch.load(ckpts / "last.ckpt", weights_only=False)
@@ -36,13 +34,13 @@ def test_checkpoint_files(tiny_vision_tower, tiny_text_tower, tmp_path):
     assert state["vqakit"]["time_to_train_s"] > 0 and meta["resumed_from_step"] is None
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_vision_tower, tiny_text_tower, tmp_path):
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_model_args, tmp_path):
     cache = tmp_path / "cache"
-    main(_args(tiny_vision_tower, tiny_text_tower, tmp_path / "reference", cache))  # also warms the cache
+    main(_args(tiny_model_args, tmp_path / "reference", cache))  # also warms the cache
     total = json.loads((tmp_path / "reference" / "checkpoint" / "training_metadata.json").read_text())["steps"]
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "vqakit.cli", *_args(tiny_vision_tower, tiny_text_tower, run, cache)]
+    cmd = [sys.executable, "-m", "vqakit.cli", *_args(tiny_model_args, run, cache)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run / "checkpoints" / "last.ckpt"
@@ -57,7 +55,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_vision_
     killed_at = torch.load(last, weights_only=False)["global_step"]
     assert 0 < killed_at < total
 
-    main([*_args(tiny_vision_tower, tiny_text_tower, run, cache), "--train.resume", "true"])
+    main([*_args(tiny_model_args, run, cache), "--train.resume", "true"])
     meta = json.loads((run / "checkpoint" / "training_metadata.json").read_text())
     assert meta["resumed_from_step"] == killed_at and meta["steps"] == total
     a = load_file(str(tmp_path / "reference" / "checkpoint" / "model.safetensors"))
