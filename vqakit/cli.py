@@ -184,6 +184,34 @@ def mini_vqa(
     return stats
 
 
+def stats(data: DataConfig = DataConfig(), splits: str | None = None, out_dir: str = "runs/stats",
+          top_k: int = 20) -> dict:
+    """How hard is a dataset? Prints and plots (PNG) the answer distribution, answer types, question lengths,
+    top question types, and the official accuracy of blind baselines (most common answer; most common answer
+    per question type / per question), fit on ``data.train_split`` and scored on each split.
+
+    Args:
+        data: the dataset.
+        splits: comma-separated splits to describe (default: ``data.train_split`` and ``data.eval_split``).
+        out_dir: where ``{dataset}-{split}.json`` / ``.png`` go.
+        top_k: how many answers / question types to list.
+    """
+    from vqakit.data.config import load_split
+    from vqakit.stats import dataset_stats, format_stats, write_stats
+
+    names = splits.split(",") if splits else list(dict.fromkeys([data.train_split, data.eval_split]))
+    fit = load_split(data, data.train_split)
+    out = {}
+    for split in names:
+        examples = fit if split == data.train_split else load_split(data, split)
+        s = dataset_stats(examples, fit_examples=fit, top_k=top_k)
+        name = f"{data.dataset}-{split}"
+        json_path, png_path = write_stats(s, out_dir, name)
+        print(format_stats(s, name) + f"\nwrote {json_path}, {png_path}\n")
+        out[split] = s
+    return out
+
+
 def train(
     model: TwoTowerConfig = TwoTowerConfig(),
     data: DataConfig = DataConfig(),
@@ -335,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, export, compare, list_models, convert, generate, mini_vqa],
+        CLI([prepare, train, evaluate, predict, export, compare, list_models, convert, generate, mini_vqa, stats],
             args=argv, as_positional=False)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
