@@ -212,6 +212,27 @@ def stats(data: DataConfig = DataConfig(), splits: str | None = None, out_dir: s
     return out
 
 
+def bench(suite: str = "benchmarks/suite.yaml", out_dir: str = "benchmarks/results/bench", quick: bool = False,
+          only: str | None = None, extra_args: list[str] | None = None) -> dict:
+    """Run the benchmark suite (datasets x model recipes): train, evaluate and time each entry; write
+    ``bench.json`` and ``bench.md`` (accuracy per dataset and answer type, time to train, predict latency
+    p50/p95, throughput, peak memory).
+
+    Args:
+        suite: YAML file with ``entries: [{name, config, args}]``.
+        out_dir: where runs, logs, bench.json and bench.md go.
+        quick: a few hundred questions and a few steps per entry (a smoke test, not a measurement).
+        only: comma-separated entry names to run.
+        extra_args: more ``vqakit train`` flags for every entry, e.g. ``["--model.image_size", "32"]``.
+    """
+    from vqakit.bench import markdown_table, run_suite
+
+    result = run_suite(suite, out_dir, quick=quick, extra_args=extra_args, only=only.split(",") if only else None)
+    print(markdown_table(result["rows"]))
+    print(f"wrote {out_dir}/bench.json, {out_dir}/bench.md")
+    return result
+
+
 def train(
     model: TwoTowerConfig = TwoTowerConfig(),
     data: DataConfig = DataConfig(),
@@ -363,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, export, compare, list_models, convert, generate, mini_vqa, stats],
+        CLI([prepare, train, evaluate, predict, export, compare, list_models, convert, generate, mini_vqa, stats,
+             bench],
             args=argv, as_positional=False)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
