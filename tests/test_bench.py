@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_quick(tiny_model_args, tmp_path, capsys):
     from vqakit.data.procedural import write_shapes_rel
 
-    root = write_shapes_rel(tmp_path / "shapes", num_train_images=30, num_val_images=10)
+    root = write_shapes_rel(tmp_path / "shapes", num_train_images=30, num_val_images=10, questions_per_image=5)
     suite = tmp_path / "suite.yaml"
     suite.write_text(
         "entries:\n"

@@ -36,19 +36,22 @@ def _digest(root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return write_shapes_rel(tmp_path_factory.mktemp("shapes"), num_train_images=30, num_val_images=10)
+    return write_shapes_rel(tmp_path_factory.mktemp("shapes"), num_train_images=30, num_val_images=10,
+                            questions_per_image=5)
 
 
 def test_deterministic_per_seed(shapes, tmp_path):
-    again = write_shapes_rel(tmp_path / "a", num_train_images=30, num_val_images=10)
-    other = write_shapes_rel(tmp_path / "b", num_train_images=30, num_val_images=10, seed=1)
+    again = write_shapes_rel(tmp_path / "a", num_train_images=30, num_val_images=10, questions_per_image=5)
+    other = write_shapes_rel(tmp_path / "b", num_train_images=30, num_val_images=10, questions_per_image=5,
+                             seed=1)
     assert _digest(again) == _digest(shapes)
     assert _digest(other) != _digest(shapes)
 
 
 def test_prefix_stable(shapes, tmp_path):
     """A bigger dataset with the same seed starts with the same images and questions."""
-    small = load_vqa_v2(write_shapes_rel(tmp_path, num_train_images=12, num_val_images=1), "train").examples
+    small = load_vqa_v2(write_shapes_rel(tmp_path, num_train_images=12, num_val_images=1, questions_per_image=5),
+                        "train").examples
     big = load_vqa_v2(shapes, "train").examples
     assert [(e.question, e.answers) for e in small] == [(e.question, e.answers) for e in big[: len(small)]]
 

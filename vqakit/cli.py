@@ -185,9 +185,9 @@ def convert(
 
 def generate(
     out_dir: str = "data/shapes-rel",
-    num_train_images: int = 4000,
-    num_val_images: int = 1000,
-    questions_per_image: int = 5,
+    num_train_images: int = 2000,
+    num_val_images: int = 500,
+    questions_per_image: int = 10,
     occlusion: float = 0.15,
     seed: int = 0,
 ) -> str:
