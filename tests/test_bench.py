@@ -24,7 +24,7 @@ def test_bench_quick(tiny_model_args, tmp_path, capsys):
     extra = [*tiny_model_args, "--model.vision_multiscale", "false", "--data.cache_dir", str(tmp_path / "cache"),
              "--train.batch_size", "16"]
     main(["bench", "--suite", str(suite), "--out_dir", str(tmp_path / "out"), "--quick", "true",
-          "--extra_args", json.dumps(extra)])
+          "--results_dir", str(tmp_path / "results"), "--extra_args", json.dumps(extra)])
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     (row,) = result["rows"]
     assert row["dataset"] == "shapes-rel" and row["eval_questions"] == 50
@@ -36,6 +36,14 @@ def test_bench_quick(tiny_model_args, tmp_path, capsys):
     md = (tmp_path / "out" / "bench.md").read_text()
     assert md.startswith("| dataset |") and "| shapes |" in md and "per question family" in md
     assert "| shapes |" in capsys.readouterr().out
+    assert not (tmp_path / "results").exists()  # --quick numbers never land in the results folder
+
+    log = tmp_path / "out" / "shapes.log"
+    mtime = log.stat().st_mtime
+    main(["bench", "--suite", str(suite), "--out_dir", str(tmp_path / "out"), "--quick", "true", "--reuse", "true",
+          "--extra_args", json.dumps(extra)])
+    again = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"][0]
+    assert again["reused_run"] and again["vqa_accuracy"] == row["vqa_accuracy"] and log.stat().st_mtime == mtime
 
 
 def test_suite_errors(tmp_path):

@@ -78,23 +78,28 @@ def _throughput(predictor, examples, n: int) -> float:
     return round(len(subset) / (time.perf_counter() - start), 1)
 
 
-def run_entry(entry: dict, out_dir: Path, extra_args: list[str], quick: bool) -> dict:
-    """Train + evaluate one entry in a subprocess, then time prediction here."""
+def run_entry(entry: dict, out_dir: Path, extra_args: list[str], quick: bool, reuse: bool = False) -> dict:
+    """Train + evaluate one entry in a subprocess (or, with ``reuse``, take a finished run of it from
+    ``out_dir``), then time prediction here."""
     from vqakit.data.config import DataConfig, load_split
     from vqakit.predict import VQAPredictor
 
     run_dir = out_dir / entry["name"]
     args = [sys.executable, "-m", "vqakit.cli", "train", "--config", entry["config"], *map(str, entry.get("args", [])),
             *(QUICK_ARGS if quick else []), *extra_args, "--train.out_dir", str(run_dir), "--train.progress", "false"]
-    print("$ " + shlex.join(args[1:]), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    (out_dir / f"{entry['name']}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark entry {entry['name']!r} failed (exit {proc.returncode}); last lines:\n"
-                           + "\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
     ckpt = run_dir / "checkpoint"
+    wall = None
+    if reuse and (ckpt / "training_metadata.json").is_file() and list(ckpt.glob("eval-*/metrics.json")):
+        print(f"reusing the finished run {run_dir}", flush=True)
+    else:
+        print("$ " + shlex.join(args[1:]), flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(args, capture_output=True, text=True)
+        wall = round(time.perf_counter() - start, 1)
+        (out_dir / f"{entry['name']}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark entry {entry['name']!r} failed (exit {proc.returncode}); last lines:\n"
+                               + "\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
     meta = json.loads((ckpt / "training_metadata.json").read_text())
     metrics_files = sorted(ckpt.glob("eval-*/metrics.json"))
     if not metrics_files:
@@ -119,7 +124,8 @@ def run_entry(entry: dict, out_dir: Path, extra_args: list[str], quick: bool) ->
         "time_to_train_s": meta["time_to_train_s"],
         "epochs": meta["epochs"],
         "train_questions": meta["num_train_questions"],
-        "wall_s": round(wall, 1),
+        "wall_s": wall,
+        "reused_run": wall is None,
         "predict_latency": latency,
         "throughput_qps": throughput,
         "peak_rss_mib": meta["peak_rss_mib"],
@@ -162,7 +168,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def run_suite(suite: str | Path, out_dir: str | Path, quick: bool = False, extra_args: list[str] | None = None,
-              only: list[str] | None = None) -> dict:
+              only: list[str] | None = None, reuse: bool = False, results_dir: str | Path | None = None) -> dict:
     entries = load_suite(suite)
     if only:
         unknown = set(only) - {e["name"] for e in entries}
@@ -172,7 +178,7 @@ def run_suite(suite: str | Path, out_dir: str | Path, quick: bool = False, extra
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    rows = [run_entry(e, out, extra_args or [], quick) for e in entries]
+    rows = [run_entry(e, out, extra_args or [], quick, reuse) for e in entries]
     result = {
         "benchmark": "vqakit bench",
         "suite": str(suite),
@@ -182,6 +188,8 @@ def run_suite(suite: str | Path, out_dir: str | Path, quick: bool = False, extra
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         "rows": rows,
     }
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown_table(rows) + "\n")
+    for folder in [out] + ([Path(results_dir)] if results_dir else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        (folder / "bench.md").write_text(markdown_table(rows) + "\n")
     return result

@@ -278,24 +278,29 @@ def stats(data: DataConfig = DataConfig(), splits: str | None = None, out_dir: s
     return out
 
 
-def bench(suite: str = "benchmarks/suite.yaml", out_dir: str = "benchmarks/results/bench", quick: bool = False,
-          only: str | None = None, extra_args: list[str] | None = None) -> dict:
+def bench(suite: str = "benchmarks/suite.yaml", out_dir: str = "runs/bench", quick: bool = False,
+          only: str | None = None, extra_args: list[str] | None = None, reuse: bool = False,
+          results_dir: str | None = "benchmarks/results") -> dict:
     """Run the benchmark suite (datasets x model recipes): train, evaluate and time each entry; write
     ``bench.json`` and ``bench.md`` (accuracy per dataset and answer type, time to train, predict latency
     p50/p95, throughput, peak memory).
 
     Args:
         suite: YAML file with ``entries: [{name, config, args}]``.
-        out_dir: where runs, logs, bench.json and bench.md go.
+        out_dir: where the runs, their logs, bench.json and bench.md go.
         quick: a few hundred questions and a few steps per entry (a smoke test, not a measurement).
         only: comma-separated entry names to run.
         extra_args: more ``vqakit train`` flags for every entry, e.g. ``["--model.image_size", "32"]``.
+        reuse: take entries already trained and evaluated in ``out_dir`` as they are (prediction is still timed).
+        results_dir: also copy bench.json and bench.md here (not in ``--quick`` mode).
     """
     from vqakit.bench import markdown_table, run_suite
 
-    result = run_suite(suite, out_dir, quick=quick, extra_args=extra_args, only=only.split(",") if only else None)
+    result = run_suite(suite, out_dir, quick=quick, extra_args=extra_args, only=only.split(",") if only else None,
+                       reuse=reuse, results_dir=None if quick else results_dir)
     print(markdown_table(result["rows"]))
-    print(f"wrote {out_dir}/bench.json, {out_dir}/bench.md")
+    print(f"wrote {out_dir}/bench.json, {out_dir}/bench.md" + ("" if quick or not results_dir else
+                                                              f" and {results_dir}/bench.json, bench.md"))
     return result
 
 
