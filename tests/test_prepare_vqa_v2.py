@@ -27,7 +27,7 @@ def test_prepare_samples_validates_and_caches(vqa_root, tmp_path, tiny_model_arg
     out = capsys.readouterr().out
     assert "train: 12 questions, 4 images" in out and "blind baselines" in out and "feature cache: 7 images" in out
     stats = json.loads((tmp_path / "prep" / "vqa-v2" / "stats.json").read_text())
-    assert stats["splits"]["train"]["details"]["questions"] == 12 and stats["feature_cache"]["images"] == 7
+    assert stats["statistics"]["train"]["questions"] == 12 and stats["feature_cache"]["images"] == 7
     sample = json.loads((tmp_path / "prep" / "vqa-v2" / "sample.json").read_text())
     assert sample["split"] == "train2014" and len(sample["image_ids"]) == 4
     from vqakit.data.sources import load_vqa_v2

@@ -93,12 +93,12 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared", mod
             "images": len({e.image_id for e in examples}),
             "bad_images": len(report.bad),
             "answer_types": dict(Counter(e.answer_type for e in examples)),
-            "seconds": round(time.perf_counter() - start, 1),
         }
+        stats.setdefault("seconds", {})[split] = round(time.perf_counter() - start, 1)
         print(f"{split}: {len(examples):,} questions, {stats['splits'][split]['images']:,} images; {report.summary()}")
         if any(e.answers for e in examples):
             details = dataset_stats(examples, fit_examples=kept.get(data.train_split))
-            stats["splits"][split]["details"] = details
+            stats.setdefault("statistics", {})[split] = details
             print(format_stats(details, f"{data.dataset} {split}"))
         if split == data.train_split:
             vocab = AnswerVocab.build([e.answers for e in examples], top_k=data.top_k_answers)
