@@ -128,3 +128,14 @@ def test_config_errors(tmp_path):
         load_shapes_rel("train", root=tmp_path)
     with pytest.raises(ValueError, match="available splits"):
         load_shapes_rel("test", root=tmp_path)
+
+
+def test_generate_cli_then_train_source(tmp_path, capsys):
+    from vqakit.cli import main
+
+    main(["generate", "--out_dir", str(tmp_path / "g"), "--num_train_images", "6", "--num_val_images", "2",
+          "--questions_per_image", "4", "--seed", "3"])
+    assert "8 images, 32 questions" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "g" / "shapes_rel.json").read_text())
+    assert cfg["seed"] == 3 and cfg["questions_per_image"] == 4
+    assert len(load_source("shapes-rel", "val", root=tmp_path / "g")) == 8
