@@ -71,7 +71,8 @@ def test_official_layout_and_families(shapes):
 
 def test_answers_are_true_of_the_scene(shapes):
     """Re-derive answers from the written scene graphs for a few templates."""
-    scenes = {s["image_id"]: s["objects"] for s in json.loads((shapes / "shapes_rel_train2014_scenes.json").read_text())}
+    written = json.loads((shapes / "shapes_rel_train2014_scenes.json").read_text())
+    scenes = {s["image_id"]: s["objects"] for s in written}
     checked = 0
     for e in load_vqa_v2(shapes, "train").examples:
         objs = scenes[e.image_id]
