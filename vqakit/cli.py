@@ -6,6 +6,7 @@
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape is it?"
     vqakit export   --checkpoint runs/easy-vqa/checkpoint          # ONNX for fast CPU serving
     vqakit compare  --config configs/easy-vqa.yaml --data.limit 4000 --strategies frozen,lora,full,two-stage
+    vqakit report   runs/compare   # IEEE paper (LaTeX -> PDF), HTML and markdown of compare/train runs
 
 Every subcommand takes ``--config FILE.yaml`` (a preset from ``configs/``) and dotted overrides
 (jsonargparse, as litgpt and LightningCLI do); ``--print_config`` shows the resolved configuration.
@@ -214,6 +215,39 @@ def export(checkpoint: str, out_dir: str | None = None) -> None:
     print(f"wrote {out}: max |onnx - torch| = {info['max_abs_diff']}")
 
 
+def report(run_dirs: list[str], out_dir: str | None = None, title: str | None = None, pdf: str = "auto") -> dict:
+    """Write a paper about compare / train runs: LaTeX in IEEE two-column format (report.tex, compiled to
+    report.pdf when pdflatex is installed), report.html and report.md, with the approach, an architecture
+    diagram generated from the model config, the metrics tables and the plots.
+
+        vqakit report runs/compare-easy-vqa [MORE_RUN_DIRS...] [--out_dir DIR] [--pdf auto|true|false]
+
+    Args:
+        run_dirs: ``vqakit compare`` output directories and/or ``vqakit train`` run directories (positional).
+        out_dir: where the report goes (default ``<first run dir>/report``).
+        title: the paper's title (default: generated from the dataset and strategies).
+        pdf: ``auto`` compiles when a LaTeX engine is installed, ``true`` requires one, ``false`` skips it.
+    """
+    from vqakit.report import write_report
+
+    written = write_report(run_dirs, out_dir, title, pdf)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    if "pdf" not in written and pdf == "auto":
+        print("no LaTeX engine with IEEEtran found: report.pdf not compiled (see the README to install one)")
+    return {k: str(v) for k, v in written.items()}
+
+
+def _positional_run_dirs(argv: list[str]) -> list[str]:
+    """``report A B --opt x`` -> ``report --run_dirs '["A", "B"]' --opt x`` (the other subcommands take options only)."""
+    if not argv or argv[0] != "report":
+        return argv
+    i = 1
+    while i < len(argv) and not argv[i].startswith("-"):
+        i += 1
+    return ["report", *(["--run_dirs", json.dumps(argv[1:i])] if i > 1 else []), *argv[i:]]
+
+
 def list_models() -> list[str]:
     """List the presets: YAML files under configs/, used as ``vqakit train --config configs/NAME.yaml``."""
     names = sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -227,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, export, compare, list_models], args=argv, as_positional=False)
+        CLI([prepare, train, evaluate, predict, export, compare, report, list_models],
+            args=_positional_run_dirs(sys.argv[1:] if argv is None else argv), as_positional=False)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
