@@ -166,7 +166,8 @@ def compare(
 ) -> list[dict]:
     """Train the same model under several strategies (same data split and seed) and compare time to train,
     trainable parameters, peak memory, throughput and accuracy/precision/recall/F1. Writes
-    comparison.csv/json/md and plots into ``out_dir``; rerunning continues unfinished strategies.
+    comparison.csv/json/md and plots into ``out_dir``. Rerunning skips the strategies that finished and
+    resumes an interrupted one from its last checkpoint (the settings must be the same).
 
     Args:
         model: model architecture (shared by every strategy).
@@ -180,19 +181,21 @@ def compare(
     """
     import yaml
 
-    from vqakit.compare import markdown_table, parse_strategies, run_strategy, write_outputs
+    from vqakit.compare import (check_settings, markdown_table, parse_strategies, run_strategy, strategy_settings,
+                                write_outputs)
 
     names = parse_strategies(strategies, lora_ranks)
     out = Path(out_dir)
+    config = {"model": asdict(model), "data": asdict(data), "train": asdict(train)}
+    check_settings(out, names, config, stage1_epochs)  # before anything is overwritten
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base.yaml"
-    base.write_text(yaml.safe_dump({"model": asdict(model), "data": asdict(data), "train": asdict(train)},
-                                   sort_keys=False))
+    base.write_text(yaml.safe_dump(config, sort_keys=False))
     rows = []
     for name in names:
         print(f"== {name}", flush=True)
         rows.append(run_strategy(name, ["--config", str(base)], out, stage1_epochs, train.unfreeze_last_n,
-                                 train.epochs))
+                                 train.epochs, settings=strategy_settings(name, config, stage1_epochs)))
     write_outputs(rows, out)
     print(markdown_table(rows))
     print(f"wrote {out}/comparison.csv, comparison.json, comparison.md, curves.png, accuracy_vs_time.png, "
