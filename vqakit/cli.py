@@ -77,6 +77,142 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared") -> 
     return stats
 
 
+def convert(
+    data: DataConfig = DataConfig(),
+    to: str = "jsonl",
+    out_dir: str = "data/converted",
+    splits: str | None = None,
+    copy_images: bool = True,
+) -> dict:
+    """Convert a dataset (any ``--data.dataset``: easy-vqa, vqa-v2, shapes-rel, jsonl, csv, image-json) to
+    ``jsonl``, ``csv``, ``image-json`` (one JSON file per image) or ``vqa-v2`` (the official layout).
+
+    For ``vqa-v2``, ``train`` is written as ``train2014`` and any other split with answers as ``val2014``.
+
+    Args:
+        data: the dataset to read (``--data.limit`` converts a seeded subset).
+        to: output format.
+        out_dir: output folder.
+        splits: comma-separated splits (default: ``data.train_split`` and ``data.eval_split``).
+        copy_images: copy the images under ``out_dir/images`` (always done for ``vqa-v2``); else reference them.
+    """
+    from vqakit.data.config import load_split
+    from vqakit.data.formats import WRITERS, write_examples
+
+    if to not in WRITERS:
+        raise ValueError(f"--to={to!r} is not a writable format; choose one of {list(WRITERS)}")
+    names = splits.split(",") if splits else list(dict.fromkeys([data.train_split, data.eval_split]))
+    written, targets = {}, {}
+    for split in names:
+        target = split
+        if to == "vqa-v2" and not split.endswith(("2014", "2015")):
+            target = "train2014" if split == "train" else "val2014"
+        if target in targets:
+            raise ValueError(f"splits {targets[target]!r} and {split!r} would both be written as {target!r}; "
+                             "convert them one at a time with --splits")
+        targets[target] = split
+        examples = load_split(data, split)
+        path = write_examples(examples, to, out_dir, target, copy_images=copy_images or to == "vqa-v2")
+        written[split] = {"as": target, "questions": len(examples), "path": str(path)}
+        print(f"{data.dataset} {split} -> {to} {target}: {len(examples):,} questions ({path})")
+    return written
+
+
+def generate(
+    out_dir: str = "data/shapes-rel",
+    num_train_images: int = 4000,
+    num_val_images: int = 1000,
+    questions_per_image: int = 5,
+    occlusion: float = 0.15,
+    seed: int = 0,
+) -> str:
+    """Generate the ``shapes-rel`` procedural benchmark (scenes of 2-5 objects; attribute, existence, counting,
+    comparison and relational questions; 10 noisy human answers each) in the official VQA v2 layout.
+    Train on it with ``--data.dataset shapes-rel --data.root OUT_DIR --data.eval_split val``.
+
+    Args:
+        out_dir: output folder.
+        num_train_images: images of ``train2014``.
+        num_val_images: images of ``val2014``.
+        questions_per_image: questions per image (families balanced).
+        occlusion: probability that a scene has one object partly hiding another.
+        seed: the same seed writes the same files.
+    """
+    import time
+
+    from vqakit.data.procedural import write_shapes_rel
+
+    start = time.perf_counter()
+    root = write_shapes_rel(out_dir, num_train_images=num_train_images, num_val_images=num_val_images,
+                            questions_per_image=questions_per_image, occlusion=occlusion, seed=seed)
+    n = num_train_images + num_val_images
+    print(f"wrote {root}: {n:,} images, {n * questions_per_image:,} questions in "
+          f"{time.perf_counter() - start:.1f} s")
+    return str(root)
+
+
+def mini_vqa(
+    root: str,
+    out_dir: str = "data/mini-vqa-v2",
+    split: str = "train",
+    num_images: int = 1000,
+    seed: int = 0,
+    max_answer_words: int = 3,
+    min_agreement: float = 0.5,
+    image_size: int = 224,
+    formats: str = "jsonl,csv",
+) -> dict:
+    """Build a compact mini VQA v2 (seed 003): a seeded sample of images, the majority human answer as the
+    target, short and unambiguous answers only, images shrunk to ``image_size``; load it back with
+    ``--data.dataset jsonl --data.root OUT_DIR``.
+
+    Args:
+        root: folder with the official VQA v2 files.
+        out_dir: output folder.
+        split: VQA v2 split to sample.
+        num_images: images to sample.
+        seed: seed of the sample.
+        max_answer_words: drop questions whose majority answer is longer.
+        min_agreement: drop questions where fewer than this fraction of humans gave the majority answer.
+        image_size: longest image side in pixels.
+        formats: comma-separated: jsonl, csv, image-json.
+    """
+    from vqakit.data.formats import build_mini_vqa
+
+    stats = build_mini_vqa(root, out_dir, split, num_images, seed, max_answer_words, min_agreement, image_size,
+                           formats.split(","))
+    print(json.dumps(stats, indent=1))
+    return stats
+
+
+def stats(data: DataConfig = DataConfig(), splits: str | None = None, out_dir: str = "runs/stats",
+          top_k: int = 20) -> dict:
+    """How hard is a dataset? Prints and plots (PNG) the answer distribution, answer types, question lengths,
+    top question types, and the official accuracy of blind baselines (most common answer; most common answer
+    per question type / per question), fit on ``data.train_split`` and scored on each split.
+
+    Args:
+        data: the dataset.
+        splits: comma-separated splits to describe (default: ``data.train_split`` and ``data.eval_split``).
+        out_dir: where ``{dataset}-{split}.json`` / ``.png`` go.
+        top_k: how many answers / question types to list.
+    """
+    from vqakit.data.config import load_split
+    from vqakit.stats import dataset_stats, format_stats, write_stats
+
+    names = splits.split(",") if splits else list(dict.fromkeys([data.train_split, data.eval_split]))
+    fit = load_split(data, data.train_split)
+    out = {}
+    for split in names:
+        examples = fit if split == data.train_split else load_split(data, split)
+        s = dataset_stats(examples, fit_examples=fit, top_k=top_k)
+        name = f"{data.dataset}-{split}"
+        json_path, png_path = write_stats(s, out_dir, name)
+        print(format_stats(s, name) + f"\nwrote {json_path}, {png_path}\n")
+        out[split] = s
+    return out
+
+
 def train(
     model: TwoTowerConfig = TwoTowerConfig(),
     data: DataConfig = DataConfig(),
@@ -264,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, export, compare, report, list_models],
+        CLI([prepare, train, evaluate, predict, export, compare, report, list_models, convert, generate, mini_vqa, stats],
             args=_positional_run_dirs(sys.argv[1:] if argv is None else argv), as_positional=False)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
