@@ -4,6 +4,8 @@
     vqakit train    --config configs/easy-vqa.yaml --train.epochs 3 --model.fusion gated
     vqakit evaluate --checkpoint runs/easy-vqa/checkpoint --data.eval_split test
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape is it?"
+    vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape?" --output result.png
+    vqakit visualize --checkpoint runs/easy-vqa/checkpoint --split test --num 16 --output grid.png
     vqakit export   --checkpoint runs/easy-vqa/checkpoint          # ONNX for fast CPU serving
     vqakit compare  --config configs/easy-vqa.yaml --data.limit 4000 --strategies frozen,lora,full,two-stage
 
@@ -132,8 +134,8 @@ def evaluate(
     return metrics
 
 
-def predict(checkpoint: str, image: str, question: str | list[str], top_k: int = 5, backend: str = "auto"
-            ) -> list[dict]:
+def predict(checkpoint: str, image: str, question: str | list[str], top_k: int = 5, backend: str = "auto",
+            output: str | None = None, quantize: str | None = None) -> list[dict]:
     """Answer questions about one image; prints the top-k answers with their scores.
 
     Args:
@@ -142,16 +144,91 @@ def predict(checkpoint: str, image: str, question: str | list[str], top_k: int =
         question: a question; for several, repeat ``--question+ "..."`` or pass a JSON list.
         top_k: how many answers to show per question.
         backend: ``torch``, ``onnx`` (ONNX Runtime; exports on first use) or ``auto`` (``onnx`` when exported).
+        output: write a PNG here: the image with the question->image attention heatmap of the fusion layers and
+            the top-k answers drawn beside it, one row per question.
+        quantize: ``int8``: dynamic INT8 quantization of the Linear layers (CPU).
     """
     from vqakit.predict import VQAPredictor
 
-    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend)
-    results = predictor.predict(image, question, top_k=top_k)
+    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend, quantize=quantize)
+    results = predictor.predict(image, question, top_k=top_k, output_attentions=output is not None)
     for r in results:
         print(f"Q: {r.question}")
         for rank, (answer, score) in enumerate(r.top_k, 1):
             print(f"  {rank}. {answer:<20} {score:.4f}")
+    if output is not None:
+        from vqakit.visualize import render_predictions
+
+        print(f"wrote {render_predictions(image, results, output, title=Path(image).name)}")
     return [{"question": r.question, "answer": r.answer, "score": r.score, "top_k": r.top_k} for r in results]
+
+
+def visualize(
+    checkpoint: str,
+    data: DataConfig = DataConfig(),
+    split: str | None = None,
+    num: int = 16,
+    columns: int = 4,
+    errors_only: bool = False,
+    heatmap: bool = True,
+    seed: int = 0,
+    output: str = "predictions.png",
+    backend: str = "auto",
+) -> dict:
+    """Write a PNG grid of predictions vs ground truth for questions of a split (green: the prediction scores in
+    the official VQA metric; red: it does not), each image with its attention heatmap.
+
+    Args:
+        checkpoint: checkpoint directory.
+        data: dataset to draw from.
+        split: split name (default ``data.eval_split``).
+        num: how many questions to show.
+        columns: grid columns.
+        errors_only: show only questions the model gets wrong (the whole split is predicted to find them).
+        heatmap: overlay the question->image attention of the fusion layers.
+        seed: which questions are drawn (seeded random sample).
+        output: the PNG file to write.
+        backend: ``torch``, ``onnx`` or ``auto``, as for ``predict``.
+    """
+    import random
+
+    from vqakit.data.config import load_split
+    from vqakit.eval.vqa_accuracy import vqa_accuracy
+    from vqakit.predict import VQAPredictor
+    from vqakit.visualize import render_grid
+
+    if num < 1:
+        raise ValueError(f"--num={num} must be at least 1")
+    split = split or data.eval_split
+    examples = load_split(data, split)
+    if not examples:
+        raise ValueError(f"split {split!r} of {data.dataset} has no questions")
+    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    pool = [examples[i] for i in order]
+
+    def answer(batch, with_maps):
+        return [p[0] for p in predictor.predict_batch([e.image for e in batch], [e.question for e in batch],
+                                                      output_attentions=with_maps)]
+
+    if errors_only:
+        chosen, step = [], 256
+        for start in range(0, len(pool), step):
+            batch = pool[start:start + step]
+            chosen += [e for e, p in zip(batch, answer(batch, False)) if vqa_accuracy(p.answer, e.answers) == 0]
+            if len(chosen) >= num:
+                break
+        if not chosen:
+            raise ValueError(f"the model answers every question of {data.dataset} {split} correctly: no errors to show")
+        pool = chosen
+    shown = pool[:num]
+    predictions = answer(shown, heatmap)
+    out = render_grid(shown, predictions, output, columns=columns,
+                      title=f"{data.dataset} {split}" + (" (errors)" if errors_only else ""))
+    correct = sum(vqa_accuracy(p.answer, e.answers) > 0 for e, p in zip(shown, predictions))
+    print(f"wrote {out}: {len(shown)} questions of {data.dataset} {split}, {correct} answered correctly")
+    return {"output": str(out), "questions": len(shown), "correct": correct}
 
 
 def compare(
@@ -227,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, export, compare, list_models], args=argv, as_positional=False)
+        CLI([prepare, train, evaluate, predict, visualize, export, compare, list_models], args=argv, as_positional=False)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
