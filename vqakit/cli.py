@@ -7,6 +7,8 @@
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape?" --output result.png
     vqakit visualize --checkpoint runs/easy-vqa/checkpoint --split test --num 16 --output grid.png
     vqakit export   --checkpoint runs/easy-vqa/checkpoint          # ONNX for fast CPU serving
+    vqakit serve    --checkpoint runs/easy-vqa/checkpoint --host 127.0.0.1 --port 8000   # REST API + /ui
+    vqakit demo     --checkpoint runs/easy-vqa/checkpoint          # the web UI
     vqakit compare  --config configs/easy-vqa.yaml --data.limit 4000 --strategies frozen,lora,full,two-stage
 
 Every subcommand takes ``--config FILE.yaml`` (a preset from ``configs/``) and dotted overrides
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from vqakit.data.config import DataConfig
 from vqakit.models.two_tower import TwoTowerConfig
+from vqakit.serve.config import ServeConfig  # a plain dataclass: FastAPI is imported by `serve` only
 from vqakit.train.config import TrainConfig  # a plain dataclass: no training code is imported
 
 
@@ -276,6 +279,69 @@ def compare(
     return rows
 
 
+def serve(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    server: ServeConfig = ServeConfig(),
+    ui: bool = True,
+    access_log: bool = False,
+) -> None:
+    """Serve a checkpoint over HTTP (FastAPI + uvicorn): ``POST /predict`` (JSON), ``POST /predict/upload``
+    (multipart), ``GET /health``, OpenAPI docs at ``/docs`` and the web UI at ``/ui``. Concurrent requests are
+    micro-batched; ``image_path`` and ``image_url`` stay disabled until ``--server.image_root`` /
+    ``--server.allowed_url_hosts`` are set. Needs the ``serve`` extra (``pip install -e ".[serve]"``).
+
+    Args:
+        checkpoint: checkpoint directory.
+        host: address to listen on (``0.0.0.0`` exposes the server to the network).
+        port: TCP port.
+        server: model backend, batching and request limits.
+        ui: mount the Gradio web UI at ``/ui``.
+        access_log: log every request (costs throughput).
+    """
+    import uvicorn
+
+    from vqakit.serve.app import create_app, load_service
+
+    service = load_service(checkpoint, server)
+    app = create_app(service, ui=ui, ui_examples=_ui_examples() if ui else None)
+    print(f"serving {checkpoint} ({service.predictor.backend}) on http://{host}:{port}  (docs: /docs"
+          + (", web UI: /ui" if ui else "") + ")", flush=True)
+    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info")
+
+
+def demo(
+    checkpoint: str = "runs/easy-vqa/checkpoint",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    server: ServeConfig = ServeConfig(),
+) -> None:
+    """The web UI: upload or pick an example image, ask a question, see the top-5 answers and the attention
+    heatmap. The same server as ``vqakit serve`` (the REST API stays available), opened at ``/ui``.
+
+    Args:
+        checkpoint: checkpoint directory.
+        host: address to listen on.
+        port: TCP port.
+        server: model backend, batching and request limits.
+    """
+    serve(checkpoint, host, port, server, ui=True)
+
+
+def _ui_examples() -> list[list[str]]:
+    """A few easy-VQA test images with a question each, to pick from in the web UI (none if not installed)."""
+    try:
+        from vqakit.data.sources import easy_vqa_data_dir
+
+        images = easy_vqa_data_dir() / "test" / "images"
+    except RuntimeError:  # easy-vqa is not installed
+        return []
+    questions = ["what shape is in the image?", "what is the color of the shape?", "is there a blue shape?",
+                 "does the image contain a circle?"]
+    return [[str(images / f"{i}.png"), q] for i, q in enumerate(questions) if (images / f"{i}.png").is_file()]
+
+
 def export(checkpoint: str, out_dir: str | None = None) -> None:
     """Export a checkpoint to ONNX (vision tower, text tower, fusion + head) for fast CPU serving, verified
     against PyTorch on fresh inputs. ``predict`` then uses it automatically (``--backend auto``).
@@ -304,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, visualize, export, compare, list_models], args=argv, as_positional=False)
+        CLI([prepare, train, evaluate, predict, visualize, serve, demo, export, compare, list_models], args=argv, as_positional=False)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
