@@ -4,7 +4,11 @@
     vqakit train    --config configs/easy-vqa.yaml --train.epochs 3 --model.fusion gated
     vqakit evaluate --checkpoint runs/easy-vqa/checkpoint --data.eval_split test
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape is it?"
+    vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape?" --output result.png
+    vqakit visualize --checkpoint runs/easy-vqa/checkpoint --split test --num 16 --output grid.png
     vqakit export   --checkpoint runs/easy-vqa/checkpoint          # ONNX for fast CPU serving
+    vqakit serve    --checkpoint runs/easy-vqa/checkpoint --host 127.0.0.1 --port 8000   # REST API + /ui
+    vqakit demo     --checkpoint runs/easy-vqa/checkpoint          # the web UI
     vqakit compare  --config configs/easy-vqa.yaml --data.limit 4000 --strategies frozen,lora,full,two-stage
     vqakit report   runs/compare   # IEEE paper (LaTeX -> PDF), HTML and markdown of compare/train runs
 
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from vqakit.data.config import DataConfig
 from vqakit.models.two_tower import TwoTowerConfig
+from vqakit.serve.config import ServeConfig  # a plain dataclass: FastAPI is imported by `serve` only
 from vqakit.train.config import TrainConfig  # a plain dataclass: no training code is imported
 
 
@@ -269,8 +274,8 @@ def evaluate(
     return metrics
 
 
-def predict(checkpoint: str, image: str, question: str | list[str], top_k: int = 5, backend: str = "auto"
-            ) -> list[dict]:
+def predict(checkpoint: str, image: str, question: str | list[str], top_k: int = 5, backend: str = "auto",
+            output: str | None = None, quantize: str | None = None) -> list[dict]:
     """Answer questions about one image; prints the top-k answers with their scores.
 
     Args:
@@ -279,16 +284,91 @@ def predict(checkpoint: str, image: str, question: str | list[str], top_k: int =
         question: a question; for several, repeat ``--question+ "..."`` or pass a JSON list.
         top_k: how many answers to show per question.
         backend: ``torch``, ``onnx`` (ONNX Runtime; exports on first use) or ``auto`` (``onnx`` when exported).
+        output: write a PNG here: the image with the question->image attention heatmap of the fusion layers and
+            the top-k answers drawn beside it, one row per question.
+        quantize: ``int8``: dynamic INT8 quantization of the Linear layers (CPU).
     """
     from vqakit.predict import VQAPredictor
 
-    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend)
-    results = predictor.predict(image, question, top_k=top_k)
+    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend, quantize=quantize)
+    results = predictor.predict(image, question, top_k=top_k, output_attentions=output is not None)
     for r in results:
         print(f"Q: {r.question}")
         for rank, (answer, score) in enumerate(r.top_k, 1):
             print(f"  {rank}. {answer:<20} {score:.4f}")
+    if output is not None:
+        from vqakit.visualize import render_predictions
+
+        print(f"wrote {render_predictions(image, results, output, title=Path(image).name)}")
     return [{"question": r.question, "answer": r.answer, "score": r.score, "top_k": r.top_k} for r in results]
+
+
+def visualize(
+    checkpoint: str,
+    data: DataConfig = DataConfig(),
+    split: str | None = None,
+    num: int = 16,
+    columns: int = 4,
+    errors_only: bool = False,
+    heatmap: bool = True,
+    seed: int = 0,
+    output: str = "predictions.png",
+    backend: str = "auto",
+) -> dict:
+    """Write a PNG grid of predictions vs ground truth for questions of a split (green: the prediction scores in
+    the official VQA metric; red: it does not), each image with its attention heatmap.
+
+    Args:
+        checkpoint: checkpoint directory.
+        data: dataset to draw from.
+        split: split name (default ``data.eval_split``).
+        num: how many questions to show.
+        columns: grid columns.
+        errors_only: show only questions the model gets wrong (the whole split is predicted to find them).
+        heatmap: overlay the question->image attention of the fusion layers.
+        seed: which questions are drawn (seeded random sample).
+        output: the PNG file to write.
+        backend: ``torch``, ``onnx`` or ``auto``, as for ``predict``.
+    """
+    import random
+
+    from vqakit.data.config import load_split
+    from vqakit.eval.vqa_accuracy import vqa_accuracy
+    from vqakit.predict import VQAPredictor
+    from vqakit.visualize import render_grid
+
+    if num < 1:
+        raise ValueError(f"--num={num} must be at least 1")
+    split = split or data.eval_split
+    examples = load_split(data, split)
+    if not examples:
+        raise ValueError(f"split {split!r} of {data.dataset} has no questions")
+    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    pool = [examples[i] for i in order]
+
+    def answer(batch, with_maps):
+        return [p[0] for p in predictor.predict_batch([e.image for e in batch], [e.question for e in batch],
+                                                      output_attentions=with_maps)]
+
+    if errors_only:
+        chosen, step = [], 256
+        for start in range(0, len(pool), step):
+            batch = pool[start:start + step]
+            chosen += [e for e, p in zip(batch, answer(batch, False)) if vqa_accuracy(p.answer, e.answers) == 0]
+            if len(chosen) >= num:
+                break
+        if not chosen:
+            raise ValueError(f"the model answers every question of {data.dataset} {split} correctly: no errors to show")
+        pool = chosen
+    shown = pool[:num]
+    predictions = answer(shown, heatmap)
+    out = render_grid(shown, predictions, output, columns=columns,
+                      title=f"{data.dataset} {split}" + (" (errors)" if errors_only else ""))
+    correct = sum(vqa_accuracy(p.answer, e.answers) > 0 for e, p in zip(shown, predictions))
+    print(f"wrote {out}: {len(shown)} questions of {data.dataset} {split}, {correct} answered correctly")
+    return {"output": str(out), "questions": len(shown), "correct": correct}
 
 
 def compare(
@@ -337,6 +417,69 @@ def compare(
     print(f"wrote {out}/comparison.csv, comparison.json, comparison.md, curves.png, accuracy_vs_time.png, "
           f"per_answer_type.png")
     return rows
+
+
+def serve(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    server: ServeConfig = ServeConfig(),
+    ui: bool = True,
+    access_log: bool = False,
+) -> None:
+    """Serve a checkpoint over HTTP (FastAPI + uvicorn): ``POST /predict`` (JSON), ``POST /predict/upload``
+    (multipart), ``GET /health``, OpenAPI docs at ``/docs`` and the web UI at ``/ui``. Concurrent requests are
+    micro-batched; ``image_path`` and ``image_url`` stay disabled until ``--server.image_root`` /
+    ``--server.allowed_url_hosts`` are set. Needs the ``serve`` extra (``pip install -e ".[serve]"``).
+
+    Args:
+        checkpoint: checkpoint directory.
+        host: address to listen on (``0.0.0.0`` exposes the server to the network).
+        port: TCP port.
+        server: model backend, batching and request limits.
+        ui: mount the Gradio web UI at ``/ui``.
+        access_log: log every request (costs throughput).
+    """
+    import uvicorn
+
+    from vqakit.serve.app import create_app, load_service
+
+    service = load_service(checkpoint, server)
+    app = create_app(service, ui=ui, ui_examples=_ui_examples() if ui else None)
+    print(f"serving {checkpoint} ({service.predictor.backend}) on http://{host}:{port}  (docs: /docs"
+          + (", web UI: /ui" if ui else "") + ")", flush=True)
+    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info")
+
+
+def demo(
+    checkpoint: str = "runs/easy-vqa/checkpoint",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    server: ServeConfig = ServeConfig(),
+) -> None:
+    """The web UI: upload or pick an example image, ask a question, see the top-5 answers and the attention
+    heatmap. The same server as ``vqakit serve`` (the REST API stays available), opened at ``/ui``.
+
+    Args:
+        checkpoint: checkpoint directory.
+        host: address to listen on.
+        port: TCP port.
+        server: model backend, batching and request limits.
+    """
+    serve(checkpoint, host, port, server, ui=True)
+
+
+def _ui_examples() -> list[list[str]]:
+    """A few easy-VQA test images with a question each, to pick from in the web UI (none if not installed)."""
+    try:
+        from vqakit.data.sources import easy_vqa_data_dir
+
+        images = easy_vqa_data_dir() / "test" / "images"
+    except RuntimeError:  # easy-vqa is not installed
+        return []
+    questions = ["what shape is in the image?", "what is the color of the shape?", "is there a blue shape?",
+                 "does the image contain a circle?"]
+    return [[str(images / f"{i}.png"), q] for i, q in enumerate(questions) if (images / f"{i}.png").is_file()]
 
 
 def export(checkpoint: str, out_dir: str | None = None) -> None:
@@ -400,8 +543,11 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, export, compare, report, list_models, convert, generate, mini_vqa, stats],
-            args=_positional_run_dirs(sys.argv[1:] if argv is None else argv), as_positional=False)
+        CLI(
+            [prepare, train, evaluate, predict, visualize, serve, demo, export, compare, report, convert, generate, mini_vqa, stats, list_models],
+            args=_positional_run_dirs(sys.argv[1:] if argv is None else argv),
+            as_positional=False,
+        )
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
