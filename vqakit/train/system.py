@@ -50,6 +50,34 @@ class VQASystem(L.LightningModule):
         self.log("val/vqa_score", self.val_vqa_score, prog_bar=True, batch_size=len(logits))
         self.log("val/acc", self.val_acc, batch_size=len(logits))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave frozen tower weights out of ``last.ckpt`` / ``best.ckpt``: a resumed run rebuilds them from
+        their source (the pretrained tower, then ``init_from``) before loading the checkpoint, so each
+        checkpoint would otherwise carry an unchanged copy of up to the whole model. The names left out are
+        recorded, and checked when loading."""
+        frozen = self._frozen_tower_keys()
+        state = checkpoint["state_dict"]
+        for key in frozen:
+            del state[key]
+        checkpoint["vqakit_frozen_tower_keys"] = sorted(frozen)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        omitted = checkpoint.get("vqakit_frozen_tower_keys")
+        if omitted is None:  # a checkpoint with every weight
+            return
+        frozen = self._frozen_tower_keys()
+        if set(omitted) != frozen:
+            raise ValueError(f"the checkpoint left out {len(omitted)} frozen tower weights but this run freezes "
+                             f"{len(frozen)}: it was saved under other strategies (--train.vision/--train.text/"
+                             f"--train.unfreeze_last_n); resume with the settings it was trained with")
+        current = self.state_dict()
+        checkpoint["state_dict"].update({key: current[key] for key in omitted})  # as rebuilt from the source
+
+    def _frozen_tower_keys(self) -> set[str]:
+        towers = (self.model.backbone.vision, self.model.backbone.text)
+        frozen = {id(p) for tower in towers for p in tower.parameters() if not p.requires_grad}
+        return {name for name, p in self.named_parameters() if id(p) in frozen}
+
     def configure_optimizers(self):
         towers = {id(p) for p in self.model.backbone.vision.parameters()} | {
             id(p) for p in self.model.backbone.text.parameters()
