@@ -264,9 +264,10 @@ def _tower_setting(r: dict) -> str:
     s, train = r["metadata"][-1]["strategies"], r["config"]["train"]
     out = []
     for tower in ("vision", "text"):
-        if s[tower] == "lora":
+        if s[tower] in ("lora", "qlora"):
             lora = train[f"lora_{tower}"]
-            out.append(f"{tower} LoRA r={lora['rank']}, alpha={lora['alpha']}")
+            kind = "QLoRA" if s[tower] == "qlora" else "LoRA"
+            out.append(f"{tower} {kind} r={lora['rank']}, alpha={lora['alpha']}")
         elif s[tower] == "partial":
             out.append(f"{tower} last {train['unfreeze_last_n']} layers")
         else:

@@ -98,7 +98,13 @@ class VQASystem(L.LightningModule):
             {"params": groups["lora_decay"], "lr": self.cfg.lora_lr, "weight_decay": wd},
             {"params": groups["lora_no_decay"], "lr": self.cfg.lora_lr, "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
+        param_groups = [g for g in param_groups if g["params"]]
+        if self.cfg.optimizer == "adamw8bit":  # 8-bit optimizer states (Dettmers et al., 2022); CUDA only
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(param_groups)
+        else:
+            optimizer = torch.optim.AdamW(param_groups)
         total = self.total_steps
         warmup = int(self.cfg.warmup_ratio * total)
 
