@@ -17,7 +17,8 @@ from vqakit.train.recipes import check_device_support
 CUDA = torch.cuda.is_available()
 BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (none here)")
-needs_bnb = pytest.mark.skipif(not (CUDA and BNB), reason="needs a CUDA GPU and bitsandbytes (pip install 'vqakit[gpu]')")
+needs_bnb = pytest.mark.skipif(not (CUDA and BNB),
+                               reason="needs a CUDA GPU and bitsandbytes (pip install 'vqakit[gpu]')")
 
 
 def test_options_are_validated():
@@ -83,7 +84,8 @@ def test_qlora_quantizes_trains_adapters_and_saves_float_weights(tiny_config, ti
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in net.backbone.text.modules())
     batch = {k: v.cuda() for k, v in tiny_batch(load_tokenizer(tiny_text_tower)).items()}
     net(**batch).logits.float().sum().backward()
-    tower_grads = [n for n, p in net.backbone.named_parameters() if p.grad is not None and n.startswith(("vision.", "text."))]
+    tower_grads = [n for n, p in net.backbone.named_parameters()
+                   if p.grad is not None and n.startswith(("vision.", "text."))]
     assert tower_grads and all("lora_" in n for n in tower_grads)
     with torch.no_grad():
         before = net.eval()(**batch).logits.float()
