@@ -222,7 +222,8 @@ def plot(rows: list[dict], out: Path) -> None:
     axes[0].set(title="training loss", xlabel="step", yscale="log")
     axes[1].set(title="validation VQA score", xlabel="step")
     for ax in axes:
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a run too short to validate has no curve to label
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)

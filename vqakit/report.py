@@ -548,7 +548,7 @@ th, td { padding: 0.2em 0.7em; text-align: right; } th:first-child, td:first-chi
 thead tr { border-top: 2px solid black; border-bottom: 1px solid black; }
 tbody tr:last-child { border-bottom: 2px solid black; }
 caption, figcaption { font-size: 0.88em; margin: 0.4em; }
-figure { text-align: center; margin: 1.2em 0; } figure img { max-width: 100%; }
+figure { text-align: center; margin: 1.2em 0; } figure img { max-width: min(100%, 44em); }
 pre { background: #f4f4f4; padding: 0.6em; white-space: pre-wrap; }
 """
 
