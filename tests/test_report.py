@@ -58,7 +58,8 @@ def test_lora_findings_check_the_issue_targets():
                 "vqa_accuracy": accuracy}
 
     full = row("full", 100.0, 100.0, 90.0)
-    good, bad = lora_findings([full, row("lora", 1.5, 60.0, 89.5)]), lora_findings([full, row("lora-r16", 4.9, 83.0, 88.0)])
+    good = lora_findings([full, row("lora", 1.5, 60.0, 89.5)])
+    bad = lora_findings([full, row("lora-r16", 4.9, 83.0, 88.0)])
     assert len(good) == 1 and good[0].count("[met]") == 3 and "0.60x" in good[0] and "loses 0.50 points" in good[0]
     assert bad[0].count("[not met]") == 3 and "4.9%" in bad[0] and "0.83x" in bad[0]
     assert lora_findings([row("lora", 1.0, 1.0, 1.0)]) == []  # no full fine-tune to compare with

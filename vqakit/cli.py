@@ -521,7 +521,8 @@ def report(run_dirs: list[str], out_dir: str | None = None, title: str | None = 
 
 
 def _positional_run_dirs(argv: list[str]) -> list[str]:
-    """``report A B --opt x`` -> ``report --run_dirs '["A", "B"]' --opt x`` (the other subcommands take options only)."""
+    """``report A B --opt x`` -> ``report --run_dirs '["A", "B"]' --opt x``: run directories are positional
+    (every other subcommand takes options only)."""
     if not argv or argv[0] != "report":
         return argv
     i = 1

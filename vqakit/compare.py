@@ -122,8 +122,8 @@ def run_strategy(name: str, base_args: list[str], out: Path, stage1_epochs: int,
         if not 0 < stage1_epochs < epochs:
             raise ValueError(f"two-stage needs 0 < --stage1_epochs ({stage1_epochs}) < --train.epochs ({epochs})")
         _train_stage([*common, *STRATEGY_FLAGS["frozen"], "--train.epochs", str(stage1_epochs),
-                      "--train.out_dir", str(run / "stage1"), "--evaluate", "false"], run / "stage1", run / "stage1.log",
-                     f"{name} stage 1", evaluate=False)
+                      "--train.out_dir", str(run / "stage1"), "--evaluate", "false"],
+                     run / "stage1", run / "stage1.log", f"{name} stage 1", evaluate=False)
         _train_stage([*common, "--train.vision", "partial", "--train.text", "partial",
                 "--train.unfreeze_last_n", str(unfreeze_last_n), "--train.epochs", str(epochs - stage1_epochs),
                       "--train.init_from", str(run / "stage1" / "checkpoint"), "--train.out_dir", str(run / "stage2")],
@@ -222,7 +222,8 @@ def plot(rows: list[dict], out: Path) -> None:
     axes[0].set(title="training loss", xlabel="step", yscale="log")
     axes[1].set(title="validation VQA score", xlabel="step")
     for ax in axes:
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a run too short to validate has no curve to label
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)

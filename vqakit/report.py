@@ -77,7 +77,8 @@ class Items:
 @dataclass
 class Section:
     title: str
-    blocks: list = field(default_factory=list)  # str paragraphs (`code`, @tab:x / @fig:x references), Items, Table, Figure, Code
+    # str paragraphs (with `code` spans and @tab:x / @fig:x references), Items, Table, Figure, Code
+    blocks: list = field(default_factory=list)
 
 
 @dataclass
@@ -180,7 +181,8 @@ def diagram_nodes(model: dict, breakdown: dict, strategies: list[str]) -> tuple[
     trained = ", ".join(strategies)
     nodes = [
         dict(key="image", x=0.0, y=0.0, kind="input", lines=[f"image {model['image_size']}x{model['image_size']} px"]),
-        dict(key="question", x=4.3, y=0.0, kind="input", lines=[f"question (<= {model['max_question_length']} tokens)"]),
+        dict(key="question", x=4.3, y=0.0, kind="input",
+             lines=[f"question (<= {model['max_question_length']} tokens)"]),
         dict(key="vision", x=0.0, y=-1.45, kind="tower",
              lines=[f"vision tower: {_tower_name(model['vision_tower'])}"
                     + (" (multi-scale)" if model.get("vision_multiscale") else ""),
@@ -188,7 +190,8 @@ def diagram_nodes(model: dict, breakdown: dict, strategies: list[str]) -> tuple[
         dict(key="text", x=4.3, y=-1.45, kind="tower",
              lines=[f"text tower: {_tower_name(model['text_tower'])}",
                     f"{_millions(p['text'])} params -> T x {breakdown['text_dim']}", f"[{trained}]"]),
-        dict(key="vproj", x=0.0, y=-2.9, kind="new", lines=["linear + LayerNorm", f"+ grid positions -> {n_img} x {h}"]),
+        dict(key="vproj", x=0.0, y=-2.9, kind="new",
+             lines=["linear + LayerNorm", f"+ grid positions -> {n_img} x {h}"]),
         dict(key="tproj", x=4.3, y=-2.9, kind="new", lines=["linear + LayerNorm", f"-> T x {h}"]),
         dict(key="fusion", x=2.15, y=-4.2, kind="new",
              lines=[f"fusion: {model['fusion']}{pool}", f"{fusion}, width {h}", f"{_millions(p['fusion'])} params"]),
@@ -230,8 +233,9 @@ def diagram_png(nodes: list[dict], edges: list[tuple[str, str]], path: Path) -> 
         w = 6.2 if n["key"] in ("fusion", "head") else 3.9
         hgt = 0.2 + 0.27 * len(n["lines"])
         boxes[n["key"]] = (n["x"], n["y"], w, hgt)
-        ax.add_patch(FancyBboxPatch((n["x"] - w / 2, n["y"] - hgt / 2), w, hgt, boxstyle="round,pad=0.02,rounding_size=0.1",
-                                    facecolor=fill[n["kind"]], edgecolor="black", linewidth=0.8))
+        ax.add_patch(FancyBboxPatch((n["x"] - w / 2, n["y"] - hgt / 2), w, hgt,
+                                    boxstyle="round,pad=0.02,rounding_size=0.1", facecolor=fill[n["kind"]],
+                                    edgecolor="black", linewidth=0.8))
         text = "\n".join(n["lines"]).replace("->", "\u2192").replace("<=", "\u2264")
         ax.text(n["x"], n["y"], text, ha="center", va="center", fontsize=7.5)
     for a, b in edges:
@@ -264,9 +268,10 @@ def _tower_setting(r: dict) -> str:
     s, train = r["metadata"][-1]["strategies"], r["config"]["train"]
     out = []
     for tower in ("vision", "text"):
-        if s[tower] == "lora":
+        if s[tower] in ("lora", "qlora"):
             lora = train[f"lora_{tower}"]
-            out.append(f"{tower} LoRA r={lora['rank']}, alpha={lora['alpha']}")
+            kind = "QLoRA" if s[tower] == "qlora" else "LoRA"
+            out.append(f"{tower} {kind} r={lora['rank']}, alpha={lora['alpha']}")
         elif s[tower] == "partial":
             out.append(f"{tower} last {train['unfreeze_last_n']} layers")
         else:
@@ -286,9 +291,11 @@ def lora_findings(rows: list[dict]) -> list[str]:
             loss = full["vqa_accuracy"] - r["vqa_accuracy"]
             checks = [
                 (r["trainable_percent"] <= LORA_TARGETS["max_trainable_percent"],
-                 f"trains {r['trainable_percent']}% of the parameters (target <= {LORA_TARGETS['max_trainable_percent']}%)"),
+                 f"trains {r['trainable_percent']}% of the parameters "
+                 f"(target <= {LORA_TARGETS['max_trainable_percent']}%)"),
                 (ratio <= LORA_TARGETS["max_time_ratio"],
-                 f"takes {ratio:.2f}x the full fine-tune's time to train (target <= {LORA_TARGETS['max_time_ratio']}x)"),
+                 f"takes {ratio:.2f}x the full fine-tune's time to train "
+                 f"(target <= {LORA_TARGETS['max_time_ratio']}x)"),
                 (loss <= LORA_TARGETS["max_accuracy_loss"],
                  f"{'loses' if loss > 0 else 'gains'} {abs(loss):.2f} points of VQA accuracy against it "
                  f"(target: loses <= {LORA_TARGETS['max_accuracy_loss']})"),
@@ -317,14 +324,17 @@ def build_paper(rows: list[dict], figures: dict[str, str], tikz: str, title: str
         f"The best VQA accuracy ({best['vqa_accuracy']:.2f}%) is reached by {best['strategy']}; the fastest to train "
         f"is {fastest['strategy']} ({fastest['time_to_train_s']:.0f} s, {fastest['vqa_accuracy']:.2f}%)."
     )
+    loss = ("binary cross-entropy against soft VQA scores" if model["loss"] == "bce"
+            else "cross-entropy against the majority answer")
     arch = (
-        f"Fig. @fig:arch shows the model, drawn from its configuration. The image ({model['image_size']} px) goes through the "
-        f"vision tower, whose last feature map gives {ckpt_model.get('num_image_tokens')} tokens; the question "
-        f"(at most {model['max_question_length']} word pieces) goes through the text tower. Both are projected to "
-        f"width {model['hidden_size']}, the image tokens get learned grid positions, and a {model['fusion']} fusion "
-        f"module ({model['num_fusion_layers']} layers, {model['num_heads']} heads) lets each modality attend to the "
+        f"Fig. @fig:arch shows the model, drawn from its configuration. The image ({model['image_size']} px) goes "
+        f"through the vision tower, whose last feature map gives {ckpt_model.get('num_image_tokens')} tokens; the "
+        f"question (at most {model['max_question_length']} word pieces) goes through the text tower. Both are "
+        f"projected to width {model['hidden_size']}, the image tokens get learned grid positions, and a "
+        f"{model['fusion']} fusion module ({model['num_fusion_layers']} layers, {model['num_heads']} heads) lets "
+        f"each modality attend to the "
         f"other. A two-layer classifier scores the {len(ckpt_model['id2label'])} answers of the training "
-        f"vocabulary, trained with {'binary cross-entropy against soft VQA scores' if model['loss'] == 'bce' else 'cross-entropy against the majority answer'}."
+        f"vocabulary, trained with {loss}."
     )  # fmt: skip
     approach = [arch, "The strategies compared:",
                 Items([f"`{r['strategy']}`: {_describe(r)} ({_tower_setting(r)})." for r in rows])]
@@ -332,7 +342,8 @@ def build_paper(rows: list[dict], figures: dict[str, str], tikz: str, title: str
     setup = (
         f"Data: {dataset}, training split '{data['train_split']}'"
         + (f" limited to its first {data['limit']} questions" if data.get("limit") else "")
-        + (f", {100 * data['train_image_fraction']:.0f}% of its images" if data.get("train_image_fraction", 1) < 1 else "")
+        + (f", {100 * data['train_image_fraction']:.0f}% of its images"
+           if data.get("train_image_fraction", 1) < 1 else "")
         + f"; {meta['num_train_questions']} training and {meta['num_val_questions']} validation questions "
         f"(seed {data['seed']}), evaluated on {metrics['num_questions']} questions of split '{metrics['split']}'. "
         f"Each strategy trains {train['epochs']} epochs with batch size {train['batch_size']}, AdamW with learning "
@@ -345,14 +356,16 @@ def build_paper(rows: list[dict], figures: dict[str, str], tikz: str, title: str
 
     cost = Table(
         "Cost of each strategy: parameters that train, time to train, throughput and peak memory.", "tab:cost",
-        ["strategy", "trainable params", "% trained", "time to train (s)", "s / epoch", "examples / s", "peak RSS (MiB)"],
+        ["strategy", "trainable params", "% trained", "time to train (s)", "s / epoch", "examples / s",
+         "peak RSS (MiB)"],
         [[r["strategy"], f"{r['trainable_parameters']:,}", f"{r['trainable_percent']}", f"{r['time_to_train_s']}",
           f"{r['seconds_per_epoch']}", f"{r['examples_per_s']}", f"{r['peak_rss_mib']}"] for r in rows], wide=True,
     )  # fmt: skip
     quality = Table(
         f"Quality on {dataset} {metrics['split']} (%): official VQA accuracy, exact-match accuracy, precision, recall "
         f"and F1 over answers (macro and weighted averages).", "tab:quality",
-        ["strategy", "VQA acc.", "accuracy", "P macro", "R macro", "F1 macro", "P weighted", "R weighted", "F1 weighted"],
+        ["strategy", "VQA acc.", "accuracy", "P macro", "R macro", "F1 macro", "P weighted", "R weighted",
+         "F1 weighted"],
         [[r["strategy"], *(f"{r[k]:.2f}" for k in ("vqa_accuracy", "accuracy", "precision_macro", "recall_macro",
                                                    "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted"))]
          for r in rows], wide=True,
@@ -395,10 +408,10 @@ def build_paper(rows: list[dict], figures: dict[str, str], tikz: str, title: str
     commands = [f"vqakit compare --config {r['source']}/base.yaml --out_dir {r['source']}"
                 for r in {r["source"]: r for r in rows}.values() if (Path(r["source"]) / "base.yaml").is_file()]
     repro = ["The comparison reruns with one command per run directory (strategies as listed above):"]
+    arch_figure = Figure(figures["architecture"], "The model, generated from its configuration; towers in blue, new "
+                         "layers in orange; in brackets, the strategies compared.", "fig:arch", tikz=tikz)
     sections = [
-        Section("Approach", [*approach, Figure(figures["architecture"], "The model, generated from its configuration; "
-                                               "towers in blue, new layers in orange; in brackets, the strategies compared.",
-                                               "fig:arch", tikz=tikz)]),
+        Section("Approach", [*approach, arch_figure]),
         Section("Experimental setup", [setup]),
         Section("Results", results),
         Section("Discussion", discussion),
@@ -532,9 +545,10 @@ h1 { text-align: center; font-weight: normal; }
 .abstract { font-size: 0.92em; margin: 1em 3em; }
 table { border-collapse: collapse; margin: 0.5em auto; font-size: 0.9em; }
 th, td { padding: 0.2em 0.7em; text-align: right; } th:first-child, td:first-child { text-align: left; }
-thead tr { border-top: 2px solid black; border-bottom: 1px solid black; } tbody tr:last-child { border-bottom: 2px solid black; }
+thead tr { border-top: 2px solid black; border-bottom: 1px solid black; }
+tbody tr:last-child { border-bottom: 2px solid black; }
 caption, figcaption { font-size: 0.88em; margin: 0.4em; }
-figure { text-align: center; margin: 1.2em 0; } figure img { max-width: 100%; }
+figure { text-align: center; margin: 1.2em 0; } figure img { max-width: min(100%, 44em); }
 pre { background: #f4f4f4; padding: 0.6em; white-space: pre-wrap; }
 """
 
@@ -546,7 +560,8 @@ def _html_inline(text: str, numbers: dict[str, str]) -> str:
 
 
 def render_html(paper: Paper) -> str:
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(paper.title)}</title>",
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{html.escape(paper.title)}</title>",
            f"<style>{HTML_STYLE}</style></head><body>", f"<h1>{html.escape(paper.title)}</h1>",
            f'<p class="abstract"><b>Abstract.</b> {html.escape(paper.abstract)}</p>']
     numbers = numbering(paper)
