@@ -377,7 +377,8 @@ def test_http_requests_are_batched(make_client):
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: client.post("/predict", json=body), range(24)))
     assert all(r.status_code == 200 for r in responses)
-    assert len({r.json()["predictions"][0]["score"] for r in responses}) == 1
+    scores = [r.json()["predictions"][0]["score"] for r in responses]
+    assert max(scores) - min(scores) < 1e-5  # the same answer whatever batch it was in
     stats = client.get("/health").json()["batching"]
     assert stats["requests"] == 24 and stats["batches"] < 24 and stats["largest_batch"] > 1
 
