@@ -14,7 +14,9 @@ then measures:
 
 Writes JSON to ``--out`` (default ``benchmarks/results/load-<backend>.json``). The client runs on the same
 machine and competes with the server for the CPU, so the numbers are a lower bound of the server's capacity
-(aiohttp's client costs ~0.3 ms of CPU per request here, httpx's ~2.5 ms: hence aiohttp).
+(aiohttp's client costs ~0.3 ms of CPU per request here, httpx's ~2.5 ms: hence aiohttp). On a machine busy
+with other work, ``projected_questions_per_s_all_cores`` (questions per CPU second of server + client, times
+the cores) estimates what the machine would sustain if it were free; it is an estimate, not a measurement.
 Targets (issue 5, 2 CPU cores, default easy-VQA checkpoint): single p50 <= 25 ms; >= 300 questions/s with
 16 clients; 0 errors.
 """
@@ -50,6 +52,12 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return round(int(line.split()[1]) / 1024, 1)
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(sorted_ms: list[float], q: float) -> float:
@@ -181,7 +189,9 @@ def main(argv=None) -> dict:
         bodies = request_bodies(args.latency_requests + 50, args.questions_per_request)
         single = asyncio.run(single_client(url, bodies, warmup=30, n=args.latency_requests))
         rss_before = rss_mib(server.pid)
+        server_cpu, client_cpu = cpu_s(server.pid), time.process_time()
         loaded = asyncio.run(load(url, bodies, args.clients, args.duration, server.pid))
+        server_cpu, client_cpu = cpu_s(server.pid) - server_cpu, time.process_time() - client_cpu
         health_end = httpx.get(f"{base}/health", timeout=10).json()
         stats = health_end["batching"]
     finally:
@@ -202,7 +212,13 @@ def main(argv=None) -> dict:
                    "p99_ms": percentile(single, 0.99), "mean_ms": round(statistics.fmean(single), 2)},
         "load": {"clients": args.clients, "duration_s": args.duration, **loaded,
                  "questions_per_s": round(loaded["requests_per_s"] * q, 1),
-                 "rss_before_load_mib": rss_before},
+                 "rss_before_load_mib": rss_before,
+                 # CPU seconds spent while loaded; on a machine shared with other work, the questions answered
+                 # per CPU second (server + client) x the cores is what 2 free cores would sustain
+                 "server_cpu_s": round(server_cpu, 2), "client_cpu_s": round(client_cpu, 2),
+                 "questions_per_cpu_s": round(loaded["ok"] * q / max(server_cpu + client_cpu, 1e-9), 1),
+                 "projected_questions_per_s_all_cores": round(
+                     (os.cpu_count() or 1) * loaded["ok"] * q / max(server_cpu + client_cpu, 1e-9), 1)},
         "batching": stats,
         "server": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                    "question_cache": args.question_cache},
