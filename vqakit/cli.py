@@ -10,6 +10,7 @@
     vqakit serve    --checkpoint runs/easy-vqa/checkpoint --host 127.0.0.1 --port 8000   # REST API + /ui
     vqakit demo     --checkpoint runs/easy-vqa/checkpoint          # the web UI
     vqakit compare  --config configs/easy-vqa.yaml --data.limit 4000 --strategies frozen,lora,full,two-stage
+    vqakit report   runs/compare   # IEEE paper (LaTeX -> PDF), HTML and markdown of compare/train runs
 
 Every subcommand takes ``--config FILE.yaml`` (a preset from ``configs/``) and dotted overrides
 (jsonargparse, as litgpt and LightningCLI do); ``--print_config`` shows the resolved configuration.
@@ -79,6 +80,142 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared") -> 
     (target / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"wrote {target}")
     return stats
+
+
+def convert(
+    data: DataConfig = DataConfig(),
+    to: str = "jsonl",
+    out_dir: str = "data/converted",
+    splits: str | None = None,
+    copy_images: bool = True,
+) -> dict:
+    """Convert a dataset (any ``--data.dataset``: easy-vqa, vqa-v2, shapes-rel, jsonl, csv, image-json) to
+    ``jsonl``, ``csv``, ``image-json`` (one JSON file per image) or ``vqa-v2`` (the official layout).
+
+    For ``vqa-v2``, ``train`` is written as ``train2014`` and any other split with answers as ``val2014``.
+
+    Args:
+        data: the dataset to read (``--data.limit`` converts a seeded subset).
+        to: output format.
+        out_dir: output folder.
+        splits: comma-separated splits (default: ``data.train_split`` and ``data.eval_split``).
+        copy_images: copy the images under ``out_dir/images`` (always done for ``vqa-v2``); else reference them.
+    """
+    from vqakit.data.config import load_split
+    from vqakit.data.formats import WRITERS, write_examples
+
+    if to not in WRITERS:
+        raise ValueError(f"--to={to!r} is not a writable format; choose one of {list(WRITERS)}")
+    names = splits.split(",") if splits else list(dict.fromkeys([data.train_split, data.eval_split]))
+    written, targets = {}, {}
+    for split in names:
+        target = split
+        if to == "vqa-v2" and not split.endswith(("2014", "2015")):
+            target = "train2014" if split == "train" else "val2014"
+        if target in targets:
+            raise ValueError(f"splits {targets[target]!r} and {split!r} would both be written as {target!r}; "
+                             "convert them one at a time with --splits")
+        targets[target] = split
+        examples = load_split(data, split)
+        path = write_examples(examples, to, out_dir, target, copy_images=copy_images or to == "vqa-v2")
+        written[split] = {"as": target, "questions": len(examples), "path": str(path)}
+        print(f"{data.dataset} {split} -> {to} {target}: {len(examples):,} questions ({path})")
+    return written
+
+
+def generate(
+    out_dir: str = "data/shapes-rel",
+    num_train_images: int = 4000,
+    num_val_images: int = 1000,
+    questions_per_image: int = 5,
+    occlusion: float = 0.15,
+    seed: int = 0,
+) -> str:
+    """Generate the ``shapes-rel`` procedural benchmark (scenes of 2-5 objects; attribute, existence, counting,
+    comparison and relational questions; 10 noisy human answers each) in the official VQA v2 layout.
+    Train on it with ``--data.dataset shapes-rel --data.root OUT_DIR --data.eval_split val``.
+
+    Args:
+        out_dir: output folder.
+        num_train_images: images of ``train2014``.
+        num_val_images: images of ``val2014``.
+        questions_per_image: questions per image (families balanced).
+        occlusion: probability that a scene has one object partly hiding another.
+        seed: the same seed writes the same files.
+    """
+    import time
+
+    from vqakit.data.procedural import write_shapes_rel
+
+    start = time.perf_counter()
+    root = write_shapes_rel(out_dir, num_train_images=num_train_images, num_val_images=num_val_images,
+                            questions_per_image=questions_per_image, occlusion=occlusion, seed=seed)
+    n = num_train_images + num_val_images
+    print(f"wrote {root}: {n:,} images, {n * questions_per_image:,} questions in "
+          f"{time.perf_counter() - start:.1f} s")
+    return str(root)
+
+
+def mini_vqa(
+    root: str,
+    out_dir: str = "data/mini-vqa-v2",
+    split: str = "train",
+    num_images: int = 1000,
+    seed: int = 0,
+    max_answer_words: int = 3,
+    min_agreement: float = 0.5,
+    image_size: int = 224,
+    formats: str = "jsonl,csv",
+) -> dict:
+    """Build a compact mini VQA v2 (seed 003): a seeded sample of images, the majority human answer as the
+    target, short and unambiguous answers only, images shrunk to ``image_size``; load it back with
+    ``--data.dataset jsonl --data.root OUT_DIR``.
+
+    Args:
+        root: folder with the official VQA v2 files.
+        out_dir: output folder.
+        split: VQA v2 split to sample.
+        num_images: images to sample.
+        seed: seed of the sample.
+        max_answer_words: drop questions whose majority answer is longer.
+        min_agreement: drop questions where fewer than this fraction of humans gave the majority answer.
+        image_size: longest image side in pixels.
+        formats: comma-separated: jsonl, csv, image-json.
+    """
+    from vqakit.data.formats import build_mini_vqa
+
+    stats = build_mini_vqa(root, out_dir, split, num_images, seed, max_answer_words, min_agreement, image_size,
+                           formats.split(","))
+    print(json.dumps(stats, indent=1))
+    return stats
+
+
+def stats(data: DataConfig = DataConfig(), splits: str | None = None, out_dir: str = "runs/stats",
+          top_k: int = 20) -> dict:
+    """How hard is a dataset? Prints and plots (PNG) the answer distribution, answer types, question lengths,
+    top question types, and the official accuracy of blind baselines (most common answer; most common answer
+    per question type / per question), fit on ``data.train_split`` and scored on each split.
+
+    Args:
+        data: the dataset.
+        splits: comma-separated splits to describe (default: ``data.train_split`` and ``data.eval_split``).
+        out_dir: where ``{dataset}-{split}.json`` / ``.png`` go.
+        top_k: how many answers / question types to list.
+    """
+    from vqakit.data.config import load_split
+    from vqakit.stats import dataset_stats, format_stats, write_stats
+
+    names = splits.split(",") if splits else list(dict.fromkeys([data.train_split, data.eval_split]))
+    fit = load_split(data, data.train_split)
+    out = {}
+    for split in names:
+        examples = fit if split == data.train_split else load_split(data, split)
+        s = dataset_stats(examples, fit_examples=fit, top_k=top_k)
+        name = f"{data.dataset}-{split}"
+        json_path, png_path = write_stats(s, out_dir, name)
+        print(format_stats(s, name) + f"\nwrote {json_path}, {png_path}\n")
+        out[split] = s
+    return out
 
 
 def train(
@@ -245,7 +382,8 @@ def compare(
 ) -> list[dict]:
     """Train the same model under several strategies (same data split and seed) and compare time to train,
     trainable parameters, peak memory, throughput and accuracy/precision/recall/F1. Writes
-    comparison.csv/json/md and plots into ``out_dir``; rerunning continues unfinished strategies.
+    comparison.csv/json/md and plots into ``out_dir``. Rerunning skips the strategies that finished and
+    resumes an interrupted one from its last checkpoint (the settings must be the same).
 
     Args:
         model: model architecture (shared by every strategy).
@@ -259,19 +397,21 @@ def compare(
     """
     import yaml
 
-    from vqakit.compare import markdown_table, parse_strategies, run_strategy, write_outputs
+    from vqakit.compare import (check_settings, markdown_table, parse_strategies, run_strategy, strategy_settings,
+                                write_outputs)
 
     names = parse_strategies(strategies, lora_ranks)
     out = Path(out_dir)
+    config = {"model": asdict(model), "data": asdict(data), "train": asdict(train)}
+    check_settings(out, names, config, stage1_epochs)  # before anything is overwritten
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base.yaml"
-    base.write_text(yaml.safe_dump({"model": asdict(model), "data": asdict(data), "train": asdict(train)},
-                                   sort_keys=False))
+    base.write_text(yaml.safe_dump(config, sort_keys=False))
     rows = []
     for name in names:
         print(f"== {name}", flush=True)
         rows.append(run_strategy(name, ["--config", str(base)], out, stage1_epochs, train.unfreeze_last_n,
-                                 train.epochs))
+                                 train.epochs, settings=strategy_settings(name, config, stage1_epochs)))
     write_outputs(rows, out)
     print(markdown_table(rows))
     print(f"wrote {out}/comparison.csv, comparison.json, comparison.md, curves.png, accuracy_vs_time.png, "
@@ -357,6 +497,39 @@ def export(checkpoint: str, out_dir: str | None = None) -> None:
     print(f"wrote {out}: max |onnx - torch| = {info['max_abs_diff']}")
 
 
+def report(run_dirs: list[str], out_dir: str | None = None, title: str | None = None, pdf: str = "auto") -> dict:
+    """Write a paper about compare / train runs: LaTeX in IEEE two-column format (report.tex, compiled to
+    report.pdf when pdflatex is installed), report.html and report.md, with the approach, an architecture
+    diagram generated from the model config, the metrics tables and the plots.
+
+        vqakit report runs/compare-easy-vqa [MORE_RUN_DIRS...] [--out_dir DIR] [--pdf auto|true|false]
+
+    Args:
+        run_dirs: ``vqakit compare`` output directories and/or ``vqakit train`` run directories (positional).
+        out_dir: where the report goes (default ``<first run dir>/report``).
+        title: the paper's title (default: generated from the dataset and strategies).
+        pdf: ``auto`` compiles when a LaTeX engine is installed, ``true`` requires one, ``false`` skips it.
+    """
+    from vqakit.report import write_report
+
+    written = write_report(run_dirs, out_dir, title, pdf)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    if "pdf" not in written and pdf == "auto":
+        print("no LaTeX engine with IEEEtran found: report.pdf not compiled (see the README to install one)")
+    return {k: str(v) for k, v in written.items()}
+
+
+def _positional_run_dirs(argv: list[str]) -> list[str]:
+    """``report A B --opt x`` -> ``report --run_dirs '["A", "B"]' --opt x`` (the other subcommands take options only)."""
+    if not argv or argv[0] != "report":
+        return argv
+    i = 1
+    while i < len(argv) and not argv[i].startswith("-"):
+        i += 1
+    return ["report", *(["--run_dirs", json.dumps(argv[1:i])] if i > 1 else []), *argv[i:]]
+
+
 def list_models() -> list[str]:
     """List the presets: YAML files under configs/, used as ``vqakit train --config configs/NAME.yaml``."""
     names = sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -370,7 +543,11 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, visualize, serve, demo, export, compare, list_models], args=argv, as_positional=False)
+        CLI(
+            [prepare, train, evaluate, predict, visualize, serve, demo, export, compare, report, convert, generate, mini_vqa, stats, list_models],
+            args=_positional_run_dirs(sys.argv[1:] if argv is None else argv),
+            as_positional=False,
+        )
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -16,7 +16,8 @@ class DataConfig:
     """Data for a run.
 
     Args:
-        dataset: ``easy-vqa`` (packaged) or ``vqa-v2`` (official files under ``root``).
+        dataset: ``easy-vqa`` (packaged), ``vqa-v2`` (official files under ``root``), ``shapes-rel`` (procedural,
+            generated under the cache when ``root`` is unset), or ``jsonl`` / ``csv`` / ``image-json`` (under ``root``).
         root: dataset directory (``vqa-v2``: the folder with the official JSON files and image folders).
         train_split: split to train on.
         eval_split: split to evaluate on after training (easy-VQA: ``test``; VQA v2: ``val``).

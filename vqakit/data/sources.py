@@ -572,19 +572,35 @@ def _vqa_v2_examples(split: str, root: str | Path | None = None, **kwargs: Any) 
     return load_vqa_v2(root, split, **kwargs).examples
 
 
+def _lazy(module: str, name: str) -> Callable[..., list[Example]]:
+    """A loader defined in another vqakit.data module (imported on first use: no import cycle)."""
+
+    def load(split: str, **kwargs: Any) -> list[Example]:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(split, **kwargs)
+
+    load.__name__ = name
+    return load
+
+
 SOURCES: dict[str, Callable[..., list[Example]]] = {
     "easy-vqa": load_easy_vqa,
     "vqa-v2": _vqa_v2_examples,
+    "shapes-rel": _lazy("vqakit.data.procedural", "load_shapes_rel"),  # our procedural relational benchmark
+    "jsonl": _lazy("vqakit.data.formats", "load_jsonl"),  # {root}/{split}.jsonl
+    "csv": _lazy("vqakit.data.formats", "load_csv"),  # {root}/{split}.csv
+    "image-json": _lazy("vqakit.data.formats", "load_image_json"),  # {root}/{split}/*.json, one per image
 }
 
 
 def load_source(name: str, split: str, **kwargs: Any) -> list[Example]:
     """Load ``split`` of the dataset registered as ``name`` in ``SOURCES``.
 
-    >>> load_source("coco-qa", "train")
+    >>> load_source("coco-qa", "train")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
         ...
-    ValueError: Dataset 'coco-qa' not found; available datasets = ['easy-vqa', 'vqa-v2']
+    ValueError: Dataset 'coco-qa' not found; available datasets = ['csv', 'easy-vqa', 'image-json', 'jsonl', ...]
     """
     if name not in SOURCES:
         raise ValueError(f"Dataset {name!r} not found; available datasets = {sorted(SOURCES)}")
