@@ -65,6 +65,27 @@ def test_batch_encodes_each_image_once_and_matches_single_calls(torch_predictor)
         _same(got, torch_predictor.predict(image, qs))
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_question_cache_gives_the_same_answers(tiny_checkpoint, tmp_path, backend):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    plain = VQAPredictor.from_pretrained(ckpt, device="cpu", backend=backend)
+    cached = VQAPredictor.from_pretrained(ckpt, device="cpu", backend=backend, question_cache=2)
+    images = [_image(10), _image(11)]
+    questions = [[QUESTIONS[0], QUESTIONS[1]], [QUESTIONS[1], "is there a circle?"]]
+    first = cached.predict_batch(images, questions)
+    assert cached.question_cache.misses == 3 and cached.question_cache.hits == 0  # each distinct question once
+    assert len(cached.question_cache) == 2  # LRU: the oldest of three fell out
+    again = cached.predict_batch(images, questions)
+    assert cached.question_cache.hits == 2
+    for got in (first, again):
+        for a, b in zip(got, plain.predict_batch(images, questions)):
+            _same(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="question cache size"):
+        VQAPredictor.from_pretrained(ckpt, backend="torch", question_cache=-1)
+
+
 def test_attention_maps_per_question(torch_predictor):
     (a, b), = [torch_predictor.predict_batch([_image(4)], [QUESTIONS[:2]], output_attentions=True)[0]]
     assert a.attention.shape == (4, 4) and np.isfinite(a.attention).all()  # 32 px / 8 px patches

@@ -20,6 +20,8 @@ import importlib
 import importlib.util
 import json
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +50,9 @@ BACKENDS = ("auto", "torch", "onnx")
 QUANTIZATIONS = (None, "int8")
 
 # config.json ``model_type`` -> "module:Class" of its predictor (imported on first use). A class listed here has
-# ``from_pretrained(dir, device=, backend=, threads=, quantize=)`` and VQAPredictor's ``prepare_image`` /
-# ``predict_prepared`` / ``predict`` / ``predict_batch`` methods, which is all the CLI, REST service and web UI use.
+# ``from_pretrained(dir, device=, backend=, threads=, quantize=, question_cache=)``, VQAPredictor's ``prepare_image`` /
+# ``predict_prepared`` / ``predict`` / ``predict_batch`` methods and its ``backend`` / ``labels`` attributes, which is
+# all the CLI, REST service and web UI use.
 PREDICTOR_CLASSES: dict[str, str] = {"two_tower": "vqakit.predict:VQAPredictor"}
 
 
@@ -110,26 +113,73 @@ class OnnxParts:
         }
         self.max_question_length = json.loads((Path(onnx_dir) / "export.json").read_text())["max_question_length"]
 
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) -> image tokens (B, N, D)."""
+        return self.sessions["vision"].run(None, {"pixel_values": pixel_values})[0]
+
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(Q, T) token ids and mask -> question token states (Q, T, D)."""
+        return self.sessions["text"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def head(self, image_tokens: np.ndarray, states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Image tokens (Q, N, D), question states (Q, T, D) and mask (Q, T) -> logits (Q, A)."""
+        states, mask = pad_questions(states, mask, self.max_question_length)
+        feed = {"image_features": image_tokens, "text_features": states, "attention_mask": mask}
+        return self.sessions["head"].run(None, feed)[0]
+
     def logits(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray,
                image_index: np.ndarray | None = None) -> np.ndarray:
         """Images (B, 3, S, S) and Q questions -> (Q, A) logits; each image is encoded once.
 
         ``image_index`` (Q,): which image each question is about (default: all about image 0)."""
-        tokens = self.sessions["vision"].run(None, {"pixel_values": pixel_values})[0]  # (B, N, D)
-        states = self.sessions["text"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
-        states, mask = pad_questions(states, attention_mask, self.max_question_length)
+        tokens = self.encode_image(pixel_values)  # (B, N, D)
+        states = self.encode_text(input_ids, attention_mask)
         if image_index is None:
             image_index = np.zeros(len(states), dtype=np.int64)
-        feed = {"image_features": tokens[image_index], "text_features": states, "attention_mask": mask}
-        return self.sessions["head"].run(None, feed)[0]
+        return self.head(tokens[image_index], states, attention_mask)
+
+
+class QuestionCache:
+    """The text tower's states of the most recently asked distinct questions (LRU), so a question asked again,
+    about any image, skips the text tower: most of the model's time at batch size > 1 (easy-VQA has a few
+    hundred distinct questions; VQA v2's most frequent questions repeat thousands of times)."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"question cache size={size} must be at least 1")
+        self.size = size
+        self._data: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, str], value: np.ndarray) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 class VQAPredictor:
     """Answers questions about images with a two-tower classifier checkpoint (PyTorch or ONNX Runtime)."""
 
     def __init__(self, model: TwoTowerForQuestionAnswering, processor: VQAProcessor, device: str = "cpu",
-                 onnx: OnnxParts | None = None, quantize: str | None = None):
+                 onnx: OnnxParts | None = None, quantize: str | None = None, question_cache: int = 0):
         self.model = model.eval().to(device)
+        self.question_cache = QuestionCache(question_cache) if question_cache else None
         self.processor = processor
         self.device = device
         self.onnx = onnx
@@ -147,7 +197,8 @@ class VQAPredictor:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto",
-                        threads: int | None = None, quantize: str | None = None) -> "VQAPredictor":
+                        threads: int | None = None, quantize: str | None = None, question_cache: int = 0
+                        ) -> "VQAPredictor":
         """Load a checkpoint directory, with the predictor its ``config.json``'s ``model_type`` asks for.
 
         ``backend``: ``torch``; ``onnx`` (ONNX Runtime on CPU over ``<checkpoint>/onnx/``, exported and
@@ -155,6 +206,7 @@ class VQAPredictor:
         device is the CPU and onnxruntime is installed, else ``torch``.
         ``quantize``: ``None`` (float32) or ``"int8"``: dynamic INT8 quantization of the Linear layers, CPU only
         (torch: ``torch.ao.quantization.quantize_dynamic``; onnx: ``<checkpoint>/onnx/int8/``, made on first use).
+        ``question_cache``: keep the text tower's states of this many recent distinct questions (0: none).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
@@ -164,7 +216,7 @@ class VQAPredictor:
         impl = predictor_class(model_type)
         if not issubclass(cls, impl):  # another model family's predictor
             return impl.from_pretrained(checkpoint_dir, device=device, backend=backend, threads=threads,
-                                        quantize=quantize)
+                                        quantize=quantize, question_cache=question_cache)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if quantize and device != "cpu":
             raise ValueError(f"quantize={quantize!r} is dynamic INT8 quantization for the CPU; got device={device!r}")
@@ -189,7 +241,7 @@ class VQAPredictor:
         if quantize == "int8":
             # the torch model also serves attention maps on the onnx backend: quantize it the same way
             model = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
-        return cls(model, processor, device, onnx, quantize)
+        return cls(model, processor, device, onnx, quantize, question_cache)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """BCE-trained heads score each answer independently (sigmoid); CE heads with a softmax."""
@@ -235,19 +287,21 @@ class VQAPredictor:
         flat = [q for qs in per_image for q in qs]
         image_index = torch.tensor([i for i, qs in enumerate(per_image) for _ in qs])  # (Q,)
         pixels = torch.stack(list(pixel_values))  # (B, 3, S, S)
-        text = self.processor.text(flat)
+        use_onnx = self.onnx is not None and not output_attentions  # attention maps come from the torch model
+        states, mask = self._question_states(flat, use_onnx)  # (Q, T, D), (Q, T)
         attention = None
-        if self.onnx is not None and not output_attentions:  # attention maps come from the torch model
-            logits = torch.from_numpy(self.onnx.logits(pixels.numpy(), text["input_ids"].numpy(),
-                                                       text["attention_mask"].numpy(), image_index.numpy()))
+        if use_onnx:
+            tokens = self.onnx.encode_image(pixels.numpy())  # (B, N, D), once per image
+            logits = torch.from_numpy(self.onnx.head(tokens[image_index.numpy()], states, mask))
         else:
             image_features = self.model.backbone.encode_image(pixels.to(self.device))  # (B, N, D), once per image
-            text = {k: v.to(self.device) for k, v in text.items()}
+            mask_t = torch.from_numpy(mask).to(self.device)
             out = self.model(image_features=image_features[image_index.to(self.device)],
-                             output_attentions=output_attentions, **text)
+                             text_features=torch.from_numpy(states).to(self.device), attention_mask=mask_t,
+                             output_attentions=output_attentions)
             logits = out.logits
             if output_attentions and out.attentions:
-                attention = self._attention_maps(out.attentions, text["attention_mask"])
+                attention = self._attention_maps(out.attentions, mask_t)
         probs = self.probabilities(logits).float().cpu()  # (Q, A)
         results, k = [], 0
         for qs in per_image:
@@ -255,6 +309,37 @@ class VQAPredictor:
                             for j, q in enumerate(qs)])
             k += len(qs)
         return results
+
+    def _question_states(self, questions: list[str], use_onnx: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The text tower's states of ``questions``, zero-padded: (Q, T, D) float32 and mask (Q, T) int64.
+        Each distinct question is encoded once per call, and not at all when the question cache has it."""
+        cache, backend = self.question_cache, ("onnx" if use_onnx else "torch")  # the two differ by ~1e-6
+        found: dict[str, np.ndarray] = {}
+        missing = []
+        for q in dict.fromkeys(questions):
+            hit = cache.get((backend, q)) if cache is not None else None
+            if hit is None:
+                missing.append(q)
+            else:
+                found[q] = hit
+        if missing:
+            text = self.processor.text(missing)
+            if use_onnx:
+                out = self.onnx.encode_text(text["input_ids"].numpy(), text["attention_mask"].numpy())
+            else:
+                enc = {k: v.to(self.device) for k, v in text.items()}
+                out = self.model.backbone.encode_text(enc["input_ids"], enc["attention_mask"]).float().cpu().numpy()
+            for q, q_states, n in zip(missing, out, text["attention_mask"].sum(1).tolist()):
+                found[q] = q_states[:n].astype(np.float32, copy=True)  # its own tokens, without the padding
+                if cache is not None:
+                    cache.put((backend, q), found[q])
+        T = max(len(found[q]) for q in questions)
+        states = np.zeros((len(questions), T, next(iter(found.values())).shape[-1]), dtype=np.float32)
+        mask = np.zeros((len(questions), T), dtype=np.int64)
+        for i, q in enumerate(questions):
+            states[i, : len(found[q])] = found[q]
+            mask[i, : len(found[q])] = 1
+        return states, mask
 
     def _prediction(self, question: str, probs: torch.Tensor, top_k: int, attention) -> Prediction:
         values, ids = probs.topk(max(1, min(top_k, len(self.labels))))

@@ -2,9 +2,10 @@
 
 The heatmap is the question->image attention of the fusion layers (``VQAPredictor.predict(...,
 output_attentions=True)``: averaged over layers, heads and question tokens), one weight per cell of the vision
-tower's grid. It is upsampled bicubically to the image, min-max scaled and blended through a colormap, as
+tower's grid. It is min-max scaled, upsampled bilinearly to the image and blended through a colormap, as
 in Grad-CAM style overlays (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391). With a coarse grid
-(easy-VQA at 64 px gives EfficientNet's 2 x 2) the map says which quadrant the model attended, no more.
+(easy-VQA at 64 px gives EfficientNet's 2 x 2) the map says which quadrant the model attended, no more, so
+the prediction card also writes each cell's attention weight on it.
 
     vqakit predict   --checkpoint DIR --image img.png --question "what shape?" --output result.png
     vqakit visualize --checkpoint DIR --data.dataset easy-vqa --split test --output grid.png
@@ -42,7 +43,7 @@ def heatmap_overlay(image, attention: np.ndarray, alpha: float = 0.45, cmap: str
     img = _upscaled(load_image(image), min_side)
     lo, hi = float(attention.min()), float(attention.max())
     scaled = (attention - lo) / (hi - lo) if hi > lo else np.zeros_like(attention)
-    grid = Image.fromarray(scaled, mode="F").resize(img.size, Image.BICUBIC)
+    grid = Image.fromarray(scaled, mode="F").resize(img.size, Image.BILINEAR)  # bicubic overshoots a 2 x 2 grid
     colours = colormaps[cmap](np.clip(np.asarray(grid), 0.0, 1.0))[..., :3]  # (H, W, 3) in [0, 1]
     heat = Image.fromarray((colours * 255).astype(np.uint8), mode="RGB")
     return Image.blend(img, heat, alpha)
@@ -74,6 +75,12 @@ def render_predictions(image, predictions, output: str | Path, title: str | None
         shown = heatmap_overlay(base, p.attention) if p.attention is not None else _upscaled(base, MIN_SIDE)
         ax_img.imshow(shown)
         ax_img.set_axis_off()
+        if p.attention is not None and p.attention.size <= 16:  # a coarse grid: show each cell's weight
+            h, w = p.attention.shape
+            for (r, c), value in np.ndenumerate(p.attention):
+                ax_img.text((c + 0.5) * shown.width / w, (r + 0.5) * shown.height / h, f"{value:.2f}",
+                            ha="center", va="center", fontsize=11, color="white",
+                            bbox={"boxstyle": "round", "facecolor": "black", "alpha": 0.45, "linewidth": 0})
         ax_img.set_title(("attention heatmap" if p.attention is not None else "image"), fontsize=10)
         labels = [a for a, _ in p.top_k][::-1]
         scores = [s for _, s in p.top_k][::-1]
@@ -122,7 +129,7 @@ def render_grid(examples, predictions, output: str | Path, columns: int = 4, tit
         raise ValueError(f"columns={columns} must be at least 1")
     columns = min(columns, len(examples))
     rows = -(-len(examples) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 4.1 * rows), squeeze=False)
     correct = 0.0
     for ax, e, p in zip(axes.flat, examples, predictions):
         shown = heatmap_overlay(e.image, p.attention) if p.attention is not None else _upscaled(load_image(e.image),

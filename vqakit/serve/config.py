@@ -20,6 +20,8 @@ class ServeConfig:
         backend: ``auto``, ``torch`` or ``onnx`` (as for ``vqakit predict``).
         quantize: ``int8``: dynamic INT8 quantization of the Linear layers (CPU).
         threads: intra-op threads of the model (default: the runtime's).
+        question_cache: keep the text tower's states of this many recent distinct questions, so a repeated
+            question skips the text tower (0: off).
         max_batch_size: most questions answered in one forward pass; concurrent requests are grouped up to this.
         max_wait_ms: how long a batch waits for requests that are already being received (0: never wait).
         max_queue: most requests waiting for the model; more get 503 (the server is overloaded).
@@ -40,6 +42,7 @@ class ServeConfig:
     backend: str = "auto"
     quantize: str | None = None
     threads: int | None = None
+    question_cache: int = 4096
     max_batch_size: int = 32
     max_wait_ms: float = 2.0
     max_queue: int = 256
@@ -64,7 +67,7 @@ class ServeConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--server.{name}={getattr(self, name)} must be positive")
-        for name in ("max_wait_ms", "max_url_redirects"):
+        for name in ("max_wait_ms", "max_url_redirects", "question_cache"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--server.{name}={getattr(self, name)} must not be negative")
         self.allowed_url_hosts = [h.strip().lower().rstrip(".") for h in self.allowed_url_hosts if h.strip()]
