@@ -78,7 +78,8 @@ def test_clear_errors(tmp_path):
     (tmp_path / "train" / "1.json").write_text(json.dumps({"questions": []}))
     with pytest.raises(ValueError, match=r"1.json: missing key 'path'"):
         load_source("image-json", "train", root=tmp_path)
-    (tmp_path / "test.jsonl").write_text('{"image": "x.jpg", "question": "q?", "answer": "a", "answer_type": "color"}\n')
+    bad_type = '{"image": "x.jpg", "question": "q?", "answer": "a", "answer_type": "color"}\n'
+    (tmp_path / "test.jsonl").write_text(bad_type)
     with pytest.raises(ValueError, match="answer_type='color'"):
         load_source("jsonl", "test", root=tmp_path)
 

@@ -36,19 +36,22 @@ def _digest(root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return write_shapes_rel(tmp_path_factory.mktemp("shapes"), num_train_images=30, num_val_images=10)
+    return write_shapes_rel(tmp_path_factory.mktemp("shapes"), num_train_images=30, num_val_images=10,
+                            questions_per_image=5)
 
 
 def test_deterministic_per_seed(shapes, tmp_path):
-    again = write_shapes_rel(tmp_path / "a", num_train_images=30, num_val_images=10)
-    other = write_shapes_rel(tmp_path / "b", num_train_images=30, num_val_images=10, seed=1)
+    again = write_shapes_rel(tmp_path / "a", num_train_images=30, num_val_images=10, questions_per_image=5)
+    other = write_shapes_rel(tmp_path / "b", num_train_images=30, num_val_images=10, questions_per_image=5,
+                             seed=1)
     assert _digest(again) == _digest(shapes)
     assert _digest(other) != _digest(shapes)
 
 
 def test_prefix_stable(shapes, tmp_path):
     """A bigger dataset with the same seed starts with the same images and questions."""
-    small = load_vqa_v2(write_shapes_rel(tmp_path, num_train_images=12, num_val_images=1), "train").examples
+    small = load_vqa_v2(write_shapes_rel(tmp_path, num_train_images=12, num_val_images=1, questions_per_image=5),
+                        "train").examples
     big = load_vqa_v2(shapes, "train").examples
     assert [(e.question, e.answers) for e in small] == [(e.question, e.answers) for e in big[: len(small)]]
 
@@ -68,7 +71,8 @@ def test_official_layout_and_families(shapes):
 
 def test_answers_are_true_of_the_scene(shapes):
     """Re-derive answers from the written scene graphs for a few templates."""
-    scenes = {s["image_id"]: s["objects"] for s in json.loads((shapes / "shapes_rel_train2014_scenes.json").read_text())}
+    written = json.loads((shapes / "shapes_rel_train2014_scenes.json").read_text())
+    scenes = {s["image_id"]: s["objects"] for s in written}
     checked = 0
     for e in load_vqa_v2(shapes, "train").examples:
         objs = scenes[e.image_id]
@@ -125,3 +129,14 @@ def test_config_errors(tmp_path):
         load_shapes_rel("train", root=tmp_path)
     with pytest.raises(ValueError, match="available splits"):
         load_shapes_rel("test", root=tmp_path)
+
+
+def test_generate_cli_then_train_source(tmp_path, capsys):
+    from vqakit.cli import main
+
+    main(["generate", "--out_dir", str(tmp_path / "g"), "--num_train_images", "6", "--num_val_images", "2",
+          "--questions_per_image", "4", "--seed", "3"])
+    assert "8 images, 32 questions" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "g" / "shapes_rel.json").read_text())
+    assert cfg["seed"] == 3 and cfg["questions_per_image"] == 4
+    assert len(load_source("shapes-rel", "val", root=tmp_path / "g")) == 8

@@ -265,11 +265,28 @@ def test_bad_split_names():
 
 
 def test_registry(vqa_root):
-    assert set(SOURCES) == {"easy-vqa", "vqa-v2"}
+    assert set(SOURCES) == {"easy-vqa", "vqa-v2", "shapes-rel", "jsonl", "csv", "image-json"}
     assert len(load_source("easy-vqa", "test")) == 9_673
     examples = load_source("vqa-v2", "train", root=vqa_root, train_image_fraction=0.5, seed=0)
     assert examples == load_vqa_v2(vqa_root, "train", 0.5, 0).examples
     with pytest.raises(ValueError, match="needs root="):
         load_source("vqa-v2", "train")
-    with pytest.raises(ValueError, match=r"Dataset 'coco-qa' not found; available datasets = \['easy-vqa', 'vqa-v2'\]"):
+    with pytest.raises(ValueError, match=r"Dataset 'coco-qa' not found; available datasets = \['csv', 'easy-vqa', "):
         load_source("coco-qa", "train")
+
+
+def test_annotations_streamed_and_malformed_json_named(vqa_root, tmp_path):
+    """The streamed reader gives the same examples as a whole-file parse; a truncated file is named."""
+    import shutil
+
+    import vqakit.data.sources as sources
+
+    full = load_vqa_v2(vqa_root, "train").examples
+    kept, image_of = sources._read_vqa_v2_annotations(vqa_root / "v2_mscoco_train2014_annotations.json", {-1})
+    assert kept == {} and len(image_of) == len(full)  # every annotation checked, none of an unsampled image kept
+    root = tmp_path / "trunc"
+    shutil.copytree(vqa_root, root)
+    path = root / "v2_mscoco_train2014_annotations.json"
+    path.write_text(path.read_text()[:-500])
+    with pytest.raises(ValueError, match=r"v2_mscoco_train2014_annotations.json is not valid JSON"):
+        load_vqa_v2(root, "train")

@@ -51,7 +51,7 @@ def test_dataset_stats_counts():
 def test_stats_cli(tmp_path, capsys):
     from vqakit.data.procedural import write_shapes_rel
 
-    root = write_shapes_rel(tmp_path / "d", num_train_images=20, num_val_images=10)
+    root = write_shapes_rel(tmp_path / "d", num_train_images=20, num_val_images=10, questions_per_image=5)
     main(["stats", "--data.dataset", "shapes-rel", "--data.root", str(root), "--data.eval_split", "val",
           "--out_dir", str(tmp_path / "s")])
     out = capsys.readouterr().out

@@ -40,8 +40,10 @@ def _setup_logging() -> None:
     log.setLevel(logging.INFO)
 
 
-def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared") -> dict:
-    """Load and validate a dataset, check every image, build the answer vocabulary, print statistics.
+def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared", model: TwoTowerConfig = TwoTowerConfig(),
+            train: TrainConfig = TrainConfig(), cache_features: bool = False, workers: int = 4) -> dict:
+    """Load and validate a dataset, check every image, build the answer vocabulary, print statistics and,
+    with ``--cache_features true``, fill the feature cache of ``model``'s frozen towers for training.
 
     Writes ``{out_dir}/{dataset}/``: ``{split}.jsonl`` (one example per line), ``answer_vocab.json``,
     ``stats.json`` and, for a sampled VQA v2 training split, ``sample.json`` (the sampled image ids).
@@ -49,37 +51,101 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared") -> 
     Args:
         data: which dataset and splits.
         out_dir: where the prepared files go.
+        model: the model whose (frozen) towers' features are cached (pass the training recipe's ``--config``).
+        train: the training settings: only towers that ``train.vision`` / ``train.text`` freeze are cached.
+        cache_features: encode every image and question once into the feature cache (resumable: rerun a
+            killed ``prepare`` and it continues from the last finished shard).
+        workers: threads that check and decode images.
     """
+    import os
+    import time
+
     from vqakit.data.answers import AnswerVocab
     from vqakit.data.config import load_split
     from vqakit.data.images import filter_examples, scan_images
+    from vqakit.stats import dataset_stats, format_stats
 
     target = Path(out_dir) / data.dataset
     target.mkdir(parents=True, exist_ok=True)
     stats = {"dataset": data.dataset, "splits": {}}
+    kept = {}
     for split in dict.fromkeys([data.train_split, data.eval_split]):
+        start = time.perf_counter()
         examples = load_split(data, split)
-        report = scan_images({e.image_id: e.image for e in examples})
+        if not examples:
+            raise ValueError(f"{data.dataset} split {split!r} has no questions (root={data.root})")
+        paths = {e.image_id: e.image for e in examples}
+        if not any(os.path.exists(p) for p in list(paths.values())[:1000]):
+            folder = Path(next(iter(paths.values()))).parent
+            raise FileNotFoundError(
+                f"{data.dataset} {split}: none of the images exist, e.g. {next(iter(paths.values()))}; expected "
+                f"{len(paths):,} image files in {folder}" + (" (unzip train2014.zip / val2014.zip from "
+                "https://cocodataset.org into --data.root)" if data.dataset == "vqa-v2" else "")
+            )
+        report = scan_images(paths, workers=workers)
         examples = filter_examples(examples, report)
+        kept[split] = examples
         with open(target / f"{split}.jsonl", "w") as f:
             for e in examples:
                 f.write(json.dumps(e.to_dict()) + "\n")
+        if data.dataset == "vqa-v2" and split == data.train_split and data.train_image_fraction < 1.0:
+            from vqakit.data.sources import vqa_v2_split_name
+
+            sample = {"dataset": "vqa-v2", "split": vqa_v2_split_name(split), "fraction": data.train_image_fraction,
+                      "seed": data.seed, "image_ids": sorted(paths)}
+            (target / "sample.json").write_text(json.dumps(sample) + "\n")
         stats["splits"][split] = {
             "questions": len(examples),
             "images": len({e.image_id for e in examples}),
             "bad_images": len(report.bad),
             "answer_types": dict(Counter(e.answer_type for e in examples)),
         }
+        stats.setdefault("seconds", {})[split] = round(time.perf_counter() - start, 1)
         print(f"{split}: {len(examples):,} questions, {stats['splits'][split]['images']:,} images; {report.summary()}")
+        if any(e.answers for e in examples):
+            details = dataset_stats(examples, fit_examples=kept.get(data.train_split))
+            stats.setdefault("statistics", {})[split] = details
+            print(format_stats(details, f"{data.dataset} {split}"))
         if split == data.train_split:
             vocab = AnswerVocab.build([e.answers for e in examples], top_k=data.top_k_answers)
             vocab.to_json(target / "answer_vocab.json")
             coverage = vocab.coverage([e.answers for e in examples])
             stats["answer_vocab"] = {"size": len(vocab), "coverage": round(100 * coverage, 2)}
             print(f"answer vocabulary: {len(vocab)} answers cover {100 * coverage:.2f}% of {split} questions")
+    if cache_features:
+        stats["feature_cache"] = _cache_features(model, data, kept, vocab, workers, train)
     (target / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"wrote {target}")
     return stats
+
+
+def _cache_features(model_cfg: TwoTowerConfig, data: DataConfig, splits: dict, vocab, workers: int,
+                    train: TrainConfig) -> dict:
+    """Encode every image and question of ``splits`` with ``model_cfg``'s towers into the feature cache."""
+    import time
+
+    from vqakit.features import cache_image_features, cache_text_features
+    from vqakit.models.two_tower import TwoTowerConfig as Config
+    from vqakit.models.two_tower import TwoTowerForQuestionAnswering
+    from vqakit.processor import VQAProcessor
+
+    cfg = Config(**{**asdict(model_cfg), "id2label": vocab.id2label})
+    net = TwoTowerForQuestionAnswering(cfg).eval()
+    processor = VQAProcessor.from_config(cfg)
+    root = None if data.cache_dir is None else Path(data.cache_dir) / "features"
+    examples = [e for exs in splits.values() for e in exs]
+    images = list(dict.fromkeys(e.image for e in examples))
+    start = time.perf_counter()
+    if train.vision == "frozen":
+        cache_image_features(net, processor, images, root, progress=True, workers=workers)
+    image_s = time.perf_counter() - start
+    if train.text == "frozen":
+        cache_text_features(net, processor, [e.question for e in examples], root, progress=True)
+    out = {"images": len(images), "image_seconds": round(image_s, 1),
+           "images_per_s": round(len(images) / max(image_s, 1e-9), 1),
+           "total_seconds": round(time.perf_counter() - start, 1)}
+    print(f"feature cache: {len(images):,} images in {image_s:.1f} s ({out['images_per_s']} images/s)")
+    return out
 
 
 def convert(
@@ -125,9 +191,9 @@ def convert(
 
 def generate(
     out_dir: str = "data/shapes-rel",
-    num_train_images: int = 4000,
-    num_val_images: int = 1000,
-    questions_per_image: int = 5,
+    num_train_images: int = 2000,
+    num_val_images: int = 500,
+    questions_per_image: int = 10,
     occlusion: float = 0.15,
     seed: int = 0,
 ) -> str:
@@ -216,6 +282,32 @@ def stats(data: DataConfig = DataConfig(), splits: str | None = None, out_dir: s
         print(format_stats(s, name) + f"\nwrote {json_path}, {png_path}\n")
         out[split] = s
     return out
+
+
+def bench(suite: str = "benchmarks/suite.yaml", out_dir: str = "runs/bench", quick: bool = False,
+          only: str | None = None, extra_args: list[str] | None = None, reuse: bool = False,
+          results_dir: str | None = "benchmarks/results") -> dict:
+    """Run the benchmark suite (datasets x model recipes): train, evaluate and time each entry; write
+    ``bench.json`` and ``bench.md`` (accuracy per dataset and answer type, time to train, predict latency
+    p50/p95, throughput, peak memory).
+
+    Args:
+        suite: YAML file with ``entries: [{name, config, args}]``.
+        out_dir: where the runs, their logs, bench.json and bench.md go.
+        quick: a few hundred questions and a few steps per entry (a smoke test, not a measurement).
+        only: comma-separated entry names to run.
+        extra_args: more ``vqakit train`` flags for every entry, e.g. ``["--model.image_size", "32"]``.
+        reuse: take entries already trained and evaluated in ``out_dir`` as they are (prediction is still timed).
+        results_dir: also copy bench.json and bench.md here (not in ``--quick`` mode).
+    """
+    from vqakit.bench import markdown_table, run_suite
+
+    result = run_suite(suite, out_dir, quick=quick, extra_args=extra_args, only=only.split(",") if only else None,
+                       reuse=reuse, results_dir=None if quick else results_dir)
+    print(markdown_table(result["rows"]))
+    print(f"wrote {out_dir}/bench.json, {out_dir}/bench.md" + ("" if quick or not results_dir else
+                                                              f" and {results_dir}/bench.json, bench.md"))
+    return result
 
 
 def train(
@@ -545,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     try:
         CLI(
-            [prepare, train, evaluate, predict, visualize, serve, demo, export, compare, report, convert, generate, mini_vqa, stats, list_models],
+            [prepare, train, evaluate, predict, visualize, serve, demo, export, compare, report, convert, generate, mini_vqa, stats, bench, list_models],
             args=_positional_run_dirs(sys.argv[1:] if argv is None else argv),
             as_positional=False,
         )

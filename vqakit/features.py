@@ -29,8 +29,9 @@ def _slug(name: str) -> str:
 
 @torch.inference_mode()
 def cache_image_features(model, processor, image_paths: list[str], cache_root=None, batch_size: int = 64,
-                         progress: bool = True) -> tuple[FeatureCache, list[str]]:
-    """Encode every image with the (frozen) vision tower; returns the cache and one key per path."""
+                         progress: bool = True, workers: int = 4) -> tuple[FeatureCache, list[str]]:
+    """Encode every image with the (frozen) vision tower; returns the cache and one key per path.
+    Images are decoded by ``workers`` threads, ahead of the tower; finished shards survive a killed build."""
     cfg = model.config
     vision = model.backbone.vision.eval()
     namespace = f"vision-{_slug(cfg.vision_tower)}-{cfg.image_size}-" + tower_fingerprint(
@@ -41,10 +42,12 @@ def cache_image_features(model, processor, image_paths: list[str], cache_root=No
     digest = dict(zip(unique, file_digests(unique)))
     keys = [digest[p] for p in image_paths]
 
-    def encode(paths):
-        return {"tokens": vision(processor.images(paths)).to(torch.float16).numpy()}  # (B, N, D)
+    def encode(pixels):  # a list of (3, S, S) tensors, decoded in a thread pool by cache.build
+        return {"tokens": vision(torch.stack(pixels)).to(torch.float16).numpy()}  # (B, N, D)
 
-    cache.build(keys, image_paths, encode, batch_size=batch_size, desc="image features", progress=progress)
+    # shards of 512 images: a killed build loses at most 511 encoded images when it is run again
+    cache.build(keys, image_paths, encode, batch_size=batch_size, shard_size=512, desc="image features",
+                progress=progress, load=processor.image, workers=workers)
     return cache, keys
 
 

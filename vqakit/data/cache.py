@@ -15,7 +15,8 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,8 +119,15 @@ class FeatureCache:
         shard_size: int = 2048,
         desc: str = "caching features",
         progress: bool = True,
+        load: Callable | None = None,
+        workers: int = 4,
     ) -> int:
         """Encode the items whose keys are missing, ``batch_size`` at a time, one shard per ``shard_size``.
+
+        Streaming and resumable: items are loaded a batch at a time (``load(item)``, e.g. decoding an image,
+        runs in a pool of ``workers`` threads, up to two batches ahead of ``encode``), and every finished shard
+        is on disk, so a build that is killed continues from its last shard when run again. Memory stays
+        bounded by one shard of outputs plus a few batches of loaded items, whatever the number of items.
 
         Holds an exclusive lock on the cache folder while building, so processes sharing it (the ranks of
         a DDP run) encode each item once: the others wait, re-read the shards, and find them cached.
@@ -129,7 +137,7 @@ class FeatureCache:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self._reload()
-                return self._build(keys, items, encode, batch_size, shard_size, desc, progress)
+                return self._build(keys, items, encode, batch_size, shard_size, desc, progress, load, workers)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -139,7 +147,7 @@ class FeatureCache:
             if keys_file.name not in self._opened:
                 self._open_shard(keys_file)
 
-    def _build(self, keys, items, encode, batch_size, shard_size, desc, progress) -> int:
+    def _build(self, keys, items, encode, batch_size, shard_size, desc, progress, load, workers) -> int:
         todo = {}
         for k, item in zip(keys, items):
             if k not in self.index and k not in todo:
@@ -149,10 +157,28 @@ class FeatureCache:
             for start in range(0, len(pending), shard_size):
                 chunk = pending[start : start + shard_size]
                 parts: dict[str, list[np.ndarray]] = {}
-                for b in range(0, len(chunk), batch_size):
-                    out = encode([item for _, item in chunk[b : b + batch_size]])
+                for batch in _loaded_batches([item for _, item in chunk], batch_size, load, workers):
+                    out = encode(batch)
                     for field, arr in out.items():
                         parts.setdefault(field, []).append(arr)
-                    bar.update(min(batch_size, len(chunk) - b))
+                    bar.update(len(batch))
                 self.add([k for k, _ in chunk], {f: np.concatenate(a) for f, a in parts.items()})
         return len(pending)
+
+
+def _loaded_batches(items: list, batch_size: int, load: Callable | None, workers: int,
+                    ahead: int = 2) -> Iterator[list]:
+    """``items`` in batches, each item passed through ``load`` in a thread pool, ``ahead`` batches in advance
+    (PIL decoding and resizing release the GIL, so this overlaps image decoding with the tower's forward)."""
+    batches = [items[b : b + batch_size] for b in range(0, len(items), batch_size)]
+    if load is None:
+        yield from batches
+        return
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        queued: deque = deque()
+        for batch in batches:
+            queued.append([pool.submit(load, item) for item in batch])
+            if len(queued) > ahead:
+                yield [f.result() for f in queued.popleft()]
+        while queued:
+            yield [f.result() for f in queued.popleft()]

@@ -141,7 +141,8 @@ def load_csv(split: str, root: str | Path | None = None) -> list[Example]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = set(reader.fieldnames or [])
-        missing = sorted({"image", "question"} - header) + ([] if {"answer", "answers"} & header else ["answer or answers"])
+        missing = sorted({"image", "question"} - header)
+        missing += [] if {"answer", "answers"} & header else ["answer or answers"]
         if missing:
             raise ValueError(f"{path}: header {reader.fieldnames} lacks column(s) {missing}")
         for row_no, row in enumerate(reader, 2):

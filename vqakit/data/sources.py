@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,10 +242,6 @@ def load_vqa_v2(
     has_answers = not name.startswith("test")
 
     questions = _read_vqa_v2_questions(questions_path)
-    annotations = _read_vqa_v2_annotations(annotations_path) if has_answers else {}
-    if has_answers:
-        _check_agreement(questions, annotations, questions_path, annotations_path)
-
     all_image_ids = sorted({q["image_id"] for q in questions})
     if sample_file is not None:
         sampled, recorded_fraction, recorded_seed = _read_sample(Path(sample_file), name, all_image_ids)
@@ -262,6 +258,10 @@ def load_vqa_v2(
     else:
         sampled, fraction = all_image_ids, 1.0
     keep = set(sampled)
+    annotations: dict[int, dict] = {}
+    if has_answers:  # streamed: only the kept images' annotations are held in memory
+        annotations, image_of = _read_vqa_v2_annotations(annotations_path, keep)
+        _check_agreement(questions, image_of, questions_path, annotations_path)
 
     examples = []
     for q in questions:
@@ -274,7 +274,7 @@ def load_vqa_v2(
                 question=q["question"],
                 question_id=q["question_id"],
                 image_id=q["image_id"],
-                answers=[a["answer"] for a in ann["answers"]] if ann else [],
+                answers=ann["answers"] if ann else [],
                 answer_type=ann["answer_type"] if ann else "other",
                 question_type=ann["question_type"] if ann else "",
             )
@@ -292,14 +292,34 @@ def _read_json(path: Path, what: str) -> Any:
         raise ValueError(f"{path} is not valid JSON ({e}); it should contain {what}. Re-download or re-extract it.") from e
 
 
-def _read_records(path: Path, top_key: str, keys: tuple[str, ...], content: str, label: str) -> list[dict]:
+def _read_records(path: Path, top_key: str, keys: tuple[str, ...], content: str, label: str) -> Iterator[dict]:
+    """The records under ``top_key``, validated one by one.
+
+    Streamed with ijson (https://github.com/ICRAR/ijson), so a 330 MB annotation file is never held as one
+    Python object tree; when streaming yields nothing or fails, the file is parsed whole to name the error.
+    """
     if not path.is_file():
         raise FileNotFoundError(
             f"VQA v2 {label} file not found: {path}. It should contain {content}, as in the official zip from "
             "https://visualqa.org/download.html. Check root= and split=, or try the loader on "
             "vqakit.data.sources.write_vqa_v2_fixture(root)."
         )
-    data = _read_json(path, what=content)
+    try:
+        import ijson
+    except ImportError:  # a declared dependency; without it the file is parsed whole
+        ijson = None
+    n = 0
+    if ijson is not None:
+        try:
+            with open(path, "rb") as f:
+                for n, r in enumerate(ijson.items(f, f"{top_key}.item", use_float=True), 1):
+                    _check_record(path, top_key, n - 1, r, keys, content)
+                    yield r
+        except ijson.JSONError:
+            n = 0  # malformed JSON: the full parse below raises and says where
+        if n:
+            return
+    data = _read_json(path, what=content)  # nothing streamed: empty, malformed, or not the expected shape
     if not isinstance(data, dict) or top_key not in data:
         found = list(data)[:10] if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path}: missing key {top_key!r} at the top level (found {found}); expected {content}")
@@ -307,20 +327,24 @@ def _read_records(path: Path, top_key: str, keys: tuple[str, ...], content: str,
     if not isinstance(records, list):
         raise ValueError(f"{path}: key {top_key!r} should hold a list, got {type(records).__name__}")
     for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise ValueError(f"{path}: {top_key}[{i}] should be an object, got {type(r).__name__}")
-        for key in keys:
-            if key not in r:
-                qid = r.get("question_id", "?")
-                raise ValueError(f"{path}: {top_key}[{i}] (question_id={qid}) is missing key {key!r}; expected {content}")
-        for key in ("image_id", "question_id"):
-            if isinstance(r[key], bool) or not isinstance(r[key], int):
-                raise ValueError(f"{path}: {top_key}[{i}] key {key!r} should be an integer, got {r[key]!r}")
-    return records
+        _check_record(path, top_key, i, r, keys, content)
+        yield r
+
+
+def _check_record(path: Path, top_key: str, i: int, r: Any, keys: tuple[str, ...], content: str) -> None:
+    if not isinstance(r, dict):
+        raise ValueError(f"{path}: {top_key}[{i}] should be an object, got {type(r).__name__}")
+    for key in keys:
+        if key not in r:
+            qid = r.get("question_id", "?")
+            raise ValueError(f"{path}: {top_key}[{i}] (question_id={qid}) is missing key {key!r}; expected {content}")
+    for key in ("image_id", "question_id"):
+        if isinstance(r[key], bool) or not isinstance(r[key], int):
+            raise ValueError(f"{path}: {top_key}[{i}] key {key!r} should be an integer, got {r[key]!r}")
 
 
 def _read_vqa_v2_questions(path: Path) -> list[dict]:
-    questions = _read_records(path, "questions", _QUESTION_KEYS, _QUESTIONS_CONTENT, "questions")
+    questions = list(_read_records(path, "questions", _QUESTION_KEYS, _QUESTIONS_CONTENT, "questions"))
     counts = Counter(q["question_id"] for q in questions)
     duplicates = [qid for qid, n in counts.items() if n > 1]
     if duplicates:
@@ -328,12 +352,17 @@ def _read_vqa_v2_questions(path: Path) -> list[dict]:
     return questions
 
 
-def _read_vqa_v2_annotations(path: Path) -> dict[int, dict]:
+def _read_vqa_v2_annotations(
+    path: Path, keep_image_ids: set[int] | None = None
+) -> tuple[dict[int, dict], dict[int, int]]:
+    """Validate every annotation; return those of ``keep_image_ids`` (all when None), compacted to the fields
+    the loader uses, and ``question_id -> image_id`` of all of them (to check them against the questions)."""
     records = _read_records(path, "annotations", _ANNOTATION_KEYS, _ANNOTATIONS_CONTENT, "annotations")
     annotations: dict[int, dict] = {}
+    image_of: dict[int, int] = {}
     for i, ann in enumerate(records):
         qid = ann["question_id"]
-        if qid in annotations:
+        if qid in image_of:
             raise ValueError(f"{path}: question_id={qid} is annotated twice (annotations[{i}])")
         if ann["answer_type"] not in ANSWER_TYPES:
             raise ValueError(
@@ -348,21 +377,24 @@ def _read_vqa_v2_annotations(path: Path) -> dict[int, dict]:
             )
         if len(answers) > NUM_HUMAN_ANSWERS:
             raise ValueError(f"{path}: annotations[{i}] (question_id={qid}) has {len(answers)} answers, at most 10")
-        annotations[qid] = ann
-    return annotations
+        image_of[qid] = ann["image_id"]
+        if keep_image_ids is None or ann["image_id"] in keep_image_ids:
+            annotations[qid] = {"answers": [a["answer"] for a in answers], "answer_type": ann["answer_type"],
+                                "question_type": ann["question_type"]}
+    return annotations, image_of
 
 
-def _check_agreement(questions: list[dict], annotations: dict[int, dict], q_path: Path, a_path: Path) -> None:
+def _check_agreement(questions: list[dict], image_of: dict[int, int], q_path: Path, a_path: Path) -> None:
     qids = {q["question_id"] for q in questions}
-    unanswered = qids - annotations.keys()
-    orphans = annotations.keys() - qids
+    unanswered = qids - image_of.keys()
+    orphans = image_of.keys() - qids
     if unanswered or orphans:
         raise ValueError(
             f"{q_path.name} and {a_path.name} disagree: {len(unanswered)} questions have no annotation "
             f"(question ids {_first(unanswered)}), {len(orphans)} annotations have no question "
             f"(question ids {_first(orphans)}). Are both files from the same split and download?"
         )
-    mismatched = [q["question_id"] for q in questions if annotations[q["question_id"]]["image_id"] != q["image_id"]]
+    mismatched = [q["question_id"] for q in questions if image_of[q["question_id"]] != q["image_id"]]
     if mismatched:
         raise ValueError(
             f"{q_path.name} and {a_path.name} disagree on the image_id of {len(mismatched)} questions "
