@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/vqakit export --checkpoint runs/easy-vqa/checkpoint
 	$(BIN)/python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint --backend onnx
 	$(BIN)/python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint --backend torch
+	$(BIN)/python benchmarks/quantize.py --checkpoint runs/easy-vqa/checkpoint
+	$(BIN)/python benchmarks/load.py --checkpoint runs/easy-vqa/checkpoint
 
 clean:
 	rm -rf runs .pytest_cache

@@ -80,3 +80,20 @@ def tiny_batch():
                 "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_vision_tower, tiny_text_tower, tmp_path_factory):
+    """A saved tiny checkpoint directory (random weights, 5 answers, 2 co-attention layers): shared, read-only."""
+    import torch
+
+    from vqakit.models.two_tower import TwoTowerConfig, TwoTowerForQuestionAnswering
+    from vqakit.towers.text import load_tokenizer
+
+    torch.manual_seed(0)
+    config = TwoTowerConfig(vision_tower=tiny_vision_tower, text_tower=tiny_text_tower, image_size=32, hidden_size=32,
+                            num_heads=4, num_fusion_layers=2, max_question_length=16,
+                            id2label={i: a for i, a in enumerate(["yes", "no", "red", "circle", "2"])})
+    path = tmp_path_factory.mktemp("tiny-checkpoint") / "checkpoint"
+    TwoTowerForQuestionAnswering(config).save_pretrained(path, tokenizer=load_tokenizer(tiny_text_tower))
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -13,9 +14,10 @@ from vqakit.compare import parse_strategies
 
 def test_compare_frozen_lora_sweep_and_two_stage(tiny_model_args, tmp_path, capsys):
     out = tmp_path / "cmp"
-    main(["compare", *tiny_model_args, "--data.limit", "24", "--data.cache_dir", str(tmp_path / "cache"),
-          "--train.epochs", "2", "--train.batch_size", "8", "--train.unfreeze_last_n", "1",
-          "--strategies", "frozen,two-stage", "--lora_ranks", "2", "--out_dir", str(out)])
+    args = ["compare", *tiny_model_args, "--data.limit", "24", "--data.cache_dir", str(tmp_path / "cache"),
+            "--train.epochs", "2", "--train.batch_size", "8", "--train.unfreeze_last_n", "1",
+            "--strategies", "frozen,two-stage", "--lora_ranks", "2", "--out_dir", str(out)]
+    main(args)
     rows = json.loads((out / "comparison.json").read_text())
     assert [r["strategy"] for r in rows] == ["frozen", "two-stage", "lora-r2"]
     by = {r["strategy"]: r for r in rows}
@@ -32,6 +34,25 @@ def test_compare_frozen_lora_sweep_and_two_stage(tiny_model_args, tmp_path, caps
     for png in ("curves.png", "accuracy_vs_time.png", "per_answer_type.png"):
         assert (out / png).stat().st_size > 1000
     assert "| strategy |" in capsys.readouterr().out
+
+    # rerun: what finished is skipped; a strategy interrupted after its last checkpoint resumes from it
+    shutil.rmtree(out / "frozen" / "checkpoint")
+    main(args)
+    printed = capsys.readouterr().out
+    assert f"frozen: interrupted earlier, resuming from {out / 'frozen' / 'checkpoints' / 'last.ckpt'}" in printed
+    for label in ("two-stage stage 1", "two-stage stage 2", "lora-r2"):
+        assert f"{label}: finished earlier" in printed
+    meta = json.loads((out / "frozen" / "checkpoint" / "training_metadata.json").read_text())
+    assert meta["resumed_from_step"] == meta["steps"] > 0
+    again = json.loads((out / "comparison.json").read_text())
+    assert again[1:] == rows[1:] and again[0]["trainable_parameters"] == rows[0]["trainable_parameters"]
+    assert (out / "frozen" / "train.resumed.log").is_file()
+    # other settings in the same out_dir: refused before anything is trained or overwritten
+    base = (out / "base.yaml").read_text()
+    with pytest.raises(SystemExit):
+        main([*args, "--train.lr", "0.01"])
+    assert "was trained with other settings (train.lr: 0.001 -> 0.01)" in capsys.readouterr().err
+    assert (out / "base.yaml").read_text() == base
 
 
 def test_strategy_names_are_checked():

@@ -4,8 +4,13 @@
     vqakit train    --config configs/easy-vqa.yaml --train.epochs 3 --model.fusion gated
     vqakit evaluate --checkpoint runs/easy-vqa/checkpoint --data.eval_split test
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape is it?"
+    vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape?" --output result.png
+    vqakit visualize --checkpoint runs/easy-vqa/checkpoint --split test --num 16 --output grid.png
     vqakit export   --checkpoint runs/easy-vqa/checkpoint          # ONNX for fast CPU serving
+    vqakit serve    --checkpoint runs/easy-vqa/checkpoint --host 127.0.0.1 --port 8000   # REST API + /ui
+    vqakit demo     --checkpoint runs/easy-vqa/checkpoint          # the web UI
     vqakit compare  --config configs/easy-vqa.yaml --data.limit 4000 --strategies frozen,lora,full,two-stage
+    vqakit report   runs/compare   # IEEE paper (LaTeX -> PDF), HTML and markdown of compare/train runs
 
 Every subcommand takes ``--config FILE.yaml`` (a preset from ``configs/``) and dotted overrides
 (jsonargparse, as litgpt and LightningCLI do); ``--print_config`` shows the resolved configuration.
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from vqakit.data.config import DataConfig
 from vqakit.models.two_tower import TwoTowerConfig
+from vqakit.serve.config import ServeConfig  # a plain dataclass: FastAPI is imported by `serve` only
 from vqakit.train.config import TrainConfig  # a plain dataclass: no training code is imported
 
 
@@ -360,8 +366,8 @@ def evaluate(
     return metrics
 
 
-def predict(checkpoint: str, image: str, question: str | list[str], top_k: int = 5, backend: str = "auto"
-            ) -> list[dict]:
+def predict(checkpoint: str, image: str, question: str | list[str], top_k: int = 5, backend: str = "auto",
+            output: str | None = None, quantize: str | None = None) -> list[dict]:
     """Answer questions about one image; prints the top-k answers with their scores.
 
     Args:
@@ -370,16 +376,91 @@ def predict(checkpoint: str, image: str, question: str | list[str], top_k: int =
         question: a question; for several, repeat ``--question+ "..."`` or pass a JSON list.
         top_k: how many answers to show per question.
         backend: ``torch``, ``onnx`` (ONNX Runtime; exports on first use) or ``auto`` (``onnx`` when exported).
+        output: write a PNG here: the image with the question->image attention heatmap of the fusion layers and
+            the top-k answers drawn beside it, one row per question.
+        quantize: ``int8``: dynamic INT8 quantization of the Linear layers (CPU).
     """
     from vqakit.predict import VQAPredictor
 
-    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend)
-    results = predictor.predict(image, question, top_k=top_k)
+    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend, quantize=quantize)
+    results = predictor.predict(image, question, top_k=top_k, output_attentions=output is not None)
     for r in results:
         print(f"Q: {r.question}")
         for rank, (answer, score) in enumerate(r.top_k, 1):
             print(f"  {rank}. {answer:<20} {score:.4f}")
+    if output is not None:
+        from vqakit.visualize import render_predictions
+
+        print(f"wrote {render_predictions(image, results, output, title=Path(image).name)}")
     return [{"question": r.question, "answer": r.answer, "score": r.score, "top_k": r.top_k} for r in results]
+
+
+def visualize(
+    checkpoint: str,
+    data: DataConfig = DataConfig(),
+    split: str | None = None,
+    num: int = 16,
+    columns: int = 4,
+    errors_only: bool = False,
+    heatmap: bool = True,
+    seed: int = 0,
+    output: str = "predictions.png",
+    backend: str = "auto",
+) -> dict:
+    """Write a PNG grid of predictions vs ground truth for questions of a split (green: the prediction scores in
+    the official VQA metric; red: it does not), each image with its attention heatmap.
+
+    Args:
+        checkpoint: checkpoint directory.
+        data: dataset to draw from.
+        split: split name (default ``data.eval_split``).
+        num: how many questions to show.
+        columns: grid columns.
+        errors_only: show only questions the model gets wrong (the whole split is predicted to find them).
+        heatmap: overlay the question->image attention of the fusion layers.
+        seed: which questions are drawn (seeded random sample).
+        output: the PNG file to write.
+        backend: ``torch``, ``onnx`` or ``auto``, as for ``predict``.
+    """
+    import random
+
+    from vqakit.data.config import load_split
+    from vqakit.eval.vqa_accuracy import vqa_accuracy
+    from vqakit.predict import VQAPredictor
+    from vqakit.visualize import render_grid
+
+    if num < 1:
+        raise ValueError(f"--num={num} must be at least 1")
+    split = split or data.eval_split
+    examples = load_split(data, split)
+    if not examples:
+        raise ValueError(f"split {split!r} of {data.dataset} has no questions")
+    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    pool = [examples[i] for i in order]
+
+    def answer(batch, with_maps):
+        return [p[0] for p in predictor.predict_batch([e.image for e in batch], [e.question for e in batch],
+                                                      output_attentions=with_maps)]
+
+    if errors_only:
+        chosen, step = [], 256
+        for start in range(0, len(pool), step):
+            batch = pool[start:start + step]
+            chosen += [e for e, p in zip(batch, answer(batch, False)) if vqa_accuracy(p.answer, e.answers) == 0]
+            if len(chosen) >= num:
+                break
+        if not chosen:
+            raise ValueError(f"the model answers every question of {data.dataset} {split} correctly: no errors to show")
+        pool = chosen
+    shown = pool[:num]
+    predictions = answer(shown, heatmap)
+    out = render_grid(shown, predictions, output, columns=columns,
+                      title=f"{data.dataset} {split}" + (" (errors)" if errors_only else ""))
+    correct = sum(vqa_accuracy(p.answer, e.answers) > 0 for e, p in zip(shown, predictions))
+    print(f"wrote {out}: {len(shown)} questions of {data.dataset} {split}, {correct} answered correctly")
+    return {"output": str(out), "questions": len(shown), "correct": correct}
 
 
 def compare(
@@ -393,7 +474,8 @@ def compare(
 ) -> list[dict]:
     """Train the same model under several strategies (same data split and seed) and compare time to train,
     trainable parameters, peak memory, throughput and accuracy/precision/recall/F1. Writes
-    comparison.csv/json/md and plots into ``out_dir``; rerunning continues unfinished strategies.
+    comparison.csv/json/md and plots into ``out_dir``. Rerunning skips the strategies that finished and
+    resumes an interrupted one from its last checkpoint (the settings must be the same).
 
     Args:
         model: model architecture (shared by every strategy).
@@ -407,24 +489,89 @@ def compare(
     """
     import yaml
 
-    from vqakit.compare import markdown_table, parse_strategies, run_strategy, write_outputs
+    from vqakit.compare import (check_settings, markdown_table, parse_strategies, run_strategy, strategy_settings,
+                                write_outputs)
 
     names = parse_strategies(strategies, lora_ranks)
     out = Path(out_dir)
+    config = {"model": asdict(model), "data": asdict(data), "train": asdict(train)}
+    check_settings(out, names, config, stage1_epochs)  # before anything is overwritten
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base.yaml"
-    base.write_text(yaml.safe_dump({"model": asdict(model), "data": asdict(data), "train": asdict(train)},
-                                   sort_keys=False))
+    base.write_text(yaml.safe_dump(config, sort_keys=False))
     rows = []
     for name in names:
         print(f"== {name}", flush=True)
         rows.append(run_strategy(name, ["--config", str(base)], out, stage1_epochs, train.unfreeze_last_n,
-                                 train.epochs))
+                                 train.epochs, settings=strategy_settings(name, config, stage1_epochs)))
     write_outputs(rows, out)
     print(markdown_table(rows))
     print(f"wrote {out}/comparison.csv, comparison.json, comparison.md, curves.png, accuracy_vs_time.png, "
           f"per_answer_type.png")
     return rows
+
+
+def serve(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    server: ServeConfig = ServeConfig(),
+    ui: bool = True,
+    access_log: bool = False,
+) -> None:
+    """Serve a checkpoint over HTTP (FastAPI + uvicorn): ``POST /predict`` (JSON), ``POST /predict/upload``
+    (multipart), ``GET /health``, OpenAPI docs at ``/docs`` and the web UI at ``/ui``. Concurrent requests are
+    micro-batched; ``image_path`` and ``image_url`` stay disabled until ``--server.image_root`` /
+    ``--server.allowed_url_hosts`` are set. Needs the ``serve`` extra (``pip install -e ".[serve]"``).
+
+    Args:
+        checkpoint: checkpoint directory.
+        host: address to listen on (``0.0.0.0`` exposes the server to the network).
+        port: TCP port.
+        server: model backend, batching and request limits.
+        ui: mount the Gradio web UI at ``/ui``.
+        access_log: log every request (costs throughput).
+    """
+    import uvicorn
+
+    from vqakit.serve.app import create_app, load_service
+
+    service = load_service(checkpoint, server)
+    app = create_app(service, ui=ui, ui_examples=_ui_examples() if ui else None)
+    print(f"serving {checkpoint} ({service.predictor.backend}) on http://{host}:{port}  (docs: /docs"
+          + (", web UI: /ui" if ui else "") + ")", flush=True)
+    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info")
+
+
+def demo(
+    checkpoint: str = "runs/easy-vqa/checkpoint",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    server: ServeConfig = ServeConfig(),
+) -> None:
+    """The web UI: upload or pick an example image, ask a question, see the top-5 answers and the attention
+    heatmap. The same server as ``vqakit serve`` (the REST API stays available), opened at ``/ui``.
+
+    Args:
+        checkpoint: checkpoint directory.
+        host: address to listen on.
+        port: TCP port.
+        server: model backend, batching and request limits.
+    """
+    serve(checkpoint, host, port, server, ui=True)
+
+
+def _ui_examples() -> list[list[str]]:
+    """A few easy-VQA test images with a question each, to pick from in the web UI (none if not installed)."""
+    try:
+        from vqakit.data.sources import easy_vqa_data_dir
+
+        images = easy_vqa_data_dir() / "test" / "images"
+    except RuntimeError:  # easy-vqa is not installed
+        return []
+    questions = ["what shape is in the image?", "what is the color of the shape?", "is there a blue shape?",
+                 "does the image contain a circle?"]
+    return [[str(images / f"{i}.png"), q] for i, q in enumerate(questions) if (images / f"{i}.png").is_file()]
 
 
 def export(checkpoint: str, out_dir: str | None = None) -> None:
@@ -442,6 +589,40 @@ def export(checkpoint: str, out_dir: str | None = None) -> None:
     print(f"wrote {out}: max |onnx - torch| = {info['max_abs_diff']}")
 
 
+def report(run_dirs: list[str], out_dir: str | None = None, title: str | None = None, pdf: str = "auto") -> dict:
+    """Write a paper about compare / train runs: LaTeX in IEEE two-column format (report.tex, compiled to
+    report.pdf when pdflatex is installed), report.html and report.md, with the approach, an architecture
+    diagram generated from the model config, the metrics tables and the plots.
+
+        vqakit report runs/compare-easy-vqa [MORE_RUN_DIRS...] [--out_dir DIR] [--pdf auto|true|false]
+
+    Args:
+        run_dirs: ``vqakit compare`` output directories and/or ``vqakit train`` run directories (positional).
+        out_dir: where the report goes (default ``<first run dir>/report``).
+        title: the paper's title (default: generated from the dataset and strategies).
+        pdf: ``auto`` compiles when a LaTeX engine is installed, ``true`` requires one, ``false`` skips it.
+    """
+    from vqakit.report import write_report
+
+    written = write_report(run_dirs, out_dir, title, pdf)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    if "pdf" not in written and pdf == "auto":
+        print("no LaTeX engine with IEEEtran found: report.pdf not compiled (see the README to install one)")
+    return {k: str(v) for k, v in written.items()}
+
+
+def _positional_run_dirs(argv: list[str]) -> list[str]:
+    """``report A B --opt x`` -> ``report --run_dirs '["A", "B"]' --opt x``: run directories are positional
+    (every other subcommand takes options only)."""
+    if not argv or argv[0] != "report":
+        return argv
+    i = 1
+    while i < len(argv) and not argv[i].startswith("-"):
+        i += 1
+    return ["report", *(["--run_dirs", json.dumps(argv[1:i])] if i > 1 else []), *argv[i:]]
+
+
 def list_models() -> list[str]:
     """List the presets: YAML files under configs/, used as ``vqakit train --config configs/NAME.yaml``."""
     names = sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -455,9 +636,11 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
-        CLI([prepare, train, evaluate, predict, export, compare, list_models, convert, generate, mini_vqa, stats,
-             bench],
-            args=argv, as_positional=False)
+        CLI(
+            [prepare, train, evaluate, predict, visualize, serve, demo, export, compare, report, convert, generate, mini_vqa, stats, bench, list_models],
+            args=_positional_run_dirs(sys.argv[1:] if argv is None else argv),
+            as_positional=False,
+        )
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback
         print(f"vqakit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

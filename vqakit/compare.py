@@ -10,6 +10,10 @@ Each strategy trains in its own process (``vqakit train``), so its peak RSS is i
   tower unfrozen (``partial``), continuing from stage 1's weights; its time to train is both stages'.
 - ``lora-r<R>``: LoRA with rank R (``--lora_ranks 2,4,8,16`` adds one per rank).
 
+A rerun in the same ``out_dir`` skips strategies (two-stage: stages) that finished (checkpoint and
+evaluation on disk), resumes an interrupted one from its ``checkpoints/last.ckpt``, and says which; it
+refuses to mix results when the settings changed (each strategy records them in ``compare_settings.json``).
+
 Writes ``comparison.{csv,json,md}``, ``curves.png`` (training loss and validation VQA score per
 strategy), ``accuracy_vs_time.png`` and ``per_answer_type.png`` into ``out_dir``.
 """
@@ -46,6 +50,57 @@ def parse_strategies(strategies: str, lora_ranks: str | None = None) -> list[str
     return list(dict.fromkeys(names))
 
 
+SETTINGS_FILE = "compare_settings.json"
+# settings that do not change what a strategy learns or measures
+IGNORED_SETTINGS = {"train": ("progress", "out_dir", "resume", "eval_batch_size"), "data": ("cache_dir", "num_workers")}
+
+
+def strategy_settings(name: str, config: dict, stage1_epochs: int) -> dict:
+    """What a strategy's results depend on: the shared configuration and, for two-stage, the split in stages."""
+    settings = {"strategy": name}
+    for part in ("model", "data", "train"):
+        settings[part] = {k: v for k, v in config[part].items() if k not in IGNORED_SETTINGS.get(part, ())}
+    if name == "two-stage":
+        settings["stage1_epochs"] = stage1_epochs
+    return json.loads(json.dumps(settings))  # as it reads back from JSON
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def check_settings(out: Path, names: list[str], config: dict, stage1_epochs: int) -> None:
+    """Raise before anything trains if a strategy already in ``out`` was trained with other settings."""
+    for name in names:
+        path = out / name / SETTINGS_FILE
+        if path.is_file():
+            diff = _differences(json.loads(path.read_text()), strategy_settings(name, config, stage1_epochs))
+            if diff:
+                raise ValueError(f"{out / name} was trained with other settings ({'; '.join(diff[:5])}): use another "
+                                 f"--out_dir, or delete {out / name} to train it again")
+
+
+def stage_status(run: Path, evaluate: bool = True) -> str:
+    """``finished`` (checkpoint and, if wanted, evaluation on disk), ``interrupted`` (a last.ckpt) or ``new``."""
+    ckpt = run / "checkpoint"
+    if (ckpt / "training_metadata.json").is_file() and (not evaluate or any(ckpt.glob("eval-*/metrics.json"))):
+        return "finished"
+    return "interrupted" if (run / "checkpoints" / "last.ckpt").is_file() else "new"
+
+
+def _train_stage(args: list[str], run: Path, log: Path, label: str, evaluate: bool = True) -> None:
+    status = stage_status(run, evaluate)
+    if status == "finished":
+        print(f"{label}: finished earlier ({run / 'checkpoint'}), skipped", flush=True)
+        return
+    if status == "interrupted":
+        print(f"{label}: interrupted earlier, resuming from {run / 'checkpoints' / 'last.ckpt'}", flush=True)
+        log = log.with_name(f"{log.stem}.resumed{log.suffix}")  # keep the first attempt's log
+    _train(args, log)
+
+
 def _train(args: list[str], log: Path) -> None:
     cmd = [sys.executable, "-m", "vqakit.cli", "train", *args]
     with open(log, "w") as f:
@@ -56,26 +111,30 @@ def _train(args: list[str], log: Path) -> None:
 
 
 def run_strategy(name: str, base_args: list[str], out: Path, stage1_epochs: int, unfreeze_last_n: int,
-                 epochs: int) -> dict:
-    """Train one strategy; returns its row (metadata + metrics)."""
+                 epochs: int, settings: dict | None = None) -> dict:
+    """Train one strategy (skipping what finished earlier, resuming what was interrupted); returns its row."""
     run = out / name
     run.mkdir(parents=True, exist_ok=True)
+    if settings is not None:
+        (run / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     common = [*base_args, "--train.progress", "false", "--train.resume", "true"]
     if name == "two-stage":
         if not 0 < stage1_epochs < epochs:
             raise ValueError(f"two-stage needs 0 < --stage1_epochs ({stage1_epochs}) < --train.epochs ({epochs})")
-        _train([*common, *STRATEGY_FLAGS["frozen"], "--train.epochs", str(stage1_epochs),
-                "--train.out_dir", str(run / "stage1"), "--evaluate", "false"], run / "stage1.log")
-        _train([*common, "--train.vision", "partial", "--train.text", "partial",
+        _train_stage([*common, *STRATEGY_FLAGS["frozen"], "--train.epochs", str(stage1_epochs),
+                      "--train.out_dir", str(run / "stage1"), "--evaluate", "false"],
+                     run / "stage1", run / "stage1.log", f"{name} stage 1", evaluate=False)
+        _train_stage([*common, "--train.vision", "partial", "--train.text", "partial",
                 "--train.unfreeze_last_n", str(unfreeze_last_n), "--train.epochs", str(epochs - stage1_epochs),
-                "--train.init_from", str(run / "stage1" / "checkpoint"), "--train.out_dir", str(run / "stage2")],
-               run / "stage2.log")
+                      "--train.init_from", str(run / "stage1" / "checkpoint"), "--train.out_dir", str(run / "stage2")],
+                     run / "stage2", run / "stage2.log", f"{name} stage 2")
         stages = [run / "stage1", run / "stage2"]
     else:
         flags = STRATEGY_FLAGS.get(name) or ["--train.vision", "lora", "--train.text", "lora",
                                              "--train.lora_vision.rank", name[len("lora-r"):],
                                              "--train.lora_text.rank", name[len("lora-r"):]]
-        _train([*common, *flags, "--train.epochs", str(epochs), "--train.out_dir", str(run)], run / "train.log")
+        _train_stage([*common, *flags, "--train.epochs", str(epochs), "--train.out_dir", str(run)], run,
+                     run / "train.log", name)
         stages = [run]
     return _row(name, stages)
 
@@ -163,7 +222,8 @@ def plot(rows: list[dict], out: Path) -> None:
     axes[0].set(title="training loss", xlabel="step", yscale="log")
     axes[1].set(title="validation VQA score", xlabel="step")
     for ax in axes:
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a run too short to validate has no curve to label
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)

@@ -111,3 +111,28 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path | None = None, a
     }, indent=2) + "\n")
     return out
 
+
+
+def quantize_onnx(onnx_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Dynamic INT8 quantization of the exported parts' MatMul/Gemm weights (the Linear layers), with ONNX
+    Runtime's ``quantize_dynamic``: weights stored as int8, activations quantized on the fly per batch.
+
+    Writes ``<onnx_dir>/int8/`` (default) with the three parts and an ``export.json``. Convolutions stay in
+    float32: dynamic ConvInteger is slower than ONNX Runtime's float convolutions on CPU. Accuracy and
+    latency against float32 are measured by ``benchmarks/quantize.py``.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx_dir = Path(onnx_dir)
+    info_path = onnx_dir / "export.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} not found: run `vqakit export` first")
+    out = Path(out_dir) if out_dir is not None else onnx_dir / "int8"
+    out.mkdir(parents=True, exist_ok=True)
+    for part in ("vision", "text", "head"):
+        quantize_dynamic(onnx_dir / f"{part}.onnx", out / f"{part}.onnx", weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    info = json.loads(info_path.read_text())
+    info.update(quantization="dynamic int8 (MatMul, Gemm weights)", float_model=str(onnx_dir))
+    (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out

@@ -6,13 +6,23 @@ the top-k, and optionally the question->image attention over the tower's grid (f
 
     predictor = VQAPredictor.from_pretrained("runs/easy-vqa/checkpoint")
     predictor.predict("circle.png", "what shape is this?")[0].answer   # 'circle'
+    predictor.predict_batch(["a.png", b"<png bytes>"], [["what color?", "what shape?"], "is there a circle?"])
+
+``from_pretrained`` dispatches on ``config.json``'s ``model_type`` (``PREDICTOR_CLASSES``), so other model
+families (e.g. a generative decoder) serve through the same entry point by registering their predictor.
+``quantize="int8"`` serves with dynamic INT8 quantization of the Linear layers (PyTorch
+``quantize_dynamic`` / ONNX Runtime ``quantize_dynamic``; accuracy and latency in benchmarks/quantize.py).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vqakit.models.two_tower import TwoTowerForQuestionAnswering
+from vqakit.data.images import DEFAULT_MAX_PIXELS, load_image
+from vqakit.models.two_tower import CONFIG_NAME, TwoTowerForQuestionAnswering
 from vqakit.processor import VQAProcessor
 
 
@@ -36,6 +47,34 @@ class Prediction:
 
 
 BACKENDS = ("auto", "torch", "onnx")
+QUANTIZATIONS = (None, "int8")
+
+# config.json ``model_type`` -> "module:Class" of its predictor (imported on first use). A class listed here has
+# ``from_pretrained(dir, device=, backend=, threads=, quantize=, question_cache=)``, VQAPredictor's ``prepare_image`` /
+# ``predict_prepared`` / ``predict`` / ``predict_batch`` methods and its ``backend`` / ``labels`` attributes, which is
+# all the CLI, REST service and web UI use.
+PREDICTOR_CLASSES: dict[str, str] = {"two_tower": "vqakit.predict:VQAPredictor"}
+
+
+def checkpoint_model_type(checkpoint_dir: str | Path) -> str:
+    """The ``model_type`` recorded in a checkpoint's ``config.json`` (``two_tower`` for older checkpoints)."""
+    path = Path(checkpoint_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
+    try:
+        return json.loads(path.read_text()).get("model_type", "two_tower")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def predictor_class(model_type: str) -> type:
+    """The predictor class registered for ``model_type`` in ``PREDICTOR_CLASSES``."""
+    if model_type not in PREDICTOR_CLASSES:
+        raise NotImplementedError(
+            f"no predictor for checkpoints of model_type={model_type!r}; available = {sorted(PREDICTOR_CLASSES)}"
+        )
+    module, name = PREDICTOR_CLASSES[model_type].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def pad_questions(states: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +92,7 @@ def pad_questions(states: np.ndarray, mask: np.ndarray, length: int) -> tuple[np
 class OnnxParts:
     """The checkpoint's ``onnx/`` files (``vqakit export``) run by ONNX Runtime."""
 
-    def __init__(self, onnx_dir: str | Path, threads: int | None = None):
+    def __init__(self, onnx_dir: str | Path, threads: int | None = None, head_threads: int = 1):
         import onnxruntime as ort
 
         def options(n_threads):
@@ -66,7 +105,7 @@ class OnnxParts:
 
         # the fusion head is small (a few image tokens, <= max_question_length question tokens): one thread
         # beats waking a pool (measured with benchmarks/latency.py: p50 14.2 -> 12.1 ms on 2 cores)
-        threads_of = {"vision": threads, "text": threads, "head": 1}
+        threads_of = {"vision": threads, "text": threads, "head": head_threads}
         self.sessions = {
             part: ort.InferenceSession(str(Path(onnx_dir) / f"{part}.onnx"), options(threads_of[part]),
                                        providers=["CPUExecutionProvider"])
@@ -74,23 +113,77 @@ class OnnxParts:
         }
         self.max_question_length = json.loads((Path(onnx_dir) / "export.json").read_text())["max_question_length"]
 
-    def logits(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """One image (1, 3, S, S) and B questions -> (B, A) logits; the image is encoded once."""
-        tokens = self.sessions["vision"].run(None, {"pixel_values": pixel_values})[0]
-        states = self.sessions["text"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
-        states, mask = pad_questions(states, attention_mask, self.max_question_length)
-        tokens = np.repeat(tokens, len(states), axis=0)
-        feed = {"image_features": tokens, "text_features": states, "attention_mask": mask}
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) -> image tokens (B, N, D)."""
+        return self.sessions["vision"].run(None, {"pixel_values": pixel_values})[0]
+
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(Q, T) token ids and mask -> question token states (Q, T, D)."""
+        return self.sessions["text"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def head(self, image_tokens: np.ndarray, states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Image tokens (Q, N, D), question states (Q, T, D) and mask (Q, T) -> logits (Q, A)."""
+        states, mask = pad_questions(states, mask, self.max_question_length)
+        feed = {"image_features": image_tokens, "text_features": states, "attention_mask": mask}
         return self.sessions["head"].run(None, feed)[0]
+
+    def logits(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray,
+               image_index: np.ndarray | None = None) -> np.ndarray:
+        """Images (B, 3, S, S) and Q questions -> (Q, A) logits; each image is encoded once.
+
+        ``image_index`` (Q,): which image each question is about (default: all about image 0)."""
+        tokens = self.encode_image(pixel_values)  # (B, N, D)
+        states = self.encode_text(input_ids, attention_mask)
+        if image_index is None:
+            image_index = np.zeros(len(states), dtype=np.int64)
+        return self.head(tokens[image_index], states, attention_mask)
+
+
+class QuestionCache:
+    """The text tower's states of the most recently asked distinct questions (LRU), so a question asked again,
+    about any image, skips the text tower: most of the model's time at batch size > 1 (easy-VQA has a few
+    hundred distinct questions; VQA v2's most frequent questions repeat thousands of times)."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"question cache size={size} must be at least 1")
+        self.size = size
+        self._data: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, str], value: np.ndarray) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 class VQAPredictor:
+    """Answers questions about images with a two-tower classifier checkpoint (PyTorch or ONNX Runtime)."""
+
     def __init__(self, model: TwoTowerForQuestionAnswering, processor: VQAProcessor, device: str = "cpu",
-                 onnx: OnnxParts | None = None):
+                 onnx: OnnxParts | None = None, quantize: str | None = None, question_cache: int = 0):
         self.model = model.eval().to(device)
+        self.question_cache = QuestionCache(question_cache) if question_cache else None
         self.processor = processor
         self.device = device
         self.onnx = onnx
+        self.quantize = quantize
         self.id2label = model.config.id2label
         self.labels = [self.id2label[i] for i in range(len(self.id2label))]
 
@@ -98,18 +191,35 @@ class VQAPredictor:
     def backend(self) -> str:
         return "onnx" if self.onnx is not None else "torch"
 
+    @property
+    def config(self):
+        return self.model.config
+
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto",
-                        threads: int | None = None) -> "VQAPredictor":
-        """Load a checkpoint directory.
+                        threads: int | None = None, quantize: str | None = None, question_cache: int = 0
+                        ) -> "VQAPredictor":
+        """Load a checkpoint directory, with the predictor its ``config.json``'s ``model_type`` asks for.
 
         ``backend``: ``torch``; ``onnx`` (ONNX Runtime on CPU over ``<checkpoint>/onnx/``, exported and
         verified by ``vqakit export`` or on first use); ``auto`` = ``onnx`` when those files exist, the
         device is the CPU and onnxruntime is installed, else ``torch``.
+        ``quantize``: ``None`` (float32) or ``"int8"``: dynamic INT8 quantization of the Linear layers, CPU only
+        (torch: ``torch.ao.quantization.quantize_dynamic``; onnx: ``<checkpoint>/onnx/int8/``, made on first use).
+        ``question_cache``: keep the text tower's states of this many recent distinct questions (0: none).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+        if quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize={quantize!r} is not one of {QUANTIZATIONS}")
+        model_type = checkpoint_model_type(checkpoint_dir)
+        impl = predictor_class(model_type)
+        if not issubclass(cls, impl):  # another model family's predictor
+            return impl.from_pretrained(checkpoint_dir, device=device, backend=backend, threads=threads,
+                                        quantize=quantize, question_cache=question_cache)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if quantize and device != "cpu":
+            raise ValueError(f"quantize={quantize!r} is dynamic INT8 quantization for the CPU; got device={device!r}")
         checkpoint_dir = Path(checkpoint_dir)
         model = TwoTowerForQuestionAnswering.from_pretrained(checkpoint_dir)
         processor = VQAProcessor.from_config(model.config, tokenizer_dir=checkpoint_dir / "text_tower")
@@ -121,46 +231,118 @@ class VQAPredictor:
                 from vqakit.export import export_onnx
 
                 export_onnx(checkpoint_dir)
+            if quantize == "int8":
+                from vqakit.export import quantize_onnx
+
+                if not (onnx_dir / "int8" / "export.json").is_file():
+                    quantize_onnx(onnx_dir)
+                onnx_dir = onnx_dir / "int8"
             onnx = OnnxParts(onnx_dir, threads)
-        return cls(model, processor, device, onnx)
+        if quantize == "int8":
+            # the torch model also serves attention maps on the onnx backend: quantize it the same way
+            model = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
+        return cls(model, processor, device, onnx, quantize, question_cache)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """BCE-trained heads score each answer independently (sigmoid); CE heads with a softmax."""
         return torch.sigmoid(logits) if self.model.config.loss == "bce" else logits.softmax(-1)
 
-    @torch.inference_mode()
-    def predict(self, image, questions: str | list[str], top_k: int = 5, output_attentions: bool = False
+    # -- inference ---------------------------------------------------------------------------------------------
+
+    def prepare_image(self, image, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Decode and preprocess one image (path, bytes, PIL image or numpy array) -> (3, S, S) pixel values.
+
+        Raises ``ImageLoadError`` (a ``ValueError``) naming the problem, e.g. more than ``max_pixels`` pixels."""
+        return self.processor.image(load_image(image, max_pixels=max_pixels))
+
+    def predict(self, image, questions: str | Sequence[str], top_k: int = 5, output_attentions: bool = False
                 ) -> list[Prediction]:
-        """Answer one or many questions about one image (path, bytes, PIL image or numpy array)."""
-        if isinstance(questions, str):
-            questions = [questions]
-        if not questions:
-            raise ValueError("no question given")
-        if self.onnx is not None and not output_attentions:  # attention maps come from the torch model
-            text = self.processor.text(questions)
-            logits = self.onnx.logits(self.processor.images([image]).numpy(), text["input_ids"].numpy(),
-                                      text["attention_mask"].numpy())
-            probs = self.probabilities(torch.from_numpy(logits))
-            return [self._prediction(q, probs[i], top_k, None) for i, q in enumerate(questions)]
-        pixel_values = self.processor.images([image]).to(self.device)
-        image_features = self.model.backbone.encode_image(pixel_values)  # (1, N, D), once for all questions
-        text = {k: v.to(self.device) for k, v in self.processor.text(questions).items()}
-        out = self.model(
-            image_features=image_features.expand(len(questions), -1, -1),
-            output_attentions=output_attentions,
-            **text,
-        )
-        probs = self.probabilities(out.logits).float().cpu()
+        """Answer one or many questions about one image (path, bytes, PIL image or numpy array); the image is
+        encoded once for all of them."""
+        return self.predict_batch([image], [questions], top_k, output_attentions)[0]
+
+    def predict_batch(self, images: Sequence, questions: Sequence[str | Sequence[str]], top_k: int = 5,
+                      output_attentions: bool = False) -> list[list[Prediction]]:
+        """Answer questions about many images in one forward pass.
+
+        ``questions[i]`` (one string or a list) are about ``images[i]``; returns one list of predictions per image.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} question lists: pass one per image")
+        return self.predict_prepared([self.prepare_image(im) for im in images], questions, top_k, output_attentions)
+
+    @torch.inference_mode()
+    def predict_prepared(self, pixel_values: Sequence[torch.Tensor], questions: Sequence[str | Sequence[str]],
+                         top_k: int = 5, output_attentions: bool = False) -> list[list[Prediction]]:
+        """``predict_batch`` over images already through ``prepare_image`` (what the REST service batches)."""
+        if not pixel_values:
+            return []
+        per_image = [[q] if isinstance(q, str) else list(q) for q in questions]
+        for i, qs in enumerate(per_image):
+            if not qs:
+                raise ValueError(f"no question given for image {i}")
+            for q in qs:
+                if not isinstance(q, str) or not q.strip():
+                    raise ValueError(f"question {q!r} for image {i} is not a non-empty string")
+        flat = [q for qs in per_image for q in qs]
+        image_index = torch.tensor([i for i, qs in enumerate(per_image) for _ in qs])  # (Q,)
+        pixels = torch.stack(list(pixel_values))  # (B, 3, S, S)
+        use_onnx = self.onnx is not None and not output_attentions  # attention maps come from the torch model
+        states, mask = self._question_states(flat, use_onnx)  # (Q, T, D), (Q, T)
         attention = None
-        if output_attentions and out.attentions:
-            attention = self._attention_maps(out.attentions, text["attention_mask"])
-        return [
-            self._prediction(q, probs[i], top_k, None if attention is None else attention[i])
-            for i, q in enumerate(questions)
-        ]
+        if use_onnx:
+            tokens = self.onnx.encode_image(pixels.numpy())  # (B, N, D), once per image
+            logits = torch.from_numpy(self.onnx.head(tokens[image_index.numpy()], states, mask))
+        else:
+            image_features = self.model.backbone.encode_image(pixels.to(self.device))  # (B, N, D), once per image
+            mask_t = torch.from_numpy(mask).to(self.device)
+            out = self.model(image_features=image_features[image_index.to(self.device)],
+                             text_features=torch.from_numpy(states).to(self.device), attention_mask=mask_t,
+                             output_attentions=output_attentions)
+            logits = out.logits
+            if output_attentions and out.attentions:
+                attention = self._attention_maps(out.attentions, mask_t)
+        probs = self.probabilities(logits).float().cpu()  # (Q, A)
+        results, k = [], 0
+        for qs in per_image:
+            results.append([self._prediction(q, probs[k + j], top_k, None if attention is None else attention[k + j])
+                            for j, q in enumerate(qs)])
+            k += len(qs)
+        return results
+
+    def _question_states(self, questions: list[str], use_onnx: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The text tower's states of ``questions``, zero-padded: (Q, T, D) float32 and mask (Q, T) int64.
+        Each distinct question is encoded once per call, and not at all when the question cache has it."""
+        cache, backend = self.question_cache, ("onnx" if use_onnx else "torch")  # the two differ by ~1e-6
+        found: dict[str, np.ndarray] = {}
+        missing = []
+        for q in dict.fromkeys(questions):
+            hit = cache.get((backend, q)) if cache is not None else None
+            if hit is None:
+                missing.append(q)
+            else:
+                found[q] = hit
+        if missing:
+            text = self.processor.text(missing)
+            if use_onnx:
+                out = self.onnx.encode_text(text["input_ids"].numpy(), text["attention_mask"].numpy())
+            else:
+                enc = {k: v.to(self.device) for k, v in text.items()}
+                out = self.model.backbone.encode_text(enc["input_ids"], enc["attention_mask"]).float().cpu().numpy()
+            for q, q_states, n in zip(missing, out, text["attention_mask"].sum(1).tolist()):
+                found[q] = q_states[:n].astype(np.float32, copy=True)  # its own tokens, without the padding
+                if cache is not None:
+                    cache.put((backend, q), found[q])
+        T = max(len(found[q]) for q in questions)
+        states = np.zeros((len(questions), T, next(iter(found.values())).shape[-1]), dtype=np.float32)
+        mask = np.zeros((len(questions), T), dtype=np.int64)
+        for i, q in enumerate(questions):
+            states[i, : len(found[q])] = found[q]
+            mask[i, : len(found[q])] = 1
+        return states, mask
 
     def _prediction(self, question: str, probs: torch.Tensor, top_k: int, attention) -> Prediction:
-        values, ids = probs.topk(min(top_k, len(self.labels)))
+        values, ids = probs.topk(max(1, min(top_k, len(self.labels))))
         ranked = [(self.labels[i], float(v)) for v, i in zip(values.tolist(), ids.tolist())]
         return Prediction(question, ranked[0][0], ranked[0][1], ranked, attention)
 
@@ -171,14 +353,16 @@ class VQAPredictor:
         per_image = (attn * m).sum(1) / m.sum(1)  # (B, N)
         side = int(math.isqrt(per_image.shape[1]))
         if side * side != per_image.shape[1]:
-            return per_image.cpu().numpy()[:, None, :]
-        return per_image.reshape(-1, side, side).cpu().numpy()
+            return per_image.float().cpu().numpy()[:, None, :]
+        return per_image.reshape(-1, side, side).float().cpu().numpy()
 
     @torch.inference_mode()
     def predict_examples(self, examples, batch_size: int = 256, use_cache: bool = True, cache_dir=None,
                          top_k: int = 5, progress: bool = True) -> list[Prediction]:
         """Answer a whole split. With ``use_cache`` the towers' outputs go through the feature cache, so a
-        checkpoint whose towers were frozen in training reuses the features computed then."""
+        checkpoint whose towers were frozen in training reuses the features computed then (not for a quantized
+        model, whose towers differ from the cached ones)."""
+        use_cache = use_cache and not self.quantize
         questions = [e.question for e in examples]
         paths = [e.image for e in examples]
         if use_cache:

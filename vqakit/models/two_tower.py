@@ -55,7 +55,8 @@ class TwoTowerConfig:
         dropout: dropout in the fusion layers and the classifier.
         text_pooler: how ``concat``/``gated`` pool question tokens: ``mean`` or ``cls``.
         loss: ``bce`` against VQA soft scores (standard) or ``ce`` against the majority answer.
-        gradient_checkpointing: recompute fusion activations in backward to save memory.
+        gradient_checkpointing: recompute activations in backward to save memory: per fusion layer, per
+            tower layer (transformers' own) and per EfficientNet block.
         id2label: answer vocabulary, class id -> answer (filled from the training data).
         image_mean: per-channel mean used to normalise pixels (filled from the vision tower).
         image_std: per-channel std used to normalise pixels (filled from the vision tower).
@@ -251,6 +252,9 @@ class TwoTowerModel(nn.Module):
             multiscale=config.vision_multiscale,
         )
         self.text = HFTextTower(config.text_tower, pretrained=pretrained_towers, config_dir=text_cfg)
+        if config.gradient_checkpointing:  # the towers too, not only the fusion layers
+            self.vision.gradient_checkpointing_enable()
+            self.text.gradient_checkpointing_enable()
         if config.image_mean is None or config.image_std is None:
             config.image_mean, config.image_std = list(self.vision.image_mean), list(self.vision.image_std)
         if config.num_image_tokens is None:

@@ -68,14 +68,17 @@ class HFTextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Transformers' own per-layer recomputation in backward (non-reentrant: works with frozen inputs)."""
+        from vqakit.towers.vision import _hf_gradient_checkpointing
+
+        _hf_gradient_checkpointing(self.model)
+
     def layer_groups(self) -> list[nn.Module]:
         """Embeddings then each transformer layer, input side first (used to unfreeze the last N)."""
-        m = self.model
-        encoder = getattr(m, "encoder", None) or getattr(m, "transformer", None)
-        layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
-        if layers is None:
-            return [m]
-        return [getattr(m, "embeddings", nn.Identity()), *layers]
+        from vqakit.towers.vision import hf_layer_groups
+
+        return hf_layer_groups(self.model)
 
 
 def load_tokenizer(name_or_dir: str):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 PACKAGED_VISION_TOWERS = ("efficientnet-lite0",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,6 +61,7 @@ class EfficientNetLiteTower(nn.Module):
         _plain_pointwise_convs(net)
         self.model = net
         self.multiscale = multiscale
+        self.gradient_checkpointing = False
         # the last block of the stride-8 and stride-16 stages (before the stride-2 block that ends each)
         strides = [int(b._block_args.stride[0] if isinstance(b._block_args.stride, list) else b._block_args.stride)
                    for b in net._blocks]
@@ -73,20 +75,29 @@ class EfficientNetLiteTower(nn.Module):
         self.image_mean, self.image_std = LITE_MEAN, LITE_STD
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if not self.multiscale:
-            x = self.model.extract_features(pixel_values)  # (B, C, h, w)
-            return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         net, taps = self.model, []
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         x = net._swish(net._bn0(net._conv_stem(pixel_values)))
         for idx, block in enumerate(net._blocks):  # as EfficientNet.extract_features, keeping some stages
             rate = net._global_params.drop_connect_rate
-            x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else rate)
+            rate = rate * idx / len(net._blocks) if rate else rate
+            if recompute:  # keep only each block's input; its activations are recomputed in backward
+                x = checkpoint(block, x, rate, use_reentrant=False)
+            else:
+                x = block(x, drop_connect_rate=rate)
             if idx in self.tap_blocks:
                 taps.append(x)
         x = net._swish(net._bn1(net._conv_head(x)))  # (B, 1280, h, w)
-        grid = (int(x.shape[-2]), int(x.shape[-1]))
-        x = torch.cat([x, *(_pool_to(t, grid) for t in taps)], dim=1)
-        return x.flatten(2).transpose(1, 2)  # (B, h*w, 1280 + 112 + 40)
+        if taps:
+            grid = (int(x.shape[-2]), int(x.shape[-1]))
+            x = torch.cat([x, *(_pool_to(t, grid) for t in taps)], dim=1)  # (B, 1280 + 112 + 40, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each MBConv block's activations in backward instead of storing them (Chen et al., 2016,
+        https://arxiv.org/abs/1604.06174): memory for compute, same outputs and gradients. BatchNorm stays
+        in eval mode (see ``train``), so the recomputation cannot update its statistics twice."""
+        self.gradient_checkpointing = True
 
     def train(self, mode: bool = True):
         """BatchNorm statistics stay frozen even when the weights train: VQA batches are small and
@@ -167,12 +178,37 @@ class HFVisionTower(nn.Module):
             out = out[:, -n_patches:]  # drop [CLS] / distillation / register tokens
         return out  # (B, N, D)
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Transformers' own per-layer recomputation in backward (non-reentrant: works with frozen inputs)."""
+        _hf_gradient_checkpointing(self.model)
+
     def layer_groups(self) -> list[nn.Module]:
-        encoder = getattr(self.model, "encoder", None)
-        layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None) or getattr(encoder, "stages", None)
-        if layers is None:
-            return [self.model]
-        return [getattr(self.model, "embeddings", nn.Identity()), *layers]
+        """Embeddings then each layer / stage, input side first (used to unfreeze the last N)."""
+        return hf_layer_groups(self.model)
+
+
+def hf_layer_groups(model: nn.Module) -> list[nn.Module]:
+    """Embeddings then the layers of a transformers model, wherever this family keeps them
+    (``encoder.layer``: BERT; ``layers`` on the model itself: ViT since transformers 5.x; ``stages``: CNNs)."""
+    model = getattr(model, "base_model", model)  # under a PEFT wrapper: LoraModel
+    model = getattr(model, "model", model)
+    for parent in (getattr(model, "encoder", None), getattr(model, "transformer", None), model):
+        for name in ("layer", "layers", "stages"):
+            layers = getattr(parent, name, None) if parent is not None else None
+            if isinstance(layers, nn.ModuleList) and len(layers):
+                return [getattr(model, "embeddings", nn.Identity()), *layers]
+    return [model]
+
+
+def _hf_gradient_checkpointing(model: nn.Module) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise NotImplementedError(f"{type(model).__name__} does not support gradient checkpointing in transformers; "
+                                  f"set --model.gradient_checkpointing false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _hf_image_stats(name_or_path: str) -> tuple[tuple, tuple]:

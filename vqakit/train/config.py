@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STRATEGIES = ("frozen", "lora", "full", "partial")
+STRATEGIES = ("frozen", "lora", "full", "partial", "qlora")
 LOGGERS = ("csv", "tensorboard", "both", "none")
+OPTIMIZERS = ("adamw", "adamw8bit")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
 @dataclass
@@ -35,9 +37,10 @@ class TrainConfig:
     """Training settings.
 
     Args:
-        vision: vision tower strategy: ``frozen`` (feature cache, fastest), ``lora``, ``full``, or
-            ``partial`` (only the last ``unfreeze_last_n`` layers train).
-        text: text tower strategy: ``frozen``, ``lora``, ``full`` or ``partial``.
+        vision: vision tower strategy: ``frozen`` (feature cache, fastest), ``lora``, ``full``,
+            ``partial`` (only the last ``unfreeze_last_n`` layers train) or ``qlora`` (LoRA over a 4-bit
+            NF4 base, bitsandbytes; CUDA only; transformers towers only, not EfficientNet's convolutions).
+        text: text tower strategy: ``frozen``, ``lora``, ``full``, ``partial`` or ``qlora``.
         unfreeze_last_n: layers (EfficientNet blocks / transformer layers) that ``partial`` trains.
         init_from: start from this checkpoint directory's weights (e.g. stage 2 of two-stage training,
             after a ``frozen`` stage 1); its answer vocabulary must match this run's.
@@ -52,7 +55,10 @@ class TrainConfig:
         weight_decay: AdamW weight decay (not applied to biases and norms).
         warmup_ratio: fraction of the steps with a linear warm-up, then cosine decay to 0.
         grad_clip: gradient norm clipping (0: off).
-        precision: Lightning precision, e.g. ``32-true``, ``bf16-mixed`` (AMP), ``16-mixed`` (GPU).
+        precision: Lightning precision: ``32-true``, ``bf16-mixed`` (AMP; also on CPU), ``16-mixed``
+            (fp16 AMP; on CPU it falls back to ``bf16-mixed``, as Lightning does), ``bf16-true``,
+            ``16-true`` (GPU only), ``64-true``.
+        optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes 8-bit states, CUDA only).
         seed: seed of weights init, shuffling and dropout.
         out_dir: run directory (config, logs, checkpoint, metrics).
         logger: ``csv``, ``tensorboard``, ``both`` or ``none``.
@@ -84,6 +90,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     precision: str = "32-true"
+    optimizer: str = "adamw"
     seed: int = 0
     out_dir: str = "runs/easy-vqa"
     logger: str = "csv"
@@ -100,6 +107,10 @@ class TrainConfig:
         for flag, value in (("--train.vision", self.vision), ("--train.text", self.text)):
             if value not in STRATEGIES:
                 raise ValueError(f"{flag}={value!r} is not one of {STRATEGIES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--train.precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--train.optimizer={self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.logger not in LOGGERS:
             raise ValueError(f"--train.logger={self.logger!r} is not one of {LOGGERS}")
         if self.epochs < 1:

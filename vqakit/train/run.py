@@ -31,7 +31,7 @@ from vqakit.processor import VQAProcessor
 from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQADataModule, VQADataset
-from vqakit.train.recipes import apply_strategies, merge_lora
+from vqakit.train.recipes import apply_strategies, check_device_support, merge_lora
 from vqakit.train.system import VQASystem
 
 logger = logging.getLogger("vqakit")
@@ -112,6 +112,7 @@ def _checkpoint_callbacks(train: TrainConfig, out: Path, val_set) -> list:
 
 def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: bool = True) -> dict:
     """Train a model as configured; returns a summary (paths, time to train, metrics)."""
+    precision = check_device_support(train)  # GPU-only options fail here, before anything loads
     out = Path(train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {"model": asdict(model), "data": asdict(data), "train": asdict(train)}
@@ -151,7 +152,7 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
                                seed=train.seed)
     resume_state = ResumeState()
     trainer = L.Trainer(
-        max_epochs=train.epochs, max_steps=train.max_steps, precision=train.precision,
+        max_epochs=train.epochs, max_steps=train.max_steps, precision=precision,
         accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
         logger=_loggers(train, out),
         gradient_clip_val=train.grad_clip or None, callbacks=[*_checkpoint_callbacks(train, out, val_set),
@@ -169,8 +170,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
         return {"run_dir": str(out), "global_rank": trainer.global_rank}
 
     ckpt = out / "checkpoint"
+    merged = merge_lora(net, ckpt / "adapters")  # before .cpu(): QLoRA dequantizes on the GPU
     net = net.cpu().float()
-    merged = merge_lora(net, ckpt / "adapters")
     net.save_pretrained(ckpt, tokenizer=processor.tokenizer)
     vocab.to_json(ckpt / "answer_vocab.json")
     val_metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -184,6 +185,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
         "examples_per_s": round(trainer.global_step * train.batch_size / max(time_to_train, 1e-9), 1),
         "parameters": params,
         "strategies": {"vision": train.vision, "text": train.text},
+        "precision": precision,
+        "optimizer": train.optimizer,
         "lora_merged_towers": merged,
         "num_train_questions": len(train_examples),
         "num_val_questions": len(val_examples),

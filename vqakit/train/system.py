@@ -50,6 +50,34 @@ class VQASystem(L.LightningModule):
         self.log("val/vqa_score", self.val_vqa_score, prog_bar=True, batch_size=len(logits))
         self.log("val/acc", self.val_acc, batch_size=len(logits))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave frozen tower weights out of ``last.ckpt`` / ``best.ckpt``: a resumed run rebuilds them from
+        their source (the pretrained tower, then ``init_from``) before loading the checkpoint, so each
+        checkpoint would otherwise carry an unchanged copy of up to the whole model. The names left out are
+        recorded, and checked when loading."""
+        frozen = self._frozen_tower_keys()
+        state = checkpoint["state_dict"]
+        for key in frozen:
+            del state[key]
+        checkpoint["vqakit_frozen_tower_keys"] = sorted(frozen)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        omitted = checkpoint.get("vqakit_frozen_tower_keys")
+        if omitted is None:  # a checkpoint with every weight
+            return
+        frozen = self._frozen_tower_keys()
+        if set(omitted) != frozen:
+            raise ValueError(f"the checkpoint left out {len(omitted)} frozen tower weights but this run freezes "
+                             f"{len(frozen)}: it was saved under other strategies (--train.vision/--train.text/"
+                             f"--train.unfreeze_last_n); resume with the settings it was trained with")
+        current = self.state_dict()
+        checkpoint["state_dict"].update({key: current[key] for key in omitted})  # as rebuilt from the source
+
+    def _frozen_tower_keys(self) -> set[str]:
+        towers = (self.model.backbone.vision, self.model.backbone.text)
+        frozen = {id(p) for tower in towers for p in tower.parameters() if not p.requires_grad}
+        return {name for name, p in self.named_parameters() if id(p) in frozen}
+
     def configure_optimizers(self):
         towers = {id(p) for p in self.model.backbone.vision.parameters()} | {
             id(p) for p in self.model.backbone.text.parameters()
@@ -70,7 +98,13 @@ class VQASystem(L.LightningModule):
             {"params": groups["lora_decay"], "lr": self.cfg.lora_lr, "weight_decay": wd},
             {"params": groups["lora_no_decay"], "lr": self.cfg.lora_lr, "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
+        param_groups = [g for g in param_groups if g["params"]]
+        if self.cfg.optimizer == "adamw8bit":  # 8-bit optimizer states (Dettmers et al., 2022); CUDA only
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(param_groups)
+        else:
+            optimizer = torch.optim.AdamW(param_groups)
         total = self.total_steps
         warmup = int(self.cfg.warmup_ratio * total)
 

@@ -1,0 +1,239 @@
+"""Load test of ``vqakit serve`` on loopback: latency of one question, then many concurrent clients.
+
+    python benchmarks/load.py --checkpoint runs/easy-vqa/checkpoint [--clients 16] [--duration 20]
+
+Starts the server as a subprocess on 127.0.0.1 (a free port; never another host), waits for ``/health``,
+then measures:
+
+1. ``single``: one client, one question per request, ``--latency_requests`` sequential ``POST /predict``
+   calls (JSON, base64 PNG, distinct easy-VQA test image/question pairs) after a warm-up: p50/p95/p99 ms.
+2. ``load``: ``--clients`` concurrent clients (asyncio + aiohttp, keep-alive) sending the same kind of
+   requests for ``--duration`` seconds, then stopping: errors (anything but 200, and exceptions), p50/p99
+   latency, questions per second, the server's batch statistics and its RSS at the start, every second and
+   at the end (memory must stay flat).
+
+Writes JSON to ``--out`` (default ``benchmarks/results/load-<backend>.json``). The client runs on the same
+machine and competes with the server for the CPU, so the numbers are a lower bound of the server's capacity
+(aiohttp's client costs ~0.3 ms of CPU per request here, httpx's ~2.5 ms: hence aiohttp). On a machine busy
+with other work, ``projected_questions_per_s_all_cores`` (questions per CPU second of server + client, times
+the cores) estimates what the machine would sustain if it were free; it is an estimate, not a measurement.
+Targets (issue 5, 2 CPU cores, default easy-VQA checkpoint): single p50 <= 25 ms; >= 300 questions/s with
+16 clients; 0 errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"  # loopback only: this benchmark never sends load anywhere else
+JSON = {"content-type": "application/json"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(sorted_ms: list[float], q: float) -> float:
+    return round(sorted_ms[min(len(sorted_ms) - 1, int(q * (len(sorted_ms) - 1)))], 2) if sorted_ms else float("nan")
+
+
+def request_bodies(n: int, questions_per_request: int) -> list[bytes]:
+    """JSON bodies over distinct easy-VQA test images, each image's own questions."""
+    from vqakit.data.sources import load_easy_vqa
+
+    by_image: dict[int, list] = {}
+    for e in load_easy_vqa("test"):
+        by_image.setdefault(e.image_id, []).append(e)
+    bodies = []
+    for examples in list(by_image.values())[:n]:
+        image = base64.b64encode(Path(examples[0].image).read_bytes()).decode()
+        qs = [e.question for e in examples][:questions_per_request]
+        qs += [qs[-1]] * (questions_per_request - len(qs))
+        field = {"question": qs[0]} if questions_per_request == 1 else {"questions": qs}
+        bodies.append(json.dumps({**field, "image_base64": image}).encode())
+    return bodies
+
+
+async def single_client(url: str, bodies: list[bytes], warmup: int, n: int) -> list[float]:
+    import aiohttp
+
+    times = []
+    async with aiohttp.ClientSession(headers=JSON) as session:
+        for i in range(warmup + n):
+            start = time.perf_counter()
+            async with session.post(url, data=bodies[i % len(bodies)]) as r:
+                text = await r.read()
+            elapsed = 1000 * (time.perf_counter() - start)
+            if r.status != 200:
+                raise RuntimeError(f"single-client request failed: {r.status} {text[:200]!r}")
+            if i >= warmup:
+                times.append(elapsed)
+    return sorted(times)
+
+
+async def load(url: str, bodies: list[bytes], clients: int, duration: float, pid: int) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    done = 0
+    stop_at = time.perf_counter() + duration
+    rss_trace = [rss_mib(pid)]
+
+    async def client_loop(k: int, session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        i = k
+        while time.perf_counter() < stop_at:
+            body = bodies[i % len(bodies)]
+            i += clients
+            start = time.perf_counter()
+            try:
+                async with session.post(url, data=body) as r:
+                    await r.read()
+                    status = str(r.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                status = type(err).__name__
+            latencies.append(1000 * (time.perf_counter() - start))
+            if status == "200":
+                done += 1
+            else:
+                errors[status] = errors.get(status, 0) + 1
+
+    async def sample_rss() -> None:
+        while time.perf_counter() < stop_at:
+            await asyncio.sleep(1.0)
+            rss_trace.append(rss_mib(pid))
+
+    connector = aiohttp.TCPConnector(limit=clients)  # one keep-alive connection per client
+    async with aiohttp.ClientSession(connector=connector, headers=JSON,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(sample_rss(), *(client_loop(k, session) for k in range(clients)))
+        wall = time.perf_counter() - start
+    rss_trace.append(rss_mib(pid))
+    latencies.sort()
+    return {"requests": len(latencies), "ok": done, "errors": sum(errors.values()), "error_kinds": errors,
+            "wall_s": round(wall, 2), "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+            "requests_per_s": round(done / wall, 1), "rss_mib": rss_trace}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="runs/easy-vqa/checkpoint")
+    ap.add_argument("--backend", default="onnx", choices=["auto", "torch", "onnx"])
+    ap.add_argument("--quantize", default=None, choices=["int8"])
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients of the load phase (16-32)")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of the load phase")
+    ap.add_argument("--questions_per_request", type=int, default=1)
+    ap.add_argument("--latency_requests", type=int, default=200)
+    ap.add_argument("--max_batch_size", type=int, default=32)
+    ap.add_argument("--max_wait_ms", type=float, default=2.0)
+    ap.add_argument("--question_cache", type=int, default=4096, help="server question cache (0: off)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not 1 <= args.clients <= 64 or not 0 < args.duration <= 120:
+        ap.error("--clients must lie in 1..64 and --duration in (0, 120] s: this is a bounded test")
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vqakit.cli", "serve", "--checkpoint", args.checkpoint, "--host", HOST,
+           "--port", str(port), "--ui", "false", "--server.backend", args.backend,
+           "--server.max_batch_size", str(args.max_batch_size), "--server.max_wait_ms", str(args.max_wait_ms),
+           "--server.question_cache", str(args.question_cache)]
+    if args.quantize:
+        cmd += ["--server.quantize", args.quantize]
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vqakit-load-server-{port}.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://{HOST}:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited with {server.returncode}; see {log.name}")
+            try:
+                health = httpx.get(f"{base}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not answer /health within 300 s; see {log.name}") from None
+                time.sleep(0.5)
+        url = f"{base}/predict"
+        bodies = request_bodies(args.latency_requests + 50, args.questions_per_request)
+        single = asyncio.run(single_client(url, bodies, warmup=30, n=args.latency_requests))
+        rss_before = rss_mib(server.pid)
+        server_cpu, client_cpu = cpu_s(server.pid), time.process_time()
+        loaded = asyncio.run(load(url, bodies, args.clients, args.duration, server.pid))
+        server_cpu, client_cpu = cpu_s(server.pid) - server_cpu, time.process_time() - client_cpu
+        health_end = httpx.get(f"{base}/health", timeout=10).json()
+        stats = health_end["batching"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    q = args.questions_per_request
+    result = {
+        "benchmark": "http_load",
+        "checkpoint": args.checkpoint,
+        "backend": health["backend"],
+        "quantize": args.quantize,
+        "questions_per_request": q,
+        "single": {"requests": len(single), "p50_ms": percentile(single, 0.5), "p95_ms": percentile(single, 0.95),
+                   "p99_ms": percentile(single, 0.99), "mean_ms": round(statistics.fmean(single), 2)},
+        "load": {"clients": args.clients, "duration_s": args.duration, **loaded,
+                 "questions_per_s": round(loaded["requests_per_s"] * q, 1),
+                 "rss_before_load_mib": rss_before,
+                 # CPU seconds spent while loaded; on a machine shared with other work, the questions answered
+                 # per CPU second (server + client) x the cores is what 2 free cores would sustain
+                 "server_cpu_s": round(server_cpu, 2), "client_cpu_s": round(client_cpu, 2),
+                 "questions_per_cpu_s": round(loaded["ok"] * q / max(server_cpu + client_cpu, 1e-9), 1),
+                 "projected_questions_per_s_all_cores": round(
+                     (os.cpu_count() or 1) * loaded["ok"] * q / max(server_cpu + client_cpu, 1e-9), 1)},
+        "batching": stats,
+        "server": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                   "question_cache": args.question_cache},
+        "question_cache": health_end.get("question_cache"),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    print(json.dumps(result, indent=2))
+    suffix = ("-int8" if args.quantize else "") + ("-nocache" if not args.question_cache else "")
+    out = Path(args.out or f"benchmarks/results/load-{health['backend']}{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
