@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqakit.data.config import DataConfig
+from vqakit.models.gru_decoder import GRUDecoderConfig
 from vqakit.models.two_tower import TwoTowerConfig
 from vqakit.train.config import TrainConfig  # a plain dataclass: no training code is imported
 
@@ -81,19 +82,30 @@ def train(
     data: DataConfig = DataConfig(),
     train: TrainConfig = TrainConfig(),
     evaluate: bool = True,
+    gru: GRUDecoderConfig | None = None,
 ) -> dict:
     """Train a VQA model, save an HF-style checkpoint directory, then evaluate it on ``data.eval_split``.
 
     Args:
-        model: model architecture.
+        model: model architecture (the answer classifier).
         data: training and evaluation data.
         train: strategies and optimisation.
         evaluate: evaluate the checkpoint on the evaluation split after training.
+        gru: train a generative GRU-decoder model instead of the classifier (``configs/easy-vqa-gru.yaml``).
     """
     from vqakit.eval.evaluate import format_metrics
-    from vqakit.train.run import fit
 
-    summary = fit(model, data, train, evaluate=evaluate)
+    generative = [cfg for cfg in (gru,) if cfg is not None]
+    if len(generative) > 1:
+        raise ValueError("give one generative family (--gru), not several")
+    if generative:
+        from vqakit.train.generative import fit_generative
+
+        summary = fit_generative(generative[0], data, train, evaluate=evaluate)
+    else:
+        from vqakit.train.run import fit
+
+        summary = fit(model, data, train, evaluate=evaluate)
     if "checkpoint" not in summary:  # a DDP rank other than 0
         return summary
     print(f"\ncheckpoint: {summary['checkpoint']}")
@@ -143,9 +155,9 @@ def predict(checkpoint: str, image: str, question: str | list[str], top_k: int =
         top_k: how many answers to show per question.
         backend: ``torch``, ``onnx`` (ONNX Runtime; exports on first use) or ``auto`` (``onnx`` when exported).
     """
-    from vqakit.predict import VQAPredictor
+    from vqakit.generate import load_predictor
 
-    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend)
+    predictor = load_predictor(checkpoint, backend=backend)
     results = predictor.predict(image, question, top_k=top_k)
     for r in results:
         print(f"Q: {r.question}")
