@@ -24,6 +24,7 @@ from vqakit.data.config import DataConfig
 from vqakit.models.gru_decoder import GRUDecoderConfig
 from vqakit.models.llm_prefix import LLMPrefixConfig
 from vqakit.models.two_tower import TwoTowerConfig
+from vqakit.models.vlm import VLMConfig
 from vqakit.train.config import TrainConfig  # a plain dataclass: no training code is imported
 
 
@@ -85,6 +86,7 @@ def train(
     evaluate: bool = True,
     gru: GRUDecoderConfig | None = None,
     llm: LLMPrefixConfig | None = None,
+    vlm: VLMConfig | None = None,
 ) -> dict:
     """Train a VQA model, save an HF-style checkpoint directory, then evaluate it on ``data.eval_split``.
 
@@ -95,12 +97,13 @@ def train(
         evaluate: evaluate the checkpoint on the evaluation split after training.
         gru: train a generative GRU-decoder model instead of the classifier (``configs/easy-vqa-gru.yaml``).
         llm: train a vision-prefixed causal LLM instead (``configs/easy-vqa-llm-stage1.yaml``, then stage 2).
+        vlm: fine-tune a pretrained BLIP / ViLT model instead (``--vlm.model`` id or directory, LoRA by default).
     """
     from vqakit.eval.evaluate import format_metrics
 
-    generative = [cfg for cfg in (gru, llm) if cfg is not None]
+    generative = [cfg for cfg in (gru, llm, vlm) if cfg is not None]
     if len(generative) > 1:
-        raise ValueError("give one generative family (--gru, --llm), not several")
+        raise ValueError("give one generative family (--gru, --llm, --vlm), not several")
     if generative:
         from vqakit.train.generative import fit_generative
 

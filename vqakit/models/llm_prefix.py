@@ -120,6 +120,8 @@ def load_language_model(cfg: LLMPrefixConfig, device: str = "cpu"):
 
     path, gguf = resolve_language_model(cfg.language_model, cfg.gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if not cfg.load_in_4bit:
+        kwargs["dtype"] = torch.float32  # GGUF weights are dequantised to it (CPU training and serving)
     if cfg.load_in_4bit:
         if not torch.cuda.is_available():
             raise RuntimeError("--llm.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit kernels); "
@@ -140,7 +142,7 @@ def load_language_model(cfg: LLMPrefixConfig, device: str = "cpu"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not cfg.load_in_4bit:
-        lm = lm.float().to(device)
+        lm = lm.to(device)
     return lm, tokenizer
 
 
