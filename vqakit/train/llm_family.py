@@ -83,4 +83,4 @@ def apply_strategies(net, train):
 
 
 def save(net, processor, ckpt) -> None:
-    net.float().save_pretrained(ckpt)
+    net.save_pretrained(ckpt)  # the projector is saved in float32; the LM is not copied
