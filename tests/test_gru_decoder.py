@@ -100,6 +100,7 @@ def test_cli_train_evaluate_predict(tiny_vision_tower, tiny_text_tower, tmp_path
     out = capsys.readouterr().out
     assert "VQA accuracy (official)" in out and "BERTScore F1 (MiniLM-L6)" in out
     ckpt = tmp_path / "run" / "checkpoint"
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert {"config.json", "model.safetensors", "answer_vocab.json", "training_metadata.json",
             "text_tower"} <= {p.name for p in ckpt.iterdir()}
     metrics = json.loads((ckpt / "eval-easy-vqa-test" / "metrics.json").read_text())

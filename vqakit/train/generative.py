@@ -167,15 +167,12 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     system = GenerativeSystem(net, train, total_steps=total_steps)
     datamodule = GenerativeDataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
                                       seed=train.seed)
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     resume_state = ResumeState()
     trainer = L.Trainer(
         max_epochs=train.epochs, max_steps=train.max_steps, precision=train.precision,
         accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
         logger=_loggers(train, out), gradient_clip_val=train.grad_clip or None,
-        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True,
-                                   save_on_train_epoch_end=True), resume_state],
+        callbacks=[*_checkpoint_callbacks(out, val_set), resume_state],
         plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
         log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=out,
     )  # fmt: skip
@@ -217,6 +214,20 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
         summary["metrics"] = evaluate_checkpoint(ckpt, data, batch_size=train.eval_batch_size,
                                                  progress=train.progress)
     return summary
+
+
+def _checkpoint_callbacks(out: Path, val_set) -> list:
+    """``last.ckpt`` at every epoch end (``--train.resume true`` continues from it) and ``best.ckpt`` by the
+    validation loss (every family logs it; BLIP has no teacher-forced answer accuracy). As :mod:`vqakit.train.run` does; with the ``save_top_k=0`` callback alone, no
+    ``last.ckpt`` was written in our runs (Lightning 2.6)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True,
+                                 save_on_train_epoch_end=True)]
+    if val_set:
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/loss",
+                                         mode="min", save_top_k=1, enable_version_counter=False))
+    return callbacks
 
 
 def classifier_dataset(examples, vocab, net, processor, train: TrainConfig, data: DataConfig):
