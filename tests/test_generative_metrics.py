@@ -71,6 +71,9 @@ def test_bertscore_and_cosine_with_packaged_minilm():
     embedder = AnswerEmbedder()
     f1 = embedder.bertscore_f1(["red", "red", ""], ["red", "blue", "red"])
     assert f1[0] == pytest.approx(1.0, abs=1e-5) and 0 < f1[1] < 0.95 and f1[2] == 0.0
+    # scores stay with their pairs (a batch of several lengths, the mismatch last)
+    f1 = embedder.bertscore_f1(["yes", "no", "rectangle", "triangle", "blue"], ["yes", "no", "rectangle", "green", "blue"])
+    assert f1[3] < 0.9 and all(f == pytest.approx(1.0, abs=1e-5) for i, f in enumerate(f1) if i != 3)
     cos = embedder.cosine(["circle", "circle"], ["circle", "yellow"])
     assert cos[0] == pytest.approx(1.0, abs=1e-5) and cos[1] < cos[0]
     m = compute_generative_metrics(["circle"], [["circle"] * 10], ["other"], embedder=embedder)

@@ -26,8 +26,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqakit.data.config import DataConfig
+from vqakit.models.gru_decoder import GRUDecoderConfig
+from vqakit.models.llm_prefix import LLMPrefixConfig
 from vqakit.models.two_tower import TwoTowerConfig
 from vqakit.serve.config import ServeConfig  # a plain dataclass: FastAPI is imported by `serve` only
+from vqakit.models.vlm import VLMConfig
 from vqakit.train.config import TrainConfig  # a plain dataclass: no training code is imported
 
 
@@ -315,19 +318,34 @@ def train(
     data: DataConfig = DataConfig(),
     train: TrainConfig = TrainConfig(),
     evaluate: bool = True,
+    gru: GRUDecoderConfig | None = None,
+    llm: LLMPrefixConfig | None = None,
+    vlm: VLMConfig | None = None,
 ) -> dict:
     """Train a VQA model, save an HF-style checkpoint directory, then evaluate it on ``data.eval_split``.
 
     Args:
-        model: model architecture.
+        model: model architecture (the answer classifier).
         data: training and evaluation data.
         train: strategies and optimisation.
         evaluate: evaluate the checkpoint on the evaluation split after training.
+        gru: train a generative GRU-decoder model instead of the classifier (``configs/easy-vqa-gru.yaml``).
+        llm: train a vision-prefixed causal LLM instead (``configs/easy-vqa-llm-stage1.yaml``, then stage 2).
+        vlm: fine-tune a pretrained BLIP / ViLT model instead (``--vlm.model`` id or directory, LoRA by default).
     """
     from vqakit.eval.evaluate import format_metrics
-    from vqakit.train.run import fit
 
-    summary = fit(model, data, train, evaluate=evaluate)
+    generative = [cfg for cfg in (gru, llm, vlm) if cfg is not None]
+    if len(generative) > 1:
+        raise ValueError("give one generative family (--gru, --llm, --vlm), not several")
+    if generative:
+        from vqakit.train.generative import fit_generative
+
+        summary = fit_generative(generative[0], data, train, evaluate=evaluate)
+    else:
+        from vqakit.train.run import fit
+
+        summary = fit(model, data, train, evaluate=evaluate)
     if "checkpoint" not in summary:  # a DDP rank other than 0
         return summary
     print(f"\ncheckpoint: {summary['checkpoint']}")
@@ -380,10 +398,13 @@ def predict(checkpoint: str, image: str, question: str | list[str], top_k: int =
             the top-k answers drawn beside it, one row per question.
         quantize: ``int8``: dynamic INT8 quantization of the Linear layers (CPU).
     """
-    from vqakit.predict import VQAPredictor
+    from vqakit.generate import load_predictor
 
-    predictor = VQAPredictor.from_pretrained(checkpoint, backend=backend, quantize=quantize)
-    results = predictor.predict(image, question, top_k=top_k, output_attentions=output is not None)
+    predictor = load_predictor(checkpoint, backend=backend, quantize=quantize)
+    if output is not None and getattr(predictor, "generative", False):
+        raise ValueError(f"--output draws a classifier's attention heatmap; {checkpoint} is a generative checkpoint")
+    extra = {"output_attentions": True} if output is not None else {}
+    results = predictor.predict(image, question, top_k=top_k, **extra)
     for r in results:
         print(f"Q: {r.question}")
         for rank, (answer, score) in enumerate(r.top_k, 1):

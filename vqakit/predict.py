@@ -53,7 +53,12 @@ QUANTIZATIONS = (None, "int8")
 # ``from_pretrained(dir, device=, backend=, threads=, quantize=, question_cache=)``, VQAPredictor's ``prepare_image`` /
 # ``predict_prepared`` / ``predict`` / ``predict_batch`` methods and its ``backend`` / ``labels`` attributes, which is
 # all the CLI, REST service and web UI use.
-PREDICTOR_CLASSES: dict[str, str] = {"two_tower": "vqakit.predict:VQAPredictor"}
+PREDICTOR_CLASSES: dict[str, str] = {
+    "two_tower": "vqakit.predict:VQAPredictor",
+    "gru_decoder": "vqakit.generate:GenerativePredictor",
+    "llm_prefix": "vqakit.generate:GenerativePredictor",
+    "vlm": "vqakit.generate:GenerativePredictor",
+}
 
 
 def checkpoint_model_type(checkpoint_dir: str | Path) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from vqakit.data.config import DataConfig, load_split
@@ -37,7 +38,11 @@ def evaluate_checkpoint(
     ``<checkpoint>/eval-<dataset>-<split>``) and returns the metrics.
     """
     split = split or data.eval_split
-    predictor = predictor or VQAPredictor.from_pretrained(checkpoint)
+    if predictor is None:
+        from vqakit.generate import load_predictor  # a classifier or a generative checkpoint, by config.json
+
+        predictor = load_predictor(checkpoint)
+    generative = getattr(predictor, "generative", False)
     examples = load_split(data, split)
     if data.scan_images:
         report = scan_images({e.image_id: e.image for e in examples}, progress=progress)
@@ -52,6 +57,10 @@ def evaluate_checkpoint(
         examples, batch_size=batch_size, use_cache=use_cache, cache_dir=_features_dir(data), progress=progress
     )
     seconds = time.perf_counter() - start
+    if generative:  # free text is scored after the official normalisation (see vqakit.eval.generative)
+        from vqakit.eval.generative import normalize_generation
+
+        predictions = [replace(p, answer=normalize_generation(p.answer)) for p in predictions]
     records = [
         PredictionRecord(
             question_id=e.question_id, question=e.question, image_id=e.image_id, prediction=p.answer,
@@ -60,6 +69,14 @@ def evaluate_checkpoint(
         for e, p in zip(examples, predictions)
     ]  # fmt: skip
     metrics = compute_metrics(records, labels=predictor.labels)
+    if generative:
+        from vqakit.eval.generative import AnswerEmbedder, compute_generative_metrics
+
+        gen = compute_generative_metrics([p.answer for p in predictions], [e.answers for e in examples],
+                                         [e.answer_type for e in examples], embedder=AnswerEmbedder())
+        gen.pop("per_question")
+        metrics["generative"] = gen
+        metrics["decoding"] = predictor.decoding
     metrics.update(
         dataset=data.dataset, split=split, checkpoint=str(checkpoint), skipped_images=skipped,
         predict_seconds=round(seconds, 2), questions_per_second=round(len(records) / max(seconds, 1e-9), 1),
@@ -90,5 +107,10 @@ def format_metrics(metrics: dict) -> str:
         ("F1 (macro)", f"{metrics['f1_macro']:.2f}"),
         ("F1 (weighted)", f"{metrics['f1_weighted']:.2f}"),
     ]
+    if "generative" in metrics:  # free-text answers
+        g = metrics["generative"]
+        rows += [(name, f"{g[key]:.2f}") for name, key in (
+            ("VQA accuracy (lenient)", "vqa_accuracy_lenient"), ("token F1", "token_f1"), ("BLEU", "bleu"),
+            ("BERTScore F1 (MiniLM-L6)", "bertscore_f1"), ("answer embedding cosine", "embedding_cosine")) if key in g]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value:>8}" for name, value in rows)

@@ -151,14 +151,15 @@ class AnswerEmbedder:
         from torchmetrics.functional.text import bert_score
 
         pairs = list(dict.fromkeys(zip(predictions, references)))
-        scorable = [(p, r) for p, r in pairs if p.strip() and r.strip()]
         score = {pair: 0.0 for pair in pairs}
-        if scorable:
-            out = bert_score([p for p, _ in scorable], [r for _, r in scorable], model=self.tower.model,
-                             user_tokenizer=self.tokenizer, num_layers=BERTSCORE_LAYER, idf=False,
-                             device=self.device, batch_size=self.batch_size, lang="en", verbose=False,
-                             user_forward_fn=_last_hidden_states)
-            score.update(zip(scorable, torch.as_tensor(out["f1"]).reshape(-1).tolist()))
+        for p, r in pairs:
+            # one pair per call: with a user model, torchmetrics (1.9) returns a batch's scores reordered by
+            # length, not in input order (seen in tests/test_generative_metrics.py). Distinct pairs are few.
+            if p.strip() and r.strip():
+                out = bert_score([p], [r], model=self.tower.model, user_tokenizer=self.tokenizer,
+                                 num_layers=BERTSCORE_LAYER, idf=False, device=self.device, batch_size=1, lang="en",
+                                 verbose=False, user_forward_fn=_last_hidden_states)
+                score[(p, r)] = float(torch.as_tensor(out["f1"]).reshape(-1)[0])
         return [score[pair] for pair in zip(predictions, references)]
 
 

@@ -1,0 +1,148 @@
+"""Vision-prefixed causal LM with a tiny random Llama (no download): training step, KV-cache reuse, save/load, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vqakit.models.llm_prefix import LLMPrefixConfig, LLMPrefixForQuestionAnswering
+
+LM_WORDS = ("image question short answer what is the color of shape does contain a there not no present in which "
+            "this circle rectangle triangle red green blue yellow black gray teal brown white how many yes : ? ,").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide Llama with a word-level tokenizer, saved as an HF directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *dict.fromkeys(LM_WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_prefix_model(tiny_vision_tower, tiny_llm):
+    def make(**overrides):
+        kwargs = dict(vision_tower=tiny_vision_tower, image_size=32, vision_multiscale=False, language_model=tiny_llm,
+                      projector_hidden=32, max_new_tokens=4)
+        kwargs.update(overrides)
+        torch.manual_seed(0)
+        return LLMPrefixForQuestionAnswering.build(LLMPrefixConfig(**kwargs))
+
+    return make
+
+
+QUESTIONS = ["what is the color of the shape?", "is there a red circle?", "how many shapes?", "which shape is this?",
+             "does the image contain a triangle?"]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="must contain"):
+        LLMPrefixConfig(prompt="Q: no placeholder")
+    if not torch.cuda.is_available():
+        from vqakit.models.llm_prefix import load_language_model
+
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            load_language_model(LLMPrefixConfig(load_in_4bit=True, language_model="x"))
+
+
+def test_training_step_and_answer_loss(tiny_prefix_model):
+    model = tiny_prefix_model()
+    model.lm.requires_grad_(False)
+    model.vision.requires_grad_(False)
+    text = model.processor.text(QUESTIONS[:3])
+    pixels = torch.randn(3, 3, 32, 32)
+    answers = ["red", "yes", "2"]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    lm_before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    first = model(pixel_values=pixels, answers=answers, **text).loss
+    for _ in range(30):
+        loss = model(pixel_values=pixels, answers=answers, **text).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first.item()
+    for k, v in model.lm.state_dict().items():  # stage 1: the LM is unchanged
+        torch.testing.assert_close(v, lm_before[k])
+    assert model.projector[0].weight.grad is not None
+
+
+def test_kv_cache_reuse_gives_the_same_answers(tiny_prefix_model):
+    model = tiny_prefix_model().eval()
+    image = (torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()
+    p = model.processor
+    fresh = model.answer_image(p, image, QUESTIONS, reuse_cache=False)
+    batched = model.answer_image(p, image, QUESTIONS, reuse_cache=True, batch_questions=True)
+    one_by_one = model.answer_image(p, image, QUESTIONS, reuse_cache=True, batch_questions=False)
+    assert [a for a, _ in fresh] == [a for a, _ in batched] == [a for a, _ in one_by_one]
+    for (_, x), (_, y), (_, z) in zip(fresh, batched, one_by_one):
+        assert x == pytest.approx(y, rel=1e-3) and x == pytest.approx(z, rel=1e-3)
+    # and the batch path of the evaluator (one image per question) agrees too
+    text = p.text(QUESTIONS)
+    pixels = p.images([image] * len(QUESTIONS))
+    assert [a for a, _ in model.generate(pixel_values=pixels, **text)] == [a for a, _ in fresh]
+
+
+def test_lora_stage2_save_load_round_trip(tiny_prefix_model, tmp_path):
+    from vqakit.train.config import TrainConfig
+    from vqakit.train.llm_family import apply_strategies
+
+    model = tiny_prefix_model()
+    params = apply_strategies(model, TrainConfig(text="lora", lora_text={"rank": 2, "alpha": 4}))
+    assert 0 < params["trainable"] < params["total"]
+    text = model.processor.text(QUESTIONS[:2])
+    loss = model(pixel_values=torch.randn(2, 3, 32, 32), answers=["red", "no"], **text).loss
+    loss.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():  # make the adapter matter
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "adapters" / "lm" / "adapter_model.safetensors").is_file()
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "llm_prefix" and config["lora_targets"] == ["q_proj", "v_proj"]
+    assert config["prompt"] == LLMPrefixConfig().prompt and config["max_new_tokens"] == 4
+    loaded = LLMPrefixForQuestionAnswering.from_pretrained(tmp_path / "ckpt")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels, answers=["red", "no"], **text).logits,
+                                   model(pixel_values=pixels, answers=["red", "no"], **text).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_cli_two_stages_evaluate_predict(tiny_vision_tower, tiny_llm, tmp_path, capsys):
+    from vqakit.cli import main
+    from vqakit.data.sources import easy_vqa_data_dir
+
+    llm = ["--llm.vision_tower", tiny_vision_tower, "--llm.image_size", "32", "--llm.vision_multiscale", "false",
+           "--llm.language_model", tiny_llm, "--llm.projector_hidden", "32", "--llm.max_new_tokens", "3"]
+    common = ["--data.limit", "30", "--data.cache_dir", str(tmp_path / "cache"), "--train.epochs", "1",
+              "--train.batch_size", "16", "--train.progress", "false"]
+    main(["train", *llm, *common, "--train.out_dir", str(tmp_path / "s1"), "--evaluate", "false"])
+    main(["train", *llm, *common, "--train.out_dir", str(tmp_path / "s2"), "--train.text", "lora",
+          "--train.lora_text.rank", "2", "--train.init_from", str(tmp_path / "s1" / "checkpoint")])
+    ckpt = tmp_path / "s2" / "checkpoint"
+    assert (ckpt / "adapters" / "lm" / "adapter_config.json").is_file()
+    metrics = json.loads((ckpt / "eval-easy-vqa-test" / "metrics.json").read_text())
+    assert metrics["decoding"]["max_new_tokens"] == 3 and "token_f1" in metrics["generative"]
+    image = str(easy_vqa_data_dir() / "test" / "images" / "0.png")
+    capsys.readouterr()
+    main(["predict", "--checkpoint", str(ckpt), "--image", image, "--question", "what is the color of the shape?",
+          "--question+", "is there a circle?"])
+    assert capsys.readouterr().out.count("Q: ") == 2

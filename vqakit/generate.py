@@ -1,0 +1,120 @@
+"""Inference for generative checkpoints (GRU decoder, vision-prefixed LLM, pretrained VLM): free-text answers.
+
+``load_predictor(dir)`` reads ``config.json``'s ``model_type`` and returns the right predictor: the
+classifier's :class:`~vqakit.predict.VQAPredictor` or a :class:`GenerativePredictor`. Both answer
+``predict(image, questions)`` and ``predict_examples(examples)`` with :class:`~vqakit.predict.Prediction`
+records, so the CLI and the evaluator do not care which family a checkpoint is. No training code is
+imported here.
+
+    predictor = load_predictor("runs/easy-vqa-gru/checkpoint")
+    predictor.predict("shape.png", ["what color is the shape?"])[0].answer   # 'red'
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vqakit.predict import Prediction
+from vqakit.processor import VQAProcessor
+
+GENERATIVE_TYPES = ("gru_decoder", "llm_prefix", "vlm")
+
+
+def model_type(checkpoint_dir: str | Path) -> str:
+    """``model_type`` of a checkpoint's ``config.json`` (``two_tower`` when absent, as older checkpoints)."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
+    try:
+        return json.loads(path.read_text()).get("model_type", "two_tower")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def load_predictor(checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto", **kwargs):
+    """The predictor for any vqakit checkpoint directory (``VQAPredictor.from_pretrained`` dispatches on
+    ``model_type`` through ``vqakit.predict.PREDICTOR_CLASSES``)."""
+    from vqakit.predict import VQAPredictor
+
+    return VQAPredictor.from_pretrained(checkpoint_dir, device=device, backend=backend, **kwargs)
+
+
+class GenerativePredictor:
+    """Answers with generated text. ``Prediction.score`` is the probability of the generated word sequence;
+    ``top_k`` holds that one answer (generation gives one answer per question)."""
+
+    generative = True
+    backend = "torch"
+
+    def __init__(self, model, processor, device: str = "cpu"):
+        self.model = model.eval().to(device)
+        self.processor = processor
+        self.device = device
+        self.labels = None  # free text: no fixed answer classes
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto",
+                        threads: int | None = None, quantize: str | None = None, question_cache: int = 0,
+                        **kwargs) -> "GenerativePredictor":
+        """``backend``/``quantize``/``question_cache`` are the classifier's serving options: generative
+        checkpoints run in PyTorch, float32, and say so when asked for anything else."""
+        checkpoint_dir = Path(checkpoint_dir)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        kind = model_type(checkpoint_dir)
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend={backend!r}: {kind} checkpoints are served with PyTorch (backend='torch')")
+        if quantize is not None:
+            raise ValueError(f"quantize={quantize!r}: INT8 serving is for classifier checkpoints, not {kind}")
+        if threads:
+            torch.set_num_threads(threads)
+        if kind == "gru_decoder":
+            from vqakit.models.gru_decoder import GRUDecoderForQuestionAnswering
+
+            model = GRUDecoderForQuestionAnswering.from_pretrained(checkpoint_dir)
+            processor = VQAProcessor.from_config(model.config, tokenizer_dir=checkpoint_dir / "text_tower")
+            return cls(model, processor, device)
+        if kind == "llm_prefix":
+            from vqakit.models.llm_prefix import LLMPrefixForQuestionAnswering
+
+            model = LLMPrefixForQuestionAnswering.from_pretrained(checkpoint_dir, device=device, **kwargs)
+            return cls(model, model.processor, device)
+        if kind == "vlm":
+            from vqakit.models.vlm import VLMForQuestionAnswering
+
+            model = VLMForQuestionAnswering.from_pretrained(checkpoint_dir)
+            return cls(model, model.processor, device)
+        raise ValueError(f"{checkpoint_dir}/config.json: model_type={kind!r} is not one of {GENERATIVE_TYPES}")
+
+    @property
+    def decoding(self) -> dict:
+        """The decoding settings the checkpoint generates with (written into metrics.json)."""
+        return self.model.decoding_settings()
+
+    @torch.inference_mode()
+    def predict(self, image, questions: str | list[str], top_k: int = 1, **generate_kwargs) -> list[Prediction]:
+        """Answer one or many questions about one image (path, bytes, PIL image or numpy array); the image
+        is encoded once (the LLM family also reuses its key/value cache across the questions)."""
+        if isinstance(questions, str):
+            questions = [questions]
+        if not questions:
+            raise ValueError("no question given")
+        answers = self.model.answer_image(self.processor, image, questions, device=self.device, **generate_kwargs)
+        return [Prediction(q, a, s, [(a, s)]) for q, (a, s) in zip(questions, answers)]
+
+    @torch.inference_mode()
+    def predict_examples(self, examples, batch_size: int = 64, use_cache: bool = True, cache_dir=None,
+                         top_k: int = 1, progress: bool = True) -> list[Prediction]:
+        """Answer a whole split, batched; frozen towers' outputs come through the feature cache."""
+        inputs_of = self.model.batch_inputs(self.processor, examples, use_cache=use_cache, cache_dir=cache_dir,
+                                            progress=progress)
+        results = []
+        for start in tqdm(range(0, len(examples), batch_size), desc="generating", disable=not progress):
+            end = min(start + batch_size, len(examples))
+            inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs_of(start, end).items()}
+            for e, (a, s) in zip(examples[start:end], self.model.generate(**inputs)):
+                results.append(Prediction(e.question, a, s, [(a, s)]))
+        return results

