@@ -366,4 +366,9 @@ def load_service(checkpoint: str, config: ServeConfig | None = None) -> VQAServi
     config = config or ServeConfig()
     predictor = VQAPredictor.from_pretrained(checkpoint, backend=config.backend, threads=config.threads,
                                              quantize=config.quantize, question_cache=config.question_cache)
+    if getattr(predictor, "generative", False):  # no prepare_image/predict_prepared batching path yet
+        raise NotImplementedError(
+            f"{checkpoint} is a generative checkpoint: the HTTP service serves classifier checkpoints for now; "
+            "answer with `vqakit predict` or VQAPredictor.from_pretrained(...).predict(...)"
+        )
     return VQAService(predictor, config, checkpoint=str(checkpoint))
