@@ -658,7 +658,11 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     try:
         CLI(
-            [prepare, train, evaluate, predict, visualize, serve, demo, export, compare, report, convert, generate, mini_vqa, stats, bench, list_models],
+            [
+                prepare, train, evaluate, predict, visualize, serve, demo, export,  # data -> model -> serving
+                compare, report, bench,  # experiments
+                convert, generate, mini_vqa, stats, list_models,  # datasets and catalogue
+            ],
             args=_positional_run_dirs(sys.argv[1:] if argv is None else argv),
             as_positional=False,
         )
