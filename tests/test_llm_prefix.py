@@ -97,6 +97,28 @@ def test_kv_cache_reuse_gives_the_same_answers(tiny_prefix_model):
     assert [a for a, _ in model.generate(pixel_values=pixels, **text)] == [a for a, _ in fresh]
 
 
+def test_answer_images_shares_each_images_cache_across_its_questions(tiny_prefix_model):
+    """The REST service's batch path: several images, each with its own questions, one decoding batch."""
+    from vqakit.generate import GenerativePredictor
+
+    model = tiny_prefix_model().eval()
+    p = model.processor
+    images = [(torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(s)) * 255).to(torch.uint8).numpy()
+              for s in range(2)]
+    per_image = [QUESTIONS[:3], QUESTIONS[2:]]
+    batched = model.answer_images(p, p.images(images), per_image)
+    assert [len(a) for a in batched] == [3, 3]
+    for image, questions, got in zip(images, per_image, batched):
+        alone = model.answer_image(p, image, questions, reuse_cache=False)
+        assert [a for a, _ in got] == [a for a, _ in alone]
+        for (_, x), (_, y) in zip(got, alone):
+            assert x == pytest.approx(y, rel=1e-3)
+    predictor = GenerativePredictor(model, p)
+    served = predictor.predict_prepared([predictor.prepare_image(im) for im in images], per_image, top_k=5)
+    assert [[(x.answer, x.top_k) for x in preds] for preds in served] == \
+        [[(a, [(a, s)]) for a, s in answers] for answers in batched]
+
+
 def test_lora_stage2_save_load_round_trip(tiny_prefix_model, tmp_path):
     from vqakit.train.config import TrainConfig
     from vqakit.train.llm_family import apply_strategies

@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from collections.abc import Sequence
+
 import torch
 from tqdm.auto import tqdm
 
+from vqakit.data.images import DEFAULT_MAX_PIXELS, load_image
 from vqakit.predict import Prediction
 from vqakit.processor import VQAProcessor
 
@@ -104,6 +107,46 @@ class GenerativePredictor:
             raise ValueError("no question given")
         answers = self.model.answer_image(self.processor, image, questions, device=self.device, **generate_kwargs)
         return [Prediction(q, a, s, [(a, s)]) for q, (a, s) in zip(questions, answers)]
+
+    def prepare_image(self, image, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Decode and preprocess one image (path, bytes, PIL image or numpy array) -> (3, S, S) pixel values,
+        as ``VQAPredictor.prepare_image`` (what the REST service does before batching).
+
+        Raises ``ImageLoadError`` (a ``ValueError``) naming the problem, e.g. more than ``max_pixels`` pixels."""
+        return self.processor.image(load_image(image, max_pixels=max_pixels))
+
+    def predict_batch(self, images: Sequence, questions: Sequence[str | Sequence[str]], top_k: int = 1,
+                      output_attentions: bool = False) -> list[list[Prediction]]:
+        """Answer questions about many images in one batch; ``questions[i]`` are about ``images[i]``."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} question lists: pass one per image")
+        return self.predict_prepared([self.prepare_image(im) for im in images], questions, top_k, output_attentions)
+
+    @torch.inference_mode()
+    def predict_prepared(self, pixel_values: Sequence[torch.Tensor], questions: Sequence[str | Sequence[str]],
+                         top_k: int = 1, output_attentions: bool = False) -> list[list[Prediction]]:
+        """``predict_batch`` over images already through ``prepare_image`` (what the REST service batches): one
+        list of predictions per image, each image encoded once (the LLM family also computes its key/value cache
+        once per image). ``top_k`` holds the one generated answer whatever ``top_k`` is; there are no attention
+        heatmaps (``output_attentions`` raises ``ValueError``)."""
+        if output_attentions:
+            raise ValueError("heatmap: attention heatmaps come from classifier checkpoints; a generative "
+                             "checkpoint has none")
+        if not pixel_values:
+            return []
+        per_image = [[q] if isinstance(q, str) else list(q) for q in questions]
+        if len(per_image) != len(pixel_values):
+            raise ValueError(f"{len(pixel_values)} images but {len(per_image)} question lists: pass one per image")
+        for i, qs in enumerate(per_image):
+            if not qs:
+                raise ValueError(f"no question given for image {i}")
+            for q in qs:
+                if not isinstance(q, str) or not q.strip():
+                    raise ValueError(f"question {q!r} for image {i} is not a non-empty string")
+        answers = self.model.answer_images(self.processor, torch.stack(list(pixel_values)), per_image,
+                                           device=self.device)
+        return [[Prediction(q, a, s, [(a, s)]) for q, (a, s) in zip(qs, image_answers)]
+                for qs, image_answers in zip(per_image, answers)]
 
     @torch.inference_mode()
     def predict_examples(self, examples, batch_size: int = 64, use_cache: bool = True, cache_dir=None,

@@ -345,9 +345,16 @@ class GRUDecoderForQuestionAnswering(nn.Module):
 
     def answer_image(self, processor, image, questions: list[str], device="cpu", **generate_kwargs):
         """One image, several questions: the image is encoded once."""
-        image_features = self.backbone.encode_image(processor.images([image]).to(device))  # (1, N, D)
-        text = {k: v.to(device) for k, v in processor.text(questions).items()}
-        return self.generate(image_features=image_features.expand(len(questions), -1, -1), **text, **generate_kwargs)
+        return self.answer_images(processor, processor.images([image]), [questions], device, **generate_kwargs)[0]
+
+    def answer_images(self, processor, pixel_values: torch.Tensor, questions: list[list[str]], device="cpu",
+                      **generate_kwargs) -> list[list[tuple[str, float]]]:
+        """Images (B, 3, S, S) with ``questions[i]`` about image i, decoded in one batch; each image is encoded once."""
+        image_features = self.backbone.encode_image(pixel_values.to(device))  # (B, N, D)
+        index = torch.tensor([i for i, qs in enumerate(questions) for _ in qs], device=image_features.device)
+        text = {k: v.to(device) for k, v in processor.text([q for qs in questions for q in qs]).items()}
+        flat = self.generate(image_features=image_features[index], **text, **generate_kwargs)
+        return _per_image(flat, questions)
 
     def batch_inputs(self, processor, examples, use_cache: bool = True, cache_dir=None, progress: bool = True):
         """``(start, end) -> model inputs`` over ``examples``; towers' outputs through the feature cache."""
@@ -404,3 +411,12 @@ class GRUDecoderForQuestionAnswering(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model.eval()
+
+
+def _per_image(flat: list, questions: list[list[str]]) -> list[list]:
+    """Split answers to the flattened questions back into one list per image."""
+    out, k = [], 0
+    for qs in questions:
+        out.append(flat[k : k + len(qs)])
+        k += len(qs)
+    return out

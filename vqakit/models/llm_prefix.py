@@ -338,16 +338,33 @@ class LLMPrefixForQuestionAnswering(nn.Module):
                 text = {k: v.to(device) for k, v in processor.text([q]).items()}
                 answers += self.generate(pixel_values=pixel_values, **text)
             return answers
+        if batch_questions:
+            return self.answer_images(processor, pixel_values, [questions], device)[0]
         prefix = self.prefix_embeds(self.visual_tokens(pixel_values))  # (1, P+K, H), once
         cache = self._prefix_cache(prefix)  # once
-        if batch_questions:
-            text = {k: v.to(device) for k, v in processor.text(questions).items()}
-            return self._decode(expand_cache(cache, len(questions)), prefix.shape[1], **text)
         answers = []
         for q in questions:
             text = {k: v.to(device) for k, v in processor.text([q]).items()}
             answers += self._decode(copy.deepcopy(cache), prefix.shape[1], **text)
         return answers
+
+    @torch.no_grad()
+    def answer_images(self, processor, pixel_values: torch.Tensor, questions: list[list[str]], device="cpu",
+                      **unused) -> list[list[tuple[str, float]]]:
+        """Images (B, 3, S, S) with ``questions[i]`` about image i, decoded in one batch (what the REST service's
+        micro-batches call): the vision tower and the key/value cache of ``[prompt_prefix][visual tokens]`` are
+        computed once per image and that cache is shared by all of the image's questions."""
+        prefix = self.prefix_embeds(self.visual_tokens(pixel_values.to(device)))  # (B, P+K, H), once per image
+        cache = self._prefix_cache(prefix)  # once per image, batch B
+        index = torch.tensor([i for i, qs in enumerate(questions) for _ in qs], device=prefix.device)
+        cache.batch_select_indices(index)  # (Q, ...): each question gets its image's cache row
+        text = {k: v.to(device) for k, v in processor.text([q for qs in questions for q in qs]).items()}
+        flat = self._decode(cache, prefix.shape[1], **text)
+        out, k = [], 0
+        for qs in questions:
+            out.append(flat[k : k + len(qs)])
+            k += len(qs)
+        return out
 
     # -- serving helpers (used by vqakit.generate.GenerativePredictor) -------------------------------------------
 

@@ -213,9 +213,19 @@ class VLMForQuestionAnswering(nn.Module):
         return {"architecture": self.arch, "max_answer_length": c.max_answer_length, "num_beams": c.num_beams}
 
     def answer_image(self, processor, image, questions: list[str], device="cpu", **unused):
-        pixel_values = processor.images([image]).to(device).expand(len(questions), -1, -1, -1)
-        text = {k: v.to(device) for k, v in processor.text(questions).items()}
-        return self.generate(pixel_values=pixel_values, **text)
+        return self.answer_images(processor, processor.images([image]), [questions], device)[0]
+
+    def answer_images(self, processor, pixel_values: torch.Tensor, questions: list[list[str]], device="cpu",
+                      **unused) -> list[list[tuple[str, float]]]:
+        """Images (B, 3, S, S) with ``questions[i]`` about image i, answered in one batch."""
+        index = torch.tensor([i for i, qs in enumerate(questions) for _ in qs])
+        text = {k: v.to(device) for k, v in processor.text([q for qs in questions for q in qs]).items()}
+        flat = self.generate(pixel_values=pixel_values[index].to(device), **text)
+        out, k = [], 0
+        for qs in questions:
+            out.append(flat[k : k + len(qs)])
+            k += len(qs)
+        return out
 
     def batch_inputs(self, processor, examples, use_cache: bool = True, cache_dir=None, progress: bool = True):
         questions, paths = [e.question for e in examples], [e.image for e in examples]

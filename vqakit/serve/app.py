@@ -51,6 +51,8 @@ class VQAService:
         self.batcher = MicroBatcher(predictor.predict_prepared, self.config.max_batch_size, self.config.max_wait_ms,
                                     self.config.max_queue)
         self.started = time.time()
+        # attention heatmaps come from the classifier's fusion layers; generative checkpoints have none
+        self.heatmaps = not getattr(predictor, "generative", False)
 
     def check_questions(self, questions: list[Any]) -> list[str]:
         """The questions, stripped; ``RequestError`` 422 naming the first bad one."""
@@ -85,6 +87,9 @@ class VQAService:
     async def run(self, source, questions: list[str], top_k: int = 5, heatmap: bool = False):
         """Predictions for ``questions`` about one image (bytes or PIL image), batched with concurrent requests;
         returns (predictions, the decoded image if ``heatmap`` else None, (width, height))."""
+        if heatmap and not self.heatmaps:
+            raise RequestError(422, "heatmap: this is a generative checkpoint (free-text answers), which has no "
+                                    "attention heatmaps; send heatmap=false")
         with self.batcher.expect() as ticket:
             if isinstance(source, bytes) and len(source) <= INLINE_DECODE_BYTES:
                 pixels, image, size = self.prepare(source, heatmap)  # ~0.5 ms: cheaper than a thread hop
@@ -116,7 +121,8 @@ class VQAService:
         stats["mean_batch"] = round(stats["questions"] / stats["batches"], 2) if stats["batches"] else 0.0
         return {
             "status": "ok", "checkpoint": self.checkpoint, "backend": self.predictor.backend,
-            "quantize": getattr(self.predictor, "quantize", None), "answers": len(self.predictor.labels),
+            "quantize": getattr(self.predictor, "quantize", None), "generative": not self.heatmaps,
+            "answers": len(self.predictor.labels) if self.predictor.labels is not None else None,
             "uptime_s": round(time.time() - self.started, 1),
             "batching": {"max_batch_size": cfg.max_batch_size, "max_wait_ms": cfg.max_wait_ms, **stats},
             "question_cache": _cache_stats(getattr(self.predictor, "question_cache", None)),
@@ -360,15 +366,11 @@ def create_app(service: VQAService, ui: bool = False, ui_examples: list | None =
 
 
 def load_service(checkpoint: str, config: ServeConfig | None = None) -> VQAService:
-    """Load a checkpoint (any model family ``VQAPredictor`` dispatches to) and wrap it in a ``VQAService``."""
+    """Load a checkpoint (any model family ``VQAPredictor`` dispatches to: classifier or generative) and wrap it in
+    a ``VQAService``."""
     from vqakit.predict import VQAPredictor
 
     config = config or ServeConfig()
     predictor = VQAPredictor.from_pretrained(checkpoint, backend=config.backend, threads=config.threads,
                                              quantize=config.quantize, question_cache=config.question_cache)
-    if getattr(predictor, "generative", False):  # no prepare_image/predict_prepared batching path yet
-        raise NotImplementedError(
-            f"{checkpoint} is a generative checkpoint: the HTTP service serves classifier checkpoints for now; "
-            "answer with `vqakit predict` or VQAPredictor.from_pretrained(...).predict(...)"
-        )
     return VQAService(predictor, config, checkpoint=str(checkpoint))

@@ -1,7 +1,8 @@
 """The web UI (Gradio), mounted at ``/ui`` by ``create_app(..., ui=True)`` and run by ``vqakit demo``.
 
 Upload an image (or pick an example), ask a question, and see the answer, the top-5 answers with their
-scores and the question->image attention heatmap. It calls the same ``VQAService`` as the REST routes
+scores and the question->image attention heatmap (classifier checkpoints; a generative checkpoint shows
+its generated answer and its probability, and no heatmap). It calls the same ``VQAService`` as the REST routes
 (same checks, same micro-batcher), so the page and the API cannot answer differently.
 """
 
@@ -25,7 +26,7 @@ def build_ui(service, examples: list[list[str]] | None = None) -> gr.Blocks:
             raise gr.Error("Upload an image (or pick an example) first.")
         try:
             questions = service.check_questions([question or ""])
-            predictions, decoded, _ = await service.run(image, questions, top_k=5, heatmap=True)
+            predictions, decoded, _ = await service.run(image, questions, top_k=5, heatmap=service.heatmaps)
         except RequestError as err:
             raise gr.Error(err.message) from err
         p = predictions[0]
