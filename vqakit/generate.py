@@ -12,30 +12,17 @@ imported here.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from vqakit.data.images import DEFAULT_MAX_PIXELS, load_image
-from vqakit.predict import Prediction
+from vqakit.predict import Prediction, checkpoint_model_type
 from vqakit.processor import VQAProcessor
 
 GENERATIVE_TYPES = ("gru_decoder", "llm_prefix", "vlm")
-
-
-def model_type(checkpoint_dir: str | Path) -> str:
-    """``model_type`` of a checkpoint's ``config.json`` (``two_tower`` when absent, as older checkpoints)."""
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
-    try:
-        return json.loads(path.read_text()).get("model_type", "two_tower")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
 def load_predictor(checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto", **kwargs):
@@ -67,7 +54,7 @@ class GenerativePredictor:
         checkpoints run in PyTorch, float32, and say so when asked for anything else."""
         checkpoint_dir = Path(checkpoint_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        kind = model_type(checkpoint_dir)
+        kind = checkpoint_model_type(checkpoint_dir)
         if backend not in ("auto", "torch"):
             raise ValueError(f"backend={backend!r}: {kind} checkpoints are served with PyTorch (backend='torch')")
         if quantize is not None:

@@ -442,10 +442,3 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             raise ValueError(f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model.to(device).eval()
 
-
-def expand_cache(cache, n: int):
-    """A copy of a batch-1 key/value cache repeated ``n`` times along the batch (shared visual prefix)."""
-    cache = copy.deepcopy(cache)
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-    return cache
