@@ -16,6 +16,9 @@ from vqakit.data.cache import FeatureCache, default_cache_dir, file_digests, tex
 from vqakit.data.images import ImageLoadError, load_image
 
 
+FORWARD_BATCH = 4  # images per vision-tower forward while caching (see cache_image_features)
+
+
 def tower_fingerprint(module: nn.Module, *extra) -> str:
     """A short hash of a module's parameters and buffers plus ``extra`` settings."""
     h = hashlib.sha1(repr(extra).encode())
@@ -65,7 +68,12 @@ def cache_image_features(model, processor, image_paths: list[str], cache_root=No
     readable = [(k, p) for k, p in zip(keys, image_paths) if k is not None]
 
     def encode(pixels):  # a list of (3, S, S) tensors, decoded in a thread pool by cache.build
-        return {"tokens": vision(torch.stack(pixels)).to(torch.float16).numpy()}  # (B, N, D)
+        # The tower runs FORWARD_BATCH images at a time in channels-last layout: on a CPU, a 64-image batch of
+        # EfficientNet-Lite0 at 224 px (activations ~100 MB per layer) cost ~2.5x more CPU per image than
+        # batches of 4, whose activations stay in cache (benchmarks/vqa_v2_scale.py, README "Data at scale").
+        x = torch.stack(pixels).contiguous(memory_format=torch.channels_last)
+        tokens = [vision(x[i : i + FORWARD_BATCH]) for i in range(0, len(x), FORWARD_BATCH)]
+        return {"tokens": torch.cat(tokens).to(torch.float16).numpy()}  # (B, N, D)
 
     # shards of 512 images: a killed build loses at most 511 encoded images when it is run again
     cache.build([k for k, _ in readable], [p for _, p in readable], encode, batch_size=batch_size, shard_size=512,
