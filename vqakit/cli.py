@@ -114,9 +114,10 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared", mod
             "questions": len(examples),
             "images": len({e.image_id for e in examples}),
             "bad_images": len(report.bad),
-            "bad": [{"image_id": i, "path": p, "reason": r} for i, p, r in report.bad],
             "answer_types": dict(Counter(e.answer_type for e in examples)),
         }
+        if report.bad:  # every skipped image, with the reason, so none is lost silently
+            stats["splits"][split]["bad"] = [{"image_id": i, "path": p, "reason": r} for i, p, r in report.bad]
         stats.setdefault("seconds", {})[split] = round(time.perf_counter() - start, 1)
         print(f"{split}: {len(examples):,} questions, {stats['splits'][split]['images']:,} images; {report.summary()}")
         if any(e.answers for e in examples):
