@@ -98,3 +98,20 @@ def _build_in_child(root, i):
     n = cache.build([f"k{j}" for j in range(20)], list(range(20)), slow_encode, batch_size=4, shard_size=4,
                     progress=False)
     (root / f"encoded-{i}").write_text(str(n))
+
+
+def test_build_with_on_error_skips_and_reports_failed_loads(tmp_path):
+    def load(item):
+        if item % 3 == 0:
+            raise ValueError(f"cannot load {item}")
+        return item
+
+    failed = []
+    cache = FeatureCache(tmp_path, "t")
+    n = cache.build([f"k{i}" for i in range(7)], list(range(7)), lambda b: {"x": np.array(b)[:, None]}, batch_size=2,
+                    shard_size=4, progress=False, load=load, workers=2,
+                    on_error=lambda item, e: failed.append((item, str(e))))
+    assert n == 4 and sorted(failed) == [(0, "cannot load 0"), (3, "cannot load 3"), (6, "cannot load 6")]
+    assert sorted(cache.index) == ["k1", "k2", "k4", "k5"] and cache.get("k5", "x")[0] == 5
+    with pytest.raises(ValueError, match="cannot load 0"):  # without on_error the error propagates
+        FeatureCache(tmp_path, "u").build(["k0"], [0], lambda b: {"x": np.array(b)}, progress=False, load=load)

@@ -52,3 +52,33 @@ def test_prepare_missing_files_are_named(vqa_root, tmp_path, capsys):
         main(_prepare(vqa_root, tmp_path))
     err = capsys.readouterr().err
     assert "none of the images exist" in err and "train2014" in err and "expected 8 image files" in err
+
+
+def test_prepare_cache_checks_images_in_one_pass(vqa_root, tmp_path, tiny_model_args, capsys, monkeypatch):
+    import vqakit.data.images as images
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("scan_images must not run when prepare caches the image features")
+
+    monkeypatch.setattr(images, "scan_images", no_second_pass)
+    train = sorted((vqa_root / "train2014").glob("*.jpg"))
+    broken, missing = train[0], train[1]
+    broken.write_bytes(b"<html>404 not found</html>")
+    missing.unlink()
+    broken_id, missing_id = (int(p.stem.rsplit("_", 1)[1]) for p in (broken, missing))
+    main(_prepare(vqa_root, tmp_path, "--cache_features", "true", *tiny_model_args))
+    out = capsys.readouterr().out
+    assert f"skipped image {broken_id}" in out and "not a recognised image format" in out
+    assert f"skipped image {missing_id}" in out and "file not found" in out
+    assert "train: 18 questions, 6 images; 8 images checked: 6 ok, 2 bad" in out
+    stats = json.loads((tmp_path / "prep" / "vqa-v2" / "stats.json").read_text())
+    bad = {b["image_id"]: b["reason"] for b in stats["splits"]["train"]["bad"]}
+    assert set(bad) == {broken_id, missing_id} and stats["feature_cache"]["images"] == 9  # 6 train + 3 val
+    prepared = [json.loads(line) for line in (tmp_path / "prep" / "vqa-v2" / "train.jsonl").read_text().splitlines()]
+    assert len(prepared) == 18 and not {e["image_id"] for e in prepared} & {broken_id, missing_id}
+    from vqakit.data.cache import FeatureCache
+
+    image_ns = [d for d in (tmp_path / "cache" / "features").iterdir() if d.name.startswith("vision-")]
+    assert len(image_ns) == 1 and len(FeatureCache(image_ns[0].parent, image_ns[0].name)) == 9  # no row for them
+    main(_prepare(vqa_root, tmp_path, "--cache_features", "true", *tiny_model_args))  # resumed: reported again
+    assert f"skipped image {broken_id}" in capsys.readouterr().out

@@ -72,6 +72,7 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared", mod
     target.mkdir(parents=True, exist_ok=True)
     stats = {"dataset": data.dataset, "splits": {}}
     kept = {}
+    loaded, load_s = {}, {}
     for split in dict.fromkeys([data.train_split, data.eval_split]):
         start = time.perf_counter()
         examples = load_split(data, split)
@@ -85,8 +86,20 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared", mod
                 f"{len(paths):,} image files in {folder}" + (" (unzip train2014.zip / val2014.zip from "
                 "https://cocodataset.org into --data.root)" if data.dataset == "vqa-v2" else "")
             )
-        report = scan_images(paths, workers=workers)
+        loaded[split], load_s[split] = examples, time.perf_counter() - start
+    # with a frozen vision tower, decoding each image for its features is the image check: one pass, not two
+    one_pass = cache_features and train.vision == "frozen"
+    reports, cached = {}, {}
+    if one_pass:
+        cached = _check_and_cache_images(model, data, loaded, workers)
+        reports = cached.pop("reports")
+    for split, examples in loaded.items():
+        start = time.perf_counter() - load_s[split]
+        paths = {e.image_id: e.image for e in examples}
+        report = reports[split] if one_pass else scan_images(paths, workers=workers)
         examples = filter_examples(examples, report)
+        for image_id, path, reason in report.bad[:20]:
+            print(f"{split}: skipped image {image_id} ({path}): {reason}")
         kept[split] = examples
         with open(target / f"{split}.jsonl", "w") as f:
             for e in examples:
@@ -103,6 +116,8 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared", mod
             "bad_images": len(report.bad),
             "answer_types": dict(Counter(e.answer_type for e in examples)),
         }
+        if report.bad:  # every skipped image, with the reason, so none is lost silently
+            stats["splits"][split]["bad"] = [{"image_id": i, "path": p, "reason": r} for i, p, r in report.bad]
         stats.setdefault("seconds", {})[split] = round(time.perf_counter() - start, 1)
         print(f"{split}: {len(examples):,} questions, {stats['splits'][split]['images']:,} images; {report.summary()}")
         if any(e.answers for e in examples):
@@ -116,32 +131,71 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared", mod
             stats["answer_vocab"] = {"size": len(vocab), "coverage": round(100 * coverage, 2)}
             print(f"answer vocabulary: {len(vocab)} answers cover {100 * coverage:.2f}% of {split} questions")
     if cache_features:
-        stats["feature_cache"] = _cache_features(model, data, kept, vocab, workers, train)
+        stats["feature_cache"] = _cache_features(model, data, kept, vocab, workers, train, cached)
     (target / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"wrote {target}")
     return stats
 
 
-def _cache_features(model_cfg: TwoTowerConfig, data: DataConfig, splits: dict, vocab, workers: int,
-                    train: TrainConfig) -> dict:
-    """Encode every image and question of ``splits`` with ``model_cfg``'s towers into the feature cache."""
-    import time
-
-    from vqakit.features import cache_image_features, cache_text_features
+def _towers(model_cfg: TwoTowerConfig, id2label: dict):
+    """The model whose towers fill the cache, and its processor (the head is never run)."""
     from vqakit.models.two_tower import TwoTowerConfig as Config
     from vqakit.models.two_tower import TwoTowerForQuestionAnswering
     from vqakit.processor import VQAProcessor
 
-    cfg = Config(**{**asdict(model_cfg), "id2label": vocab.id2label})
-    net = TwoTowerForQuestionAnswering(cfg).eval()
-    processor = VQAProcessor.from_config(cfg)
+    cfg = Config(**{**asdict(model_cfg), "id2label": id2label})
+    return TwoTowerForQuestionAnswering(cfg).eval(), VQAProcessor.from_config(cfg)
+
+
+def _check_and_cache_images(model_cfg: TwoTowerConfig, data: DataConfig, splits: dict, workers: int) -> dict:
+    """Decode every image of ``splits`` once, both to check it and to cache its frozen vision features.
+
+    Returns ``{"reports": {split: ImageCheckReport}, "net", "processor", "image_seconds"}``; a broken image
+    gets no cache row and is in its split's report with its id and the reason (resumed runs try it again).
+    """
+    import time
+
+    from vqakit.data.images import ImageCheckReport
+    from vqakit.features import cache_image_features
+
+    # the answer vocabulary is not known yet and only the towers run here: a one-answer head stands in
+    net, processor = _towers(model_cfg, {0: "unused"})
+    root = None if data.cache_dir is None else Path(data.cache_dir) / "features"
+    images = list(dict.fromkeys(e.image for exs in splits.values() for e in exs))
+    bad: dict[str, str] = {}
+    start = time.perf_counter()
+    cache_image_features(net, processor, images, root, progress=True, workers=workers,
+                         on_error=lambda path, error: bad.__setitem__(path, error.reason))
+    reports = {}
+    for split, examples in splits.items():
+        paths = {e.image_id: e.image for e in examples}
+        reports[split] = ImageCheckReport(
+            ok=sorted(i for i, p in paths.items() if p not in bad),
+            bad=sorted(((i, str(p), bad[p]) for i, p in paths.items() if p in bad), key=lambda b: b[0]),
+        )
+    return {"reports": reports, "net": net, "processor": processor,
+            "image_seconds": time.perf_counter() - start}
+
+
+def _cache_features(model_cfg: TwoTowerConfig, data: DataConfig, splits: dict, vocab, workers: int,
+                    train: TrainConfig, cached: dict | None = None) -> dict:
+    """Encode every image and question of ``splits`` with ``model_cfg``'s towers into the feature cache
+    (the images are skipped when ``cached``, from ``_check_and_cache_images``, did them already)."""
+    import time
+
+    from vqakit.features import cache_image_features, cache_text_features
+
+    if cached:
+        net, processor = cached["net"], cached["processor"]
+    else:
+        net, processor = _towers(model_cfg, vocab.id2label)
     root = None if data.cache_dir is None else Path(data.cache_dir) / "features"
     examples = [e for exs in splits.values() for e in exs]
     images = list(dict.fromkeys(e.image for e in examples))
     start = time.perf_counter()
-    if train.vision == "frozen":
+    if train.vision == "frozen" and not cached:
         cache_image_features(net, processor, images, root, progress=True, workers=workers)
-    image_s = time.perf_counter() - start
+    image_s = time.perf_counter() - start + (cached["image_seconds"] if cached else 0.0)
     if train.text == "frozen":
         cache_text_features(net, processor, [e.question for e in examples], root, progress=True)
     out = {"images": len(images), "image_seconds": round(image_s, 1),

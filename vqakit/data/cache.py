@@ -37,10 +37,19 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def file_digests(paths: Sequence[str], workers: int = 4) -> list[str]:
-    """Content hashes of many files, in parallel (hashing is I/O bound)."""
+def file_digests(paths: Sequence[str], workers: int = 4, missing_ok: bool = False) -> list[str | None]:
+    """Content hashes of many files, in parallel (hashing is I/O bound); with ``missing_ok``, ``None`` for a
+    file that cannot be read (missing, a directory, no permission) instead of raising."""
+    def digest(path):
+        try:
+            return file_digest(path)
+        except OSError:
+            if not missing_ok:
+                raise
+            return None
+
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(file_digest, paths))
+        return list(pool.map(digest, paths))
 
 
 def text_digest(text: str) -> str:
@@ -121,6 +130,7 @@ class FeatureCache:
         progress: bool = True,
         load: Callable | None = None,
         workers: int = 4,
+        on_error: Callable[[object, Exception], None] | None = None,
     ) -> int:
         """Encode the items whose keys are missing, ``batch_size`` at a time, one shard per ``shard_size``.
 
@@ -129,15 +139,19 @@ class FeatureCache:
         is on disk, so a build that is killed continues from its last shard when run again. Memory stays
         bounded by one shard of outputs plus a few batches of loaded items, whatever the number of items.
 
+        With ``on_error``, an item whose ``load`` raises is skipped (no row is written for it, so a rerun tries it
+        again) and ``on_error(item, exception)`` is called, so the caller can report it; without, the error propagates.
+
         Holds an exclusive lock on the cache folder while building, so processes sharing it (the ranks of
         a DDP run) encode each item once: the others wait, re-read the shards, and find them cached.
-        Returns how many items were encoded (0 when everything was cached already).
+        Returns how many items were encoded (0 when everything was cached already; failed items not counted).
         """
         with open(self.dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self._reload()
-                return self._build(keys, items, encode, batch_size, shard_size, desc, progress, load, workers)
+                return self._build(keys, items, encode, batch_size, shard_size, desc, progress, load, workers,
+                                   on_error)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -147,23 +161,53 @@ class FeatureCache:
             if keys_file.name not in self._opened:
                 self._open_shard(keys_file)
 
-    def _build(self, keys, items, encode, batch_size, shard_size, desc, progress, load, workers) -> int:
+    def _build(self, keys, items, encode, batch_size, shard_size, desc, progress, load, workers, on_error) -> int:
         todo = {}
         for k, item in zip(keys, items):
             if k not in self.index and k not in todo:
                 todo[k] = item
         pending = list(todo.items())
+        safe_load = load
+        if load is not None and on_error is not None:
+            def safe_load(item):
+                try:
+                    return load(item)
+                except Exception as e:  # reported through on_error below, never silently dropped
+                    return _Failed(e)
+        encoded = 0
         with tqdm(total=len(pending), desc=desc, disable=not progress or not pending, unit="item") as bar:
             for start in range(0, len(pending), shard_size):
                 chunk = pending[start : start + shard_size]
                 parts: dict[str, list[np.ndarray]] = {}
-                for batch in _loaded_batches([item for _, item in chunk], batch_size, load, workers):
-                    out = encode(batch)
-                    for field, arr in out.items():
-                        parts.setdefault(field, []).append(arr)
+                done: list[str] = []
+                offset = 0
+                for batch in _loaded_batches([item for _, item in chunk], batch_size, safe_load, workers):
+                    batch_keys = [k for k, _ in chunk[offset : offset + len(batch)]]
+                    batch_items = [item for _, item in chunk[offset : offset + len(batch)]]
+                    offset += len(batch)
+                    good = [i for i, x in enumerate(batch) if not isinstance(x, _Failed)]
+                    for i in range(len(batch)):
+                        if isinstance(batch[i], _Failed):
+                            on_error(batch_items[i], batch[i].error)
+                    if good:
+                        out = encode([batch[i] for i in good])
+                        for field, arr in out.items():
+                            parts.setdefault(field, []).append(arr)
+                        done += [batch_keys[i] for i in good]
                     bar.update(len(batch))
-                self.add([k for k, _ in chunk], {f: np.concatenate(a) for f, a in parts.items()})
-        return len(pending)
+                if done:
+                    self.add(done, {f: np.concatenate(a) for f, a in parts.items()})
+                encoded += len(done)
+        return encoded
+
+
+class _Failed:
+    """What ``load`` gave for an item it could not load (``FeatureCache.build`` with ``on_error``)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
 
 
 def _loaded_batches(items: list, batch_size: int, load: Callable | None, workers: int,
