@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vqakit.data.images import DEFAULT_MAX_PIXELS, load_image
-from vqakit.predict import Prediction, checkpoint_model_type
+from vqakit.predict import Prediction, VQAPredictor, checkpoint_model_type, questions_per_image
 from vqakit.processor import VQAProcessor
 
 GENERATIVE_TYPES = ("gru_decoder", "llm_prefix", "vlm")
@@ -28,8 +28,6 @@ GENERATIVE_TYPES = ("gru_decoder", "llm_prefix", "vlm")
 def load_predictor(checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto", **kwargs):
     """The predictor for any vqakit checkpoint directory (``VQAPredictor.from_pretrained`` dispatches on
     ``model_type`` through ``vqakit.predict.PREDICTOR_CLASSES``)."""
-    from vqakit.predict import VQAPredictor
-
     return VQAPredictor.from_pretrained(checkpoint_dir, device=device, backend=backend, **kwargs)
 
 
@@ -102,12 +100,8 @@ class GenerativePredictor:
         Raises ``ImageLoadError`` (a ``ValueError``) naming the problem, e.g. more than ``max_pixels`` pixels."""
         return self.processor.image(load_image(image, max_pixels=max_pixels))
 
-    def predict_batch(self, images: Sequence, questions: Sequence[str | Sequence[str]], top_k: int = 1,
-                      output_attentions: bool = False) -> list[list[Prediction]]:
-        """Answer questions about many images in one batch; ``questions[i]`` are about ``images[i]``."""
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} question lists: pass one per image")
-        return self.predict_prepared([self.prepare_image(im) for im in images], questions, top_k, output_attentions)
+    # the same batch API as the classifier's: prepare each image, then predict_prepared
+    predict_batch = VQAPredictor.predict_batch
 
     @torch.inference_mode()
     def predict_prepared(self, pixel_values: Sequence[torch.Tensor], questions: Sequence[str | Sequence[str]],
@@ -121,15 +115,7 @@ class GenerativePredictor:
                              "checkpoint has none")
         if not pixel_values:
             return []
-        per_image = [[q] if isinstance(q, str) else list(q) for q in questions]
-        if len(per_image) != len(pixel_values):
-            raise ValueError(f"{len(pixel_values)} images but {len(per_image)} question lists: pass one per image")
-        for i, qs in enumerate(per_image):
-            if not qs:
-                raise ValueError(f"no question given for image {i}")
-            for q in qs:
-                if not isinstance(q, str) or not q.strip():
-                    raise ValueError(f"question {q!r} for image {i} is not a non-empty string")
+        per_image = questions_per_image(pixel_values, questions)
         answers = self.model.answer_images(self.processor, torch.stack(list(pixel_values)), per_image,
                                            device=self.device)
         return [[Prediction(q, a, s, [(a, s)]) for q, (a, s) in zip(qs, image_answers)]

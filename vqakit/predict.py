@@ -82,6 +82,21 @@ def predictor_class(model_type: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def questions_per_image(pixel_values: Sequence, questions: Sequence[str | Sequence[str]]) -> list[list[str]]:
+    """``questions`` (one string or a list per image) as one list of non-empty strings per image; ``ValueError``
+    naming the image when the counts differ or a question is missing or empty (every predictor's batch input)."""
+    per_image = [[q] if isinstance(q, str) else list(q) for q in questions]
+    if len(per_image) != len(pixel_values):
+        raise ValueError(f"{len(pixel_values)} images but {len(per_image)} question lists: pass one per image")
+    for i, qs in enumerate(per_image):
+        if not qs:
+            raise ValueError(f"no question given for image {i}")
+        for q in qs:
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"question {q!r} for image {i} is not a non-empty string")
+    return per_image
+
+
 def pad_questions(states: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """Zero-pad question states (B, T, D) and mask (B, T) to ``length`` tokens (what ``head.onnx`` takes)."""
     B, T, D = states.shape
@@ -282,13 +297,7 @@ class VQAPredictor:
         """``predict_batch`` over images already through ``prepare_image`` (what the REST service batches)."""
         if not pixel_values:
             return []
-        per_image = [[q] if isinstance(q, str) else list(q) for q in questions]
-        for i, qs in enumerate(per_image):
-            if not qs:
-                raise ValueError(f"no question given for image {i}")
-            for q in qs:
-                if not isinstance(q, str) or not q.strip():
-                    raise ValueError(f"question {q!r} for image {i} is not a non-empty string")
+        per_image = questions_per_image(pixel_values, questions)
         flat = [q for qs in per_image for q in qs]
         image_index = torch.tensor([i for i, qs in enumerate(per_image) for _ in qs])  # (Q,)
         pixels = torch.stack(list(pixel_values))  # (B, 3, S, S)
