@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import torch
+
 from vqakit.data.answers import AnswerVocab
 from vqakit.data.config import DataConfig, limit_questions, load_split, split_validation
 from vqakit.data.example import Example
@@ -57,3 +59,42 @@ def test_train_image_fraction_samples_whole_images_on_any_source():
         per_image[e.image_id] = per_image.get(e.image_id, 0) + 1
     assert len(examples) == sum(per_image[i] for i in images)  # every question of a kept image
     assert images != {e.image_id for e in load_split(DataConfig(train_image_fraction=0.1, seed=4), "train")}
+
+
+def test_collator_can_stack_each_image_once(tmp_path, tiny_text_tower):
+    from PIL import Image
+
+    examples = _examples(tmp_path)
+    other = tmp_path / "other.png"
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(other)
+    examples.insert(1, Example(str(other), "what color is it?", 4, 8, ["blue"] * 10, "other"))
+    vocab = AnswerVocab.build([e.answers for e in examples])
+    processor = VQAProcessor(32, [0.5] * 3, [0.5] * 3, load_tokenizer(tiny_text_tower))
+    ds = VQADataset(examples, vocab, processor)
+    items = [ds[i] for i in range(4)]  # images: red, blue, red, red
+    shared = VQACollator(processor, share_images=True)(items)
+    plain = VQACollator(processor)(items)
+    assert shared["pixel_values"].shape == (2, 3, 32, 32) and shared["image_index"].tolist() == [0, 1, 0, 0]
+    torch.testing.assert_close(shared["pixel_values"][shared["image_index"]], plain["pixel_values"])
+    assert "image_index" not in plain
+
+
+def test_grouped_sampler_keeps_images_together_and_is_resumable():
+    from vqakit.train.datamodule import EpochShuffleSampler
+
+    groups = [i % 7 for i in range(50)]  # 7 images, 7-8 questions each, interleaved
+    sampler = EpochShuffleSampler(50, seed=3, groups=groups)
+    first, second = list(sampler), list(sampler)
+    for order in (first, second):
+        assert sorted(order) == list(range(50))
+        seen = [groups[i] for i in order]
+        runs = [g for j, g in enumerate(seen) if j == 0 or seen[j - 1] != g]
+        assert len(runs) == 7  # each image's questions are consecutive
+    assert first != second  # a fresh order every epoch
+    resumed = EpochShuffleSampler(50, seed=3, groups=groups)
+    it = iter(resumed)
+    head = [next(it) for _ in range(20)]
+    state = resumed.state_dict()
+    again = EpochShuffleSampler(50, seed=3, groups=groups)
+    again.load_state_dict(state)
+    assert head + list(again) == first

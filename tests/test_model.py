@@ -152,3 +152,68 @@ def test_multiscale_tokens_keep_the_top_features_and_add_early_stages():
 def test_multiscale_is_refused_for_towers_without_it(tiny_vision_tower):
     with pytest.raises(NotImplementedError, match="multiscale"):
         build_vision_tower(tiny_vision_tower, image_size=32, multiscale=True)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_image_index_shares_each_image_between_its_questions(fusion, tiny_config, tiny_batch, tokenizer):
+    """Each distinct image given once plus ``image_index`` gives the logits of one image per question."""
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion=fusion)).eval()
+    batch = tiny_batch(tokenizer)
+    images = model.backbone.encode_image(batch["pixel_values"][:2])  # 2 images for 3 questions
+    index = torch.tensor([1, 0, 1])
+    text = model.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+    shared = model(image_features=images, image_index=index, text_features=text,
+                   attention_mask=batch["attention_mask"]).logits
+    repeated = model(image_features=images[index], text_features=text, attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(shared, repeated)
+
+
+def test_spatial_attention_can_prefer_the_cell_nearest_a_point():
+    """``u = (2bx0, 2by0, -b)`` scores cell i by -b |p_i - p0|^2 (+ const): the nearest cell gets most weight,
+    and ``-u`` the farthest; what each head reads back includes the attended cells' mean position."""
+    from vqakit.models.two_tower import SpatialAttentionLayer, grid_coordinates
+
+    torch.manual_seed(0)
+    layer = SpatialAttentionLayer(h=8, heads=2, dropout=0.0).eval()
+    coords = grid_coordinates(16)  # 4 x 4 cells, centres at +-0.25, +-0.75
+    with torch.no_grad():
+        layer.to_kv.weight.zero_()
+        layer.to_kv.bias.zero_()  # no content: position alone decides
+        layer.to_u.weight.zero_()
+        x0, y0, b = 0.3, -0.7, 40.0
+        layer.to_u.bias.copy_(torch.tensor([2 * b * x0, 2 * b * y0, -b, -2 * b * x0, -2 * b * y0, b]))
+        _, attn = layer(torch.randn(1, 16, 8), torch.randn(1, 3, 8), torch.zeros(1, 3, dtype=torch.bool),
+                        torch.tensor([0]), coords, need_weights=True)
+    dist = ((coords - torch.tensor([x0, y0])) ** 2).sum(-1)
+    assert attn.shape == (1, 3, 16)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(1, 3))
+    # head-averaged: half the mass on the nearest cell (head 0), half on the farthest (head 1)
+    top2 = set(attn[0, 0].topk(2).indices.tolist())
+    assert top2 == {int(dist.argmin()), int(dist.argmax())}
+
+
+def test_spatial_fusion_needs_a_square_grid(tiny_config):
+    with pytest.raises(ValueError, match="square grid"):
+        TwoTowerForQuestionAnswering(tiny_config(fusion="spatial", num_image_tokens=12))
+
+
+@pytest.mark.parametrize("stride,cells", [(16, 4 * 4), (8, 8 * 8)])
+def test_finer_efficientnet_grid_carries_every_stage(stride, cells):
+    tower = build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, multiscale=True,
+                               grid_stride=stride).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = tower(x)
+        top = tower.model.extract_features(x)  # (2, 1280, 2, 2)
+    assert tokens.shape == (2, cells, 1432) and tower.out_dim == 1432
+    side = int(cells ** 0.5)
+    upsampled = torch.nn.functional.interpolate(top, size=(side, side), mode="nearest").flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens[..., :1280], upsampled)  # each cell: the top features of the cell above it
+
+
+def test_grid_stride_is_validated(tiny_vision_tower):
+    with pytest.raises(ValueError, match="vision_grid_stride"):
+        TwoTowerConfig(vision_grid_stride=4)
+    with pytest.raises(NotImplementedError, match="grid_stride"):
+        build_vision_tower(tiny_vision_tower, image_size=32, grid_stride=16)

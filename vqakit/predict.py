@@ -310,7 +310,7 @@ class VQAPredictor:
         else:
             image_features = self.model.backbone.encode_image(pixels.to(self.device))  # (B, N, D), once per image
             mask_t = torch.from_numpy(mask).to(self.device)
-            out = self.model(image_features=image_features[image_index.to(self.device)],
+            out = self.model(image_features=image_features, image_index=image_index.to(self.device),
                              text_features=torch.from_numpy(states).to(self.device), attention_mask=mask_t,
                              output_attentions=output_attentions)
             logits = out.logits

@@ -11,7 +11,9 @@ References:
 - Kim et al., 2018, BAN (https://github.com/jnhwkim/ban-vqa): BCE loss scaled by the number of answers.
 
 Fusions: ``concat`` (pooled image ++ pooled question -> MLP), ``gated`` (a learned sigmoid gate mixes
-the projected modalities, then a refinement MLP) and ``cross-attention`` (N co-attention layers).
+the projected modalities, then a refinement MLP), ``cross-attention`` (N co-attention layers) and ``spatial``
+(N layers of question -> image attention in which every head can also score image tokens by where they are;
+for questions about relations between objects, see ``SpatialFusion``).
 
 The ``nn.Module`` owns no training logic: losses live here only as a pure function of logits and
 targets so the Lightning system and the evaluator share one definition.
@@ -20,6 +22,7 @@ targets so the Lightning system and the evaluator share one definition.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from vqakit.towers.text import POOLERS, HFTextTower, mean_pool
 from vqakit.towers.vision import build_vision_tower
 
-FUSIONS = ("concat", "gated", "cross-attention")
+FUSIONS = ("concat", "gated", "cross-attention", "spatial")
 LOSSES = ("bce", "ce")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -46,6 +49,8 @@ class TwoTowerConfig:
         text_tower: packaged ``minilm-l6``, or any HF BERT-family model id / local directory.
         image_size: square input size in pixels the image is resized to.
         vision_multiscale: append pooled stride-8/16 stage features to each grid token (EfficientNet).
+        vision_grid_stride: stride of the token grid in pixels (EfficientNet: 32, the last feature map, or 16 / 8
+            for a finer grid whose cells carry that stage's features plus the coarser maps' features above them).
         max_question_length: questions are truncated to this many tokens.
         fusion: how the modalities meet: ``concat``, ``gated`` or ``cross-attention``.
         hidden_size: width of the fusion layers.
@@ -67,6 +72,7 @@ class TwoTowerConfig:
     text_tower: str = "minilm-l6"
     image_size: int = 224
     vision_multiscale: bool = False
+    vision_grid_stride: int = 32
     max_question_length: int = 32
     fusion: str = "cross-attention"
     hidden_size: int = 256
@@ -93,6 +99,8 @@ class TwoTowerConfig:
             raise ValueError(
                 f"--model.hidden_size={self.hidden_size} must be divisible by --model.num_heads={self.num_heads}"
             )
+        if self.vision_grid_stride not in (8, 16, 32):
+            raise ValueError(f"--model.vision_grid_stride={self.vision_grid_stride} is not one of (8, 16, 32)")
         if self.image_size < 16:
             raise ValueError(f"--model.image_size={self.image_size} is too small (at least 16)")
         self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
@@ -118,6 +126,7 @@ def _patch_missing_keys(d: dict) -> dict:
     """Fill fields that older checkpoints lack with the defaults they were trained under."""
     d.setdefault("gradient_checkpointing", False)
     d.setdefault("vision_multiscale", False)
+    d.setdefault("vision_grid_stride", 32)
     d.setdefault("mlp_ratio", 4)
     return d
 
@@ -227,7 +236,118 @@ class CrossAttentionFusion(nn.Module):
         return pooled, (attentions if output_attentions else None)
 
 
-FUSION_CLASSES = {"concat": ConcatFusion, "gated": GatedFusion, "cross-attention": CrossAttentionFusion}
+def grid_coordinates(num_tokens: int) -> torch.Tensor:
+    """(N, 2) centres (x, y) in [-1, 1] of a square grid of ``num_tokens`` cells in row-major order."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"fusion 'spatial' needs a square grid of image tokens, got {num_tokens} tokens")
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+
+
+class SpatialAttentionLayer(nn.Module):
+    """Question tokens attend to image tokens; each head can also score the tokens by position, then
+    question self-attention and an MLP (pre-LN).
+
+    Head ``h`` scores image token ``i`` as ``q.k_i / sqrt(d) + u_h(q) . [x_i, y_i, x_i^2 + y_i^2]`` and reads
+    ``[v_i, x_i, y_i]``: the query states which positions it prefers (``u`` from ``q``), and the answer
+    carries where the attended tokens are. ``u = (2bx, 2by, -b)`` prefers tokens near ``(x, y)`` (the
+    object closest to one found by an earlier layer), ``-b`` far from it, ``(-1, 0, 0)`` the leftmost: the
+    relations between positions that plain attention over learned position embeddings learns slowly. It is
+    the quadratic distance bias of Gaussian attention (Sukhbaatar et al.'s adaptive spans; ConViT's
+    positional gating, d'Ascoli et al., 2021, https://arxiv.org/abs/2103.10697) made question-dependent.
+
+    Keys and values depend only on the image, so they are computed once per distinct image of the batch and
+    shared by all of its questions (``image_index``)."""
+
+    def __init__(self, h: int, heads: int, dropout: float, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads, self.d = heads, h // heads
+        self.ln_q, self.ln_v = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.to_q, self.to_kv = nn.Linear(h, h), nn.Linear(h, 2 * h)
+        self.to_u = nn.Linear(h, 3 * heads)
+        nn.init.zeros_(self.to_u.weight)  # positions start without influence; the content path learns first
+        nn.init.zeros_(self.to_u.bias)
+        self.out = nn.Linear(h + 2 * heads, h)
+        self.drop = nn.Dropout(dropout)
+        self.ln_self, self.ln_mlp = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.q_self = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
+        self.mlp = mlp(h, mlp_ratio * h, h, dropout)
+
+    def forward(self, v, q, q_pad, image_index, coords, need_weights: bool = False):
+        # v: (U, N, H) distinct images; q: (B, T, H); image_index: (B,) row of v for each question; coords: (N, 2)
+        (B, T, H), (U, N, _), heads, d = q.shape, v.shape, self.heads, self.d
+        k, val = self.to_kv(self.ln_v(v)).view(U, N, 2, heads, d).permute(2, 0, 3, 1, 4)  # (U, heads, N, d) each
+        qn = self.ln_q(q)
+        query = self.to_q(qn).view(B, T, heads, d).transpose(1, 2)  # (B, heads, T, d)
+        u = self.to_u(qn).view(B, T, heads, 3).transpose(1, 2) * math.sqrt(d)  # undone by the 1/sqrt(d) scale
+        phi = torch.cat([coords, (coords**2).sum(-1, keepdim=True)], dim=-1).to(q.dtype)  # (N, 3)
+        keys = torch.cat([k[image_index], phi.expand(B, heads, N, 3)], dim=-1)  # (B, heads, N, d + 3)
+        values = torch.cat([val[image_index], coords.to(q.dtype).expand(B, heads, N, 2)], dim=-1)
+        query = torch.cat([query, u], dim=-1)
+        if need_weights:  # explicit, to return the weights (heatmaps); same math as the fused kernel
+            attn = torch.softmax(query @ keys.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, heads, T, N)
+            read = attn @ values
+            weights = attn.mean(1)
+        else:
+            read = F.scaled_dot_product_attention(query, keys, values, scale=1 / math.sqrt(d))
+            weights = None
+        content = read[..., :d].transpose(1, 2).reshape(B, T, H)
+        where = read[..., d:].transpose(1, 2).reshape(B, T, 2 * heads)
+        q = q + self.drop(self.out(torch.cat([content, where], dim=-1)))
+        qn = self.ln_self(q)
+        q = q + self.q_self(qn, qn, qn, key_padding_mask=q_pad, need_weights=False)[0]
+        q = q + self.mlp(self.ln_mlp(q))
+        return q, weights
+
+
+class SpatialFusion(nn.Module):
+    """N ``SpatialAttentionLayer`` s over image tokens that also carry fixed sin/cos codes of their grid cell,
+    then [mean(image tokens); masked mean(question tokens)] -> (B, 2H).
+
+    Question tokens read the image again in every layer, so a later layer can look for what an earlier one
+    found (``What shape is the object closest to the red one?``: find red, then the token nearest to it).
+    The image side (projection, keys, values) runs once per distinct image, not once per question."""
+
+    image_index_aware = True
+
+    def __init__(self, cfg: TwoTowerConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.register_buffer("coords", grid_coordinates(cfg.num_image_tokens), persistent=False)
+        freqs = torch.pi * 2.0 ** torch.arange(4)  # sin/cos codes of the cell centre at 4 frequencies
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.coord_proj = nn.Linear(2 + 2 * 2 * len(freqs), h)
+        self.layers = nn.ModuleList(
+            SpatialAttentionLayer(h, cfg.num_heads, cfg.dropout, cfg.mlp_ratio) for _ in range(cfg.num_fusion_layers)
+        )
+        self.ln_v, self.ln_q = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.out_dim = 2 * h
+
+    def forward(self, v, q, q_mask, output_attentions=False, image_index=None):
+        if image_index is None:  # one image per question
+            image_index = torch.arange(len(q), device=q.device)
+        angles = self.coords[..., None] * self.freqs  # (N, 2, F)
+        codes = torch.cat([self.coords, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
+        v = v + self.coord_proj(codes.to(v.dtype))
+        q_pad = ~q_mask.bool()
+        attentions = []
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                q, attn = checkpoint(layer, v, q, q_pad, image_index, self.coords, output_attentions,
+                                     use_reentrant=False)
+            else:
+                q, attn = layer(v, q, q_pad, image_index, self.coords, need_weights=output_attentions)
+            if output_attentions:
+                attentions.append(attn)
+        pooled = torch.cat([self.ln_v(v).mean(1)[image_index], mean_pool(self.ln_q(q), q_mask)], dim=-1)
+        return pooled, (attentions if output_attentions else None)
+
+
+FUSION_CLASSES = {"concat": ConcatFusion, "gated": GatedFusion, "cross-attention": CrossAttentionFusion,
+                  "spatial": SpatialFusion}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,7 +369,7 @@ class TwoTowerModel(nn.Module):
         text_cfg = _subdir(tower_dir, "text_tower")
         self.vision = build_vision_tower(
             config.vision_tower, config.image_size, pretrained=pretrained_towers, config_dir=vision_cfg,
-            multiscale=config.vision_multiscale,
+            multiscale=config.vision_multiscale, grid_stride=config.vision_grid_stride,
         )
         self.text = HFTextTower(config.text_tower, pretrained=pretrained_towers, config_dir=text_cfg)
         if config.gradient_checkpointing:  # the towers too, not only the fusion layers
@@ -283,7 +403,10 @@ class TwoTowerModel(nn.Module):
         image_features=None,
         text_features=None,
         output_attentions: bool = False,
+        image_index=None,
     ):
+        """``image_index`` (B,), optional: question ``b`` is about image ``image_index[b]`` of ``pixel_values`` /
+        ``image_features``, which then hold each distinct image once (the tower and projection run per image)."""
         if image_features is None:
             if pixel_values is None:
                 raise ValueError("pass pixel_values or image_features")
@@ -302,6 +425,10 @@ class TwoTowerModel(nn.Module):
         param_dtype = self.image_pos.dtype
         v = self.vision_proj(image_features.to(param_dtype)) + self.image_pos  # (B, N, H)
         q = self.text_proj(text_features.to(param_dtype))  # (B, T, H)
+        if getattr(self.fusion, "image_index_aware", False):
+            return self.fusion(v, q, attention_mask, output_attentions=output_attentions, image_index=image_index)
+        if image_index is not None:
+            v = v[image_index]
         return self.fusion(v, q, attention_mask, output_attentions=output_attentions)
 
 

@@ -38,13 +38,20 @@ class EfficientNetLiteTower(nn.Module):
     ``multiscale=True`` appends to every grid cell the average of the stride-8 and stride-16 stage
     outputs under it (hypercolumns, Hariharan et al., 2015, https://arxiv.org/abs/1411.5752): early
     stages keep the exact colours and edges that ImageNet's top layer abstracts away.
+
+    ``grid_stride=16`` or ``8`` makes the token grid that stage's map instead of the last one (4x or 16x the
+    tokens): each cell carries the stage's own features, the coarser maps above it (nearest-upsampled) and,
+    with ``multiscale``, the finer stride-8 map pooled into it. Questions about where objects are relative to
+    each other need cells smaller than the objects; a stride-32 cell of a 128 px image is 32 px wide.
     """
 
     def __init__(self, name: str = "efficientnet-lite0", image_size: int = 224, pretrained: bool = True,
-                 multiscale: bool = False):
+                 multiscale: bool = False, grid_stride: int = 32):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
+        if grid_stride not in (8, 16, 32):
+            raise ValueError(f"grid_stride={grid_stride} is not one of (8, 16, 32)")
         if name not in PACKAGED_VISION_TOWERS:
             raise ValueError(f"EfficientNet tower {name!r} not found; available = {list(PACKAGED_VISION_TOWERS)}")
         if pretrained:
@@ -70,7 +77,12 @@ class EfficientNetLiteTower(nn.Module):
             total *= s
             if i + 1 == len(strides) or strides[i + 1] == 2:
                 ends.append((i, total))
-        self.tap_blocks = [i for i, stride in ends if stride in (8, 16)] if multiscale else []
+        tapped = {8, 16} if multiscale else set()
+        if grid_stride < 32:
+            tapped.add(grid_stride)
+        self.tap_blocks = [i for i, stride in ends if stride in tapped]
+        self.tap_strides = [stride for i, stride in ends if stride in tapped]
+        self.grid_stride = grid_stride
         self.out_dim = net._bn1.num_features + sum(net._blocks[i]._block_args.output_filters for i in self.tap_blocks)
         self.image_mean, self.image_std = LITE_MEAN, LITE_STD
 
@@ -88,7 +100,11 @@ class EfficientNetLiteTower(nn.Module):
             if idx in self.tap_blocks:
                 taps.append(x)
         x = net._swish(net._bn1(net._conv_head(x)))  # (B, 1280, h, w)
-        if taps:
+        if self.grid_stride < 32:  # the grid of the tapped stage at grid_stride (the last tap at most that fine)
+            fine = taps[self.tap_strides.index(self.grid_stride)]
+            grid = (int(fine.shape[-2]), int(fine.shape[-1]))
+            x = torch.cat([_to_grid(x, grid), *(_to_grid(t, grid) for t in taps)], dim=1)
+        elif taps:
             grid = (int(x.shape[-2]), int(x.shape[-1]))
             x = torch.cat([x, *(_pool_to(t, grid) for t in taps)], dim=1)  # (B, 1280 + 112 + 40, h, w)
         return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
@@ -130,6 +146,16 @@ def _plain_pointwise_convs(net: nn.Module) -> None:
                 if child.bias is not None:
                     conv.bias = child.bias
                 setattr(parent, name, conv)
+
+
+def _to_grid(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``t`` (B, C, H, W) on ``grid``: pooled when finer, nearest-upsampled when coarser, as is when equal."""
+    h, w = int(t.shape[-2]), int(t.shape[-1])
+    if (h, w) == grid:
+        return t
+    if h >= grid[0] and w >= grid[1]:
+        return _pool_to(t, grid)
+    return nn.functional.interpolate(t, size=grid, mode="nearest")
 
 
 def _pool_to(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -222,7 +248,7 @@ def _hf_image_stats(name_or_path: str) -> tuple[tuple, tuple]:
 
 
 def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True, config_dir: str | None = None,
-                       multiscale: bool = False):
+                       multiscale: bool = False, grid_stride: int = 32):
     """Build a vision tower by name: a packaged tower, an HF hub id, or a local HF directory.
 
     ``pretrained=False`` builds the architecture only (weights come from a vqakit checkpoint);
@@ -233,7 +259,11 @@ def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True
     torch.Size([1, 4, 1280])
     """
     if name in PACKAGED_VISION_TOWERS:
-        return EfficientNetLiteTower(name, image_size=image_size, pretrained=pretrained, multiscale=multiscale)
+        return EfficientNetLiteTower(name, image_size=image_size, pretrained=pretrained, multiscale=multiscale,
+                                     grid_stride=grid_stride)
+    if grid_stride != 32:
+        raise NotImplementedError(f"grid_stride={grid_stride} is implemented for {list(PACKAGED_VISION_TOWERS)}, not "
+                                  f"for Hugging Face tower {name!r} (its grid is its patch size)")
     if multiscale:
         raise NotImplementedError(f"multiscale features are implemented for {list(PACKAGED_VISION_TOWERS)}, "
                                   f"not for Hugging Face tower {name!r}")

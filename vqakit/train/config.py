@@ -49,6 +49,8 @@ class TrainConfig:
         epochs: passes over the training questions.
         max_steps: stop after this many optimizer steps (-1: no limit).
         batch_size: questions per step.
+        group_by_image: keep each image's questions together in the shuffled order (batches hold whole
+            images; the image side of the model then runs once per image and serves all of its questions).
         lr: peak learning rate of the fusion layers and the head (AdamW).
         tower_lr: peak learning rate of pretrained tower weights that train (``full``/``partial``).
         lora_lr: peak learning rate of LoRA adapter weights (new, low-rank: a higher rate than ``tower_lr``).
@@ -83,6 +85,7 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int = -1
     batch_size: int = 128
+    group_by_image: bool = False
     lr: float = 1e-3
     tower_lr: float = 5e-5
     lora_lr: float = 5e-4

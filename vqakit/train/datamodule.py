@@ -45,7 +45,8 @@ class VQADataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         e = self.examples[i]
-        item = {"index": i, "label": self.labels[i]}
+        image_key = self.image_keys[i] if self.image_cache is not None else e.image
+        item = {"index": i, "label": self.labels[i], "image_key": image_key}
         target = torch.zeros(self.num_answers)
         for answer_id, score in self.scores[i].items():
             target[answer_id] = score
@@ -64,10 +65,14 @@ class VQADataset(Dataset):
 
 
 class VQACollator:
-    """Stacks items; tokenizes raw questions; trims cached question states to the batch's longest."""
+    """Stacks items; tokenizes raw questions; trims cached question states to the batch's longest.
 
-    def __init__(self, processor):
+    ``share_images=True`` stacks each distinct image of the batch once and adds ``image_index`` (B,), the
+    row of each question's image, so the model runs the image side once per image (``TwoTowerModel``)."""
+
+    def __init__(self, processor, share_images: bool = False):
         self.processor = processor
+        self.share_images = share_images
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {
@@ -75,9 +80,17 @@ class VQACollator:
             "labels": torch.tensor([it["label"] for it in items]),
             "targets": torch.stack([it["target"] for it in items]),
         }
+        images = items
+        if self.share_images:
+            rows: dict = {}
+            batch["image_index"] = torch.tensor([rows.setdefault(it["image_key"], len(rows)) for it in items])
+            first = {}
+            for it in items:
+                first.setdefault(it["image_key"], it)
+            images = list(first.values())
         for key in ("image_features", "pixel_values"):
             if key in items[0]:
-                batch[key] = torch.stack([it[key] for it in items])
+                batch[key] = torch.stack([it[key] for it in images])
         if "question" in items[0]:
             batch.update(self.processor.text([it["question"] for it in items]))
         else:
@@ -88,7 +101,7 @@ class VQACollator:
         return batch
 
 
-MODEL_INPUTS = ("pixel_values", "image_features", "input_ids", "attention_mask", "text_features")
+MODEL_INPUTS = ("pixel_values", "image_features", "input_ids", "attention_mask", "text_features", "image_index")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -101,17 +114,36 @@ class EpochShuffleSampler(Sampler[int]):
     ``StatefulDataLoader`` saves ``state_dict()`` (epoch and position) in each checkpoint; after
     ``load_state_dict`` the next epoch starts at the saved position of the same permutation, and the
     following epochs get the permutations an uninterrupted run would have drawn.
+
+    ``groups`` (one image id per example) keeps each image's examples together: the images come in a fresh
+    order every epoch, each followed by its examples in a fresh order, so a batch holds whole images (the
+    image side of a model that shares it runs once for all of an image's questions).
     """
 
-    def __init__(self, num_samples: int, seed: int = 0):
+    def __init__(self, num_samples: int, seed: int = 0, groups: list | None = None):
         self.num_samples, self.seed = num_samples, seed
         self.epoch, self.position = 0, 0
+        if groups is not None and len(groups) != num_samples:
+            raise ValueError(f"groups has {len(groups)} entries for {num_samples} samples")
+        self.members = None
+        if groups is not None:
+            members: dict = {}
+            for i, g in enumerate(groups):
+                members.setdefault(g, []).append(i)
+            self.members = [torch.tensor(m) for m in members.values()]
 
     def __len__(self) -> int:
         return self.num_samples
 
+    def _order(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+        if self.members is None:
+            return torch.randperm(self.num_samples, generator=gen)
+        return torch.cat([m[torch.randperm(len(m), generator=gen)]
+                          for m in (self.members[j] for j in torch.randperm(len(self.members), generator=gen))])
+
     def __iter__(self):
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
+        order = self._order()
         while self.position < self.num_samples:
             self.position += 1
             yield int(order[self.position - 1])
@@ -126,20 +158,23 @@ class EpochShuffleSampler(Sampler[int]):
 
 class VQADataModule(L.LightningDataModule):
     def __init__(self, train_set: VQADataset, val_set: VQADataset | None, batch_size: int, num_workers: int = 0,
-                 eval_batch_size: int = 256, seed: int = 0):
+                 eval_batch_size: int = 256, seed: int = 0, group_by_image: bool = False,
+                 share_images: bool = False):
         super().__init__()
         self.seed = seed
         self.train_set, self.val_set = train_set, val_set
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.collate = VQACollator(train_set.processor)
+        self.group_by_image = group_by_image
+        self.collate = VQACollator(train_set.processor, share_images=share_images)
 
     def train_dataloader(self) -> StatefulDataLoader:
         # stateful: Lightning stores its position (and shuffle order) in checkpoints, so a resumed run
         # continues mid-epoch exactly where the checkpoint was taken
         # Neither the shuffling (the sampler's) nor the workers' base seed (the loader's generator) draws
         # from the global RNG, which dropout uses and which a resumed run restores from the checkpoint.
+        groups = [e.image_id for e in self.train_set.examples] if self.group_by_image else None
         return StatefulDataLoader(self.train_set, batch_size=self.batch_size,
-                                  sampler=EpochShuffleSampler(len(self.train_set), self.seed),
+                                  sampler=EpochShuffleSampler(len(self.train_set), self.seed, groups=groups),
                                   generator=torch.Generator().manual_seed(self.seed),
                                   collate_fn=self.collate, num_workers=self.num_workers,
                                   persistent_workers=self.num_workers > 0)

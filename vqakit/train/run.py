@@ -149,7 +149,7 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
     system = VQASystem(net, train, total_steps=total_steps)
     datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
-                               seed=train.seed)
+                               seed=train.seed, group_by_image=train.group_by_image, share_images=True)
     resume_state = ResumeState()
     trainer = L.Trainer(
         max_epochs=train.epochs, max_steps=train.max_steps, precision=precision,
