@@ -17,11 +17,11 @@ from vqakit.towers.text import load_tokenizer
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture
-def checkpoint(tiny_config, tiny_text_tower, tmp_path):
+@pytest.fixture(params=[{}, {"fusion": "spatial", "vision_grid_stride": 16}], ids=["cross-attention", "spatial"])
+def checkpoint(request, tiny_config, tiny_text_tower, tmp_path):
     torch.manual_seed(0)
     model = TwoTowerForQuestionAnswering(tiny_config(vision_tower="efficientnet-lite0", image_size=64,
-                                                     vision_multiscale=True, num_fusion_layers=2))
+                                                     vision_multiscale=True, num_fusion_layers=2, **request.param))
     model.save_pretrained(tmp_path / "ckpt", tokenizer=load_tokenizer(tiny_text_tower))
     return tmp_path / "ckpt"
 
@@ -45,7 +45,8 @@ def test_onnx_backend_matches_torch(checkpoint, tmp_path):
         assert a.answer == b.answer and abs(a.score - b.score) < 1e-4
         assert [x for x, _ in a.top_k] == [x for x, _ in b.top_k]
     with_maps = fast.predict(tmp_path / "img.png", questions[0], output_attentions=True)[0]
-    assert with_maps.attention.shape == (2, 2)  # attention maps come from the torch model
+    side = 64 // json.loads((checkpoint / "config.json").read_text())["vision_grid_stride"]
+    assert with_maps.attention.shape == (side, side)  # attention maps come from the torch model
 
 
 def test_pad_questions():

@@ -276,25 +276,21 @@ class SpatialAttentionLayer(nn.Module):
         self.mlp = mlp(h, mlp_ratio * h, h, dropout)
 
     def forward(self, v, q, q_pad, image_index, coords, need_weights: bool = False):
-        # v: (U, N, H) distinct images; q: (B, T, H); image_index: (B,) row of v for each question; coords: (N, 2)
-        (B, T, H), (U, N, _), heads, d = q.shape, v.shape, self.heads, self.d
-        k, val = self.to_kv(self.ln_v(v)).view(U, N, 2, heads, d).permute(2, 0, 3, 1, 4)  # (U, heads, N, d) each
+        # v: (U, N, H) distinct images; q: (B, T, H); image_index: (B,) row of v for each question, or None
+        # when U == B (one image per question); coords: (N, 2). Written without batch sizes (ONNX export).
+        heads, d = self.heads, self.d
+        k, val = self.to_kv(self.ln_v(v)).unflatten(-1, (2, heads, d)).permute(2, 0, 3, 1, 4)  # (U, heads, N, d)
+        if image_index is not None:
+            k, val = k[image_index], val[image_index]  # (B, heads, N, d)
         qn = self.ln_q(q)
-        query = self.to_q(qn).view(B, T, heads, d).transpose(1, 2)  # (B, heads, T, d)
-        u = self.to_u(qn).view(B, T, heads, 3).transpose(1, 2) * math.sqrt(d)  # undone by the 1/sqrt(d) scale
+        query = self.to_q(qn).unflatten(-1, (heads, d)).transpose(1, 2)  # (B, heads, T, d)
+        u = self.to_u(qn).unflatten(-1, (heads, 3)).transpose(1, 2)  # (B, heads, T, 3)
         phi = torch.cat([coords, (coords**2).sum(-1, keepdim=True)], dim=-1).to(q.dtype)  # (N, 3)
-        keys = torch.cat([k[image_index], phi.expand(B, heads, N, 3)], dim=-1)  # (B, heads, N, d + 3)
-        values = torch.cat([val[image_index], coords.to(q.dtype).expand(B, heads, N, 2)], dim=-1)
-        query = torch.cat([query, u], dim=-1)
-        if need_weights:  # explicit, to return the weights (heatmaps); same math as the fused kernel
-            attn = torch.softmax(query @ keys.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, heads, T, N)
-            read = attn @ values
-            weights = attn.mean(1)
-        else:
-            read = F.scaled_dot_product_attention(query, keys, values, scale=1 / math.sqrt(d))
-            weights = None
-        content = read[..., :d].transpose(1, 2).reshape(B, T, H)
-        where = read[..., d:].transpose(1, 2).reshape(B, T, 2 * heads)
+        scores = query @ k.transpose(-1, -2) / math.sqrt(d) + u @ phi.T  # (B, heads, T, N)
+        attn = torch.softmax(scores, dim=-1)
+        content = (attn @ val).transpose(1, 2).flatten(2)  # (B, T, H)
+        where = (attn @ coords.to(q.dtype)).transpose(1, 2).flatten(2)  # (B, T, 2 * heads)
+        weights = attn.mean(1) if need_weights else None  # (B, T, N), head-averaged
         q = q + self.drop(self.out(torch.cat([content, where], dim=-1)))
         qn = self.ln_self(q)
         q = q + self.q_self(qn, qn, qn, key_padding_mask=q_pad, need_weights=False)[0]
@@ -327,8 +323,6 @@ class SpatialFusion(nn.Module):
         self.out_dim = 2 * h
 
     def forward(self, v, q, q_mask, output_attentions=False, image_index=None):
-        if image_index is None:  # one image per question
-            image_index = torch.arange(len(q), device=q.device)
         angles = self.coords[..., None] * self.freqs  # (N, 2, F)
         codes = torch.cat([self.coords, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
         v = v + self.coord_proj(codes.to(v.dtype))
@@ -342,7 +336,10 @@ class SpatialFusion(nn.Module):
                 q, attn = layer(v, q, q_pad, image_index, self.coords, need_weights=output_attentions)
             if output_attentions:
                 attentions.append(attn)
-        pooled = torch.cat([self.ln_v(v).mean(1)[image_index], mean_pool(self.ln_q(q), q_mask)], dim=-1)
+        image = self.ln_v(v).mean(1)
+        if image_index is not None:
+            image = image[image_index]
+        pooled = torch.cat([image, mean_pool(self.ln_q(q), q_mask)], dim=-1)
         return pooled, (attentions if output_attentions else None)
 
 
