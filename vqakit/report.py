@@ -175,8 +175,9 @@ def diagram_nodes(model: dict, breakdown: dict, strategies: list[str]) -> tuple[
     """Boxes (key, x, y in cm, lines of text, kind) and arrows of the model, from its config.json."""
     p, h = breakdown["parameters"], model["hidden_size"]
     fusion = {"cross-attention": f"{model['num_fusion_layers']} co-attention layers, {model['num_heads']} heads",
+              "spatial": f"{model['num_fusion_layers']} position-aware attention layers, {model['num_heads']} heads",
               "gated": "gated fusion of pooled vectors", "concat": "concatenation + MLP"}[model["fusion"]]
-    pool = "" if model["fusion"] == "cross-attention" else f", {model['text_pooler']}-pooled question"
+    pool = "" if model["fusion"] in ("cross-attention", "spatial") else f", {model['text_pooler']}-pooled question"
     n_img = model.get("num_image_tokens") or "N"
     trained = ", ".join(strategies)
     nodes = [
