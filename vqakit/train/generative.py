@@ -12,11 +12,8 @@ and ``trainable_report()``-free PyTorch parameters, nothing else. Checkpoints go
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import platform
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,11 +23,11 @@ import yaml
 from torch import nn
 
 from vqakit.data.answers import AnswerVocab, majority_answer
-from vqakit.data.config import DataConfig, fingerprint, split_validation
-from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState
+from vqakit.data.config import DataConfig, split_validation
+from vqakit.train.checkpointing import ResumeState
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQACollator, VQADataModule, model_inputs
-from vqakit.train.run import _dataset, _load_train_examples, _loggers, peak_rss_mib
+from vqakit.train.run import _dataset, _load_train_examples, _trainer, finish_run, run_metadata
 
 logger = logging.getLogger("vqakit")
 
@@ -159,23 +156,13 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     logger.info("parameters: %s trainable of %s (%.2f%%)", f"{params['trainable']:,}", f"{params['total']:,}",
                 100 * params["trainable"] / params["total"])
 
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")
     steps_per_epoch = -(-len(train_set) // train.batch_size)
     total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
     system = GenerativeSystem(net, train, total_steps=total_steps)
     datamodule = GenerativeDataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
                                       seed=train.seed)
     resume_state = ResumeState()
-    trainer = L.Trainer(
-        max_epochs=train.epochs, max_steps=train.max_steps, precision=train.precision,
-        accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
-        logger=_loggers(train, out), gradient_clip_val=train.grad_clip or None,
-        callbacks=[*_checkpoint_callbacks(out, val_set), resume_state],
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
-        log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=out,
-    )  # fmt: skip
+    trainer = _trainer(train, out, [*_checkpoint_callbacks(out, val_set), resume_state], train.precision)
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if train.resume and last.is_file() else None
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -186,34 +173,9 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     net = net.cpu()
     family.save(net, processor, ckpt)
     vocab.to_json(ckpt / "answer_vocab.json")
-    metadata = {
-        "model_type": family.KEY,
-        "time_to_train_s": round(resume_state.seconds, 2),
-        "epoch_seconds": resume_state.epoch_seconds,
-        "init_from": train.init_from,
-        "epochs": trainer.current_epoch,
-        "steps": trainer.global_step,
-        "examples_per_s": round(trainer.global_step * train.batch_size / max(resume_state.seconds, 1e-9), 1),
-        "parameters": params,
-        "strategies": {"vision": train.vision, "text": train.text},
-        "num_train_questions": len(train_examples),
-        "num_val_questions": len(val_examples),
-        "skipped_images": skipped,
-        "data_fingerprint": fingerprint(train_examples),
-        "validation": {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "python": platform.python_version(),
-    }
-    (ckpt / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    summary = {"run_dir": str(out), "checkpoint": str(ckpt), **metadata}
-    if evaluate:
-        from vqakit.eval.evaluate import evaluate_checkpoint
-
-        summary["metrics"] = evaluate_checkpoint(ckpt, data, batch_size=train.eval_batch_size,
-                                                 progress=train.progress)
-    return summary
+    metadata = {"model_type": family.KEY,
+                **run_metadata(trainer, resume_state, train, params, train_examples, val_examples, skipped)}
+    return finish_run(out, ckpt, metadata, data, train, evaluate)
 
 
 def _checkpoint_callbacks(out: Path, val_set) -> list:

@@ -110,6 +110,58 @@ def _checkpoint_callbacks(train: TrainConfig, out: Path, val_set) -> list:
     return callbacks
 
 
+def _trainer(train: TrainConfig, out: Path, callbacks: list, precision: str) -> L.Trainer:
+    """The Lightning trainer of every run (classifier and generative): loggers, clipping, atomic checkpoints."""
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen towers are, on purpose
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")  # inside torchdata
+    return L.Trainer(
+        max_epochs=train.epochs, max_steps=train.max_steps, precision=precision,
+        accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
+        logger=_loggers(train, out), gradient_clip_val=train.grad_clip or None, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
+        log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=out,
+    )  # fmt: skip
+
+
+def run_metadata(trainer: L.Trainer, resume_state: ResumeState, train: TrainConfig, params: dict,
+                 train_examples: list, val_examples: list, skipped: list) -> dict:
+    """What every run records in ``training_metadata.json``: cost, sizes, data and versions."""
+    seconds = resume_state.seconds
+    return {
+        "time_to_train_s": round(seconds, 2),
+        "epoch_seconds": resume_state.epoch_seconds,
+        "resumed_from_step": resume_state.resumed_from_step,
+        "init_from": train.init_from,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "examples_per_s": round(trainer.global_step * train.batch_size / max(seconds, 1e-9), 1),
+        "parameters": params,
+        "strategies": {"vision": train.vision, "text": train.text},
+        "num_train_questions": len(train_examples),
+        "num_val_questions": len(val_examples),
+        "skipped_images": skipped,
+        "data_fingerprint": fingerprint(train_examples),
+        "validation": {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def finish_run(out: Path, ckpt: Path, metadata: dict, data: DataConfig, train: TrainConfig, evaluate: bool) -> dict:
+    """Write ``training_metadata.json``; evaluate the checkpoint on ``data.eval_split`` when asked."""
+    (ckpt / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    summary = {"run_dir": str(out), "checkpoint": str(ckpt), **metadata}
+    if evaluate:
+        from vqakit.eval.evaluate import evaluate_checkpoint
+
+        summary["metrics"] = evaluate_checkpoint(ckpt, data, batch_size=train.eval_batch_size,
+                                                 progress=train.progress)
+    return summary
+
+
 def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: bool = True) -> dict:
     """Train a model as configured; returns a summary (paths, time to train, metrics)."""
     precision = check_device_support(train)  # GPU-only options fail here, before anything loads
@@ -140,9 +192,6 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     logger.info("parameters: %s trainable of %s (%.2f%%)", f"{params['trainable']:,}", f"{params['total']:,}",
                 100 * params["trainable"] / params["total"])
 
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen towers are, on purpose
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning
-    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")  # inside torchdata
     world = train.devices * train.num_nodes if train.strategy != "auto" else 1
     per_rank = -(-len(train_set) // world)  # DistributedSampler pads every rank to the same count
     steps_per_epoch = -(-per_rank // train.batch_size)
@@ -151,21 +200,12 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
                                seed=train.seed, group_by_image=train.group_by_image, share_images=True)
     resume_state = ResumeState()
-    trainer = L.Trainer(
-        max_epochs=train.epochs, max_steps=train.max_steps, precision=precision,
-        accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
-        logger=_loggers(train, out),
-        gradient_clip_val=train.grad_clip or None, callbacks=[*_checkpoint_callbacks(train, out, val_set),
-                                                              resume_state],
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
-        log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=out,
-    )  # fmt: skip
+    trainer = _trainer(train, out, [*_checkpoint_callbacks(train, out, val_set), resume_state], precision)
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if train.resume and last.is_file() else None
     if ckpt_path:
         logger.info("resuming from %s", last)
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
-    time_to_train = resume_state.seconds
     if not trainer.is_global_zero:  # DDP: rank 0 alone writes the checkpoint directory and evaluates
         return {"run_dir": str(out), "global_rank": trainer.global_rank}
 
@@ -174,37 +214,7 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     net = net.cpu().float()
     net.save_pretrained(ckpt, tokenizer=processor.tokenizer)
     vocab.to_json(ckpt / "answer_vocab.json")
-    val_metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    metadata = {
-        "time_to_train_s": round(time_to_train, 2),
-        "epoch_seconds": resume_state.epoch_seconds,
-        "resumed_from_step": resume_state.resumed_from_step,
-        "init_from": train.init_from,
-        "epochs": trainer.current_epoch,
-        "steps": trainer.global_step,
-        "examples_per_s": round(trainer.global_step * train.batch_size / max(time_to_train, 1e-9), 1),
-        "parameters": params,
-        "strategies": {"vision": train.vision, "text": train.text},
-        "precision": precision,
-        "optimizer": train.optimizer,
-        "lora_merged_towers": merged,
-        "num_train_questions": len(train_examples),
-        "num_val_questions": len(val_examples),
-        "skipped_images": skipped,
-        "data_fingerprint": fingerprint(train_examples),
-        "answer_vocab_size": len(vocab),
-        "validation": val_metrics,
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "python": platform.python_version(),
-    }
-    (ckpt / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    summary = {"run_dir": str(out), "checkpoint": str(ckpt), **metadata}
-    if evaluate:
-        from vqakit.eval.evaluate import evaluate_checkpoint
-
-        summary["metrics"] = evaluate_checkpoint(
-            ckpt, data, batch_size=train.eval_batch_size, progress=train.progress
-        )
-    return summary
+    metadata = run_metadata(trainer, resume_state, train, params, train_examples, val_examples, skipped)
+    metadata.update(precision=precision, optimizer=train.optimizer, lora_merged_towers=merged,
+                    answer_vocab_size=len(vocab))
+    return finish_run(out, ckpt, metadata, data, train, evaluate)
