@@ -1,10 +1,16 @@
 """Issue 3's LoRA targets, measured: ``vqakit compare --strategies full,lora`` on an easy-VQA subset.
 
-    python benchmarks/compare_lora_full.py [--config configs/easy-vqa.yaml] [--limit 4000] [--epochs 3]
+    nice -n 5 python benchmarks/compare_lora_full.py
+
+(the defaults: ``--config configs/easy-vqa.yaml --limit 4000 --epochs 3 --batch_size 64``).
 
 Targets: LoRA trains <= 2% of the parameters, takes <= 0.6x the full fine-tune's time to train and loses
 <= 0.5 points of test VQA accuracy; the whole comparison finishes in <= 30 minutes on 2 cores. The subset
-is the first ``--limit`` training questions (``--data.limit``); evaluation is on the whole test split.
+is ``--limit`` questions per split (``--data.limit``: about 4,000 training and 4,000 test questions, whole
+images in seeded random order); both strategies get the same data, seed, epochs and batch size. LoRA's
+settings come from the config: in ``configs/easy-vqa.yaml`` rank 8 on the last 5 EfficientNet blocks and
+the last 2 MiniLM layers (``train.lora_vision.layers`` / ``train.lora_text.layers``), so its backward pass
+stops there; the full fine-tune trains every weight at ``train.tower_lr`` as before.
 Reports LoRA's trainable share both with the fusion layers and head (which every strategy trains) and for
 the adapters alone, plus the load average before and after, since timings on a shared machine vary.
 Writes JSON to ``--out``; rerunning with the same ``--out_dir`` reuses finished strategies (delete it to
@@ -53,6 +59,9 @@ def main(argv=None) -> dict:
     rows = {r["strategy"]: r for r in json.loads((Path(args.out_dir) / "comparison.json").read_text())}
     full, lora = rows["full"], rows["lora"]
     adapters = adapter_parameters(Path(lora["run_dirs"][-1]) / "checkpoint")
+    import yaml
+
+    lora_train = yaml.safe_load((Path(lora["run_dirs"][-1]) / "config.yaml").read_text())["train"]
     ratio = lora["time_to_train_s"] / full["time_to_train_s"]
     loss = full["vqa_accuracy"] - lora["vqa_accuracy"]
     result = {
@@ -63,6 +72,7 @@ def main(argv=None) -> dict:
         "cpu_count": os.cpu_count(),
         "full": {k: full[k] for k in ("time_to_train_s", "trainable_parameters", "total_parameters", "vqa_accuracy")},
         "lora": {k: lora[k] for k in ("time_to_train_s", "trainable_parameters", "total_parameters", "vqa_accuracy")},
+        "lora_settings": {k: lora_train[k] for k in ("lora_vision", "lora_text", "lora_lr", "lr", "tower_lr")},
         "lora_trainable_percent_with_fusion_and_head": lora["trainable_percent"],
         "lora_adapter_parameters": adapters,
         "lora_adapter_percent": round(100 * adapters / lora["total_parameters"], 2),

@@ -272,7 +272,8 @@ def _tower_setting(r: dict) -> str:
         if s[tower] in ("lora", "qlora"):
             lora = train[f"lora_{tower}"]
             kind = "QLoRA" if s[tower] == "qlora" else "LoRA"
-            out.append(f"{tower} {kind} r={lora['rank']}, alpha={lora['alpha']}")
+            where = f", last {lora['layers']} layers" if lora.get("layers") else ""  # runs before `layers`: all
+            out.append(f"{tower} {kind} r={lora['rank']}, alpha={lora['alpha']}{where}")
         elif s[tower] == "partial":
             out.append(f"{tower} last {train['unfreeze_last_n']} layers")
         else:

@@ -20,12 +20,16 @@ class LoraSettings:
         dropout: dropout on the LoRA branch input.
         target_modules: module names to adapt; empty = the tower's defaults (the attention query and
             value projections; EfficientNet: the 1x1 ``_expand_conv`` and ``_project_conv``).
+        layers: adapt only the target modules of the tower's last ``layers`` layers that hold any (transformer
+            layers / EfficientNet MBConv blocks, input side counted first); 0 = every layer. The frozen layers
+            below the lowest adapter then build no autograd graph: the backward pass stops there.
     """
 
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list)
+    layers: int = 0
 
     def __post_init__(self):
         if self.rank < 1:
@@ -128,3 +132,10 @@ class TrainConfig:
             self.lora_vision = LoraSettings(**self.lora_vision)
         if isinstance(self.lora_text, dict):
             self.lora_text = LoraSettings(**self.lora_text)
+        for flag, lora in (("--train.lora_vision", self.lora_vision), ("--train.lora_text", self.lora_text)):
+            check_lora_layers(lora.layers, flag)
+
+
+def check_lora_layers(layers, flag: str = "--train.lora_*") -> None:
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ValueError(f"{flag}.layers={layers!r} must be a whole number >= 0 (0: every layer)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vqakit.train.config import LoraSettings, TrainConfig
+from vqakit.train.config import LoraSettings, TrainConfig, check_lora_layers
 
 # Attention query/value projections as each family names them (Hu et al. adapt W_q and W_v), and the
 # 1x1 convs of every EfficientNet MBConv block. The first pair found in a tower is its default.
@@ -138,10 +138,10 @@ def apply_strategies(model, cfg: TrainConfig) -> dict[str, int]:
         elif strategy == "full":
             tower.requires_grad_(True)
         elif strategy == "lora":
-            add_lora(tower, lora)
+            add_lora(tower, lora, flag=f"--train.lora_{name}")
         elif strategy == "qlora":
             quantize_4bit(tower)
-            add_lora(tower, lora)
+            add_lora(tower, lora, flag=f"--train.lora_{name}")
         elif strategy == "partial":
             tower.requires_grad_(False)
             for group in tower.layer_groups()[-cfg.unfreeze_last_n :]:
@@ -154,18 +154,50 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
 
 
-def add_lora(tower: nn.Module, lora: LoraSettings) -> None:
-    """Wrap ``tower.model`` with LoRA adapters; only they train."""
+def last_layers_targets(tower: nn.Module, targets: list[str], n: int, flag: str = "--train.lora_*") -> list[str]:
+    """Full names (relative to ``tower.model``) of the ``targets`` modules in the last ``n`` of the tower's
+    ``layer_groups()`` that hold any, matched as PEFT matches names (equal, or ending in ``.<target>``).
+
+    Naming each module, rather than PEFT's ``layers_to_transform`` + ``layers_pattern``, works for every
+    tower that lists its layers (``encoder.layer.<i>`` in BERT, ``_blocks.<i>`` in EfficientNet) and the
+    adapter's ``adapter_config.json`` then says exactly which modules were adapted.
+    """
+    check_lora_layers(n, flag)
+    names = {id(m): name for name, m in tower.model.named_modules()}
+    layers = []
+    for group in tower.layer_groups():
+        hits = [names[id(m)] for m in group.modules()
+                if id(m) in names and any(names[id(m)] == t or names[id(m)].endswith(f".{t}") for t in targets)]
+        if hits:
+            layers.append(hits)
+    if not layers:  # no target matches at all: add_lora's PEFT error lists the module names there are
+        return targets
+    if n > len(layers):
+        raise ValueError(f"{flag}.layers={n}: {type(tower).__name__} has only {len(layers)} layers with LoRA target "
+                         f"modules {targets}; use 1..{len(layers)}, or 0 for every layer")
+    return [name for hits in layers[-n:] for name in hits]
+
+
+def add_lora(tower: nn.Module, lora: LoraSettings, flag: str = "--train.lora_*") -> None:
+    """Wrap ``tower.model`` with LoRA adapters; only they train.
+
+    With ``lora.layers = N`` only the last N layers get adapters. Everything below them is frozen and
+    its input needs no gradient, so autograd records nothing there: the forward pass runs as under
+    ``no_grad`` and the backward pass stops at the lowest adapted layer (what makes LoRA cheaper than a
+    full fine-tune in time, not just in optimizer state).
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules or default_lora_targets(tower)
+    if lora.layers:
+        targets = last_layers_targets(tower, targets, lora.layers, flag)
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
     tower.requires_grad_(False)
     try:
         tower.model = get_peft_model(tower.model, config)
     except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
         names = sorted({n.split(".")[-1] for n, m in tower.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
-        raise ValueError(f"LoRA target_modules={targets} do not match {type(tower).__name__}; "
+        raise ValueError(f"LoRA target_modules={targets} ({flag}.target_modules) do not match {type(tower).__name__}; "
                          f"its linear/conv module names are {names[:30]}") from err
 
 
