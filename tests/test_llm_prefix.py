@@ -214,9 +214,11 @@ def test_int8_predictor_quantizes_the_lm_and_keeps_the_answers(tiny_prefix_model
     image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
     fp32 = GenerativePredictor.from_pretrained(tmp_path / "ckpt", device="cpu")
     int8 = GenerativePredictor.from_pretrained(tmp_path / "ckpt", device="cpu", quantize="int8")
-    linear = [m for m in int8.model.lm.modules() if isinstance(m, torch.nn.Linear)]
-    dynamic = [m for m in int8.model.lm.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    assert not linear and dynamic  # every Linear of the LM (lm_head too) is dynamic INT8
+    float32 = {n.split(".")[-1] for n, m in int8.model.lm.named_modules() if type(m) is torch.nn.Linear}
+    dynamic = {n.split(".")[-1] for n, m in int8.model.lm.named_modules()
+               if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
+    assert float32 == {"down_proj", "lm_head"}  # kept in float32: activation outliers / the 49k-way head
+    assert dynamic == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}
     # a random LM's next-token logits are nearly tied, so INT8 error may flip an argmax: compare the logits of
     # the first answer token, and the answers wherever float32's top-2 margin is larger than the INT8 error
     pixels = fp32.processor.images([image])

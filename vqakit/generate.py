@@ -50,9 +50,9 @@ class GenerativePredictor:
                         **kwargs) -> "GenerativePredictor":
         """``backend``/``question_cache`` are the classifier's serving options: generative checkpoints run in
         PyTorch and say so when asked for anything else. ``quantize="int8"`` (CPU, LLM-prefix checkpoints):
-        dynamic INT8 quantization of the LM's Linear layers (``torch.ao.quantization.quantize_dynamic``: int8
-        weights, activations quantized per batch), which cuts the weight memory each decoding step reads by 4x;
-        accuracy and latency in benchmarks/llm_latency.py."""
+        dynamic INT8 quantization of most of the LM's Linear layers (``LLMPrefixForQuestionAnswering.quantize_int8``),
+        which cuts the weight memory each LM pass reads; agreement with float32 and latency in
+        benchmarks/llm_latency.py."""
         checkpoint_dir = Path(checkpoint_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         kind = checkpoint_model_type(checkpoint_dir)
@@ -78,8 +78,7 @@ class GenerativePredictor:
 
             model = LLMPrefixForQuestionAnswering.from_pretrained(checkpoint_dir, device=device, **kwargs)
             if quantize == "int8":
-                model.lm = torch.ao.quantization.quantize_dynamic(model.lm.eval(), {torch.nn.Linear},
-                                                                  dtype=torch.qint8)
+                model.quantize_int8()
             return cls(model, model.processor, device)
         if kind == "vlm":
             from vqakit.models.vlm import VLMForQuestionAnswering

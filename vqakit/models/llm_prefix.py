@@ -388,6 +388,19 @@ class LLMPrefixForQuestionAnswering(nn.Module):
 
     # -- serving helpers (used by vqakit.generate.GenerativePredictor) -------------------------------------------
 
+    def quantize_int8(self, skip: tuple[str, ...] = ("down_proj", "lm_head")) -> None:
+        """Dynamic INT8 for CPU serving: the LM's Linear layers get int8 weights (per output channel) and
+        activations quantized per batch (``torch.ao.quantization.quantize_dynamic``), except the modules named
+        in ``skip``. Measured on SmolLM2-135M (benchmarks/llm_latency.py): with every Linear quantized (per
+        tensor or per channel) the answers break (the run-on text of 'yes\nThe answer'; 3-10 of 48 answers as in
+        float32); the MLP's ``down_proj`` (whose input carries the LLM's activation outliers) and the LM head
+        are kept in float32."""
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        spec = {name: per_channel_dynamic_qconfig for name, m in self.lm.named_modules()
+                if isinstance(m, nn.Linear) and not name.endswith(skip)}
+        self.lm = quantize_dynamic(self.lm.eval(), spec)
+
     def decoding_settings(self) -> dict:
         c = self.config
         return {"decoding": c.decoding, "max_new_tokens": c.max_new_tokens, "prompt_prefix": c.prompt_prefix,
