@@ -168,3 +168,84 @@ def test_cli_two_stages_evaluate_predict(tiny_vision_tower, tiny_llm, tmp_path, 
     main(["predict", "--checkpoint", str(ckpt), "--image", image, "--question", "what is the color of the shape?",
           "--question+", "is there a circle?"])
     assert capsys.readouterr().out.count("Q: ") == 2
+
+
+def test_answer_loss_only_computes_the_answer_logits(tiny_prefix_model):
+    """The training loss from the answer-span logits equals the loss over the LM's logits at every position."""
+    import torch.nn.functional as F
+
+    model = tiny_prefix_model().eval()
+    text = model.processor.text(QUESTIONS[:3])
+    pixels = torch.randn(3, 3, 32, 32)
+    answers = ["red", "yes", "blue circle"]
+    out = model(pixel_values=pixels, answers=answers, **text)
+    # the same sequence, every position's logits: [prefix][visual][question][answer <eos>], labels on the answer
+    prefix = model.prefix_embeds(model.visual_tokens(pixels))
+    losses = []
+    for i, a in enumerate(model._answer_ids(answers)):
+        q = text["input_ids"][i][text["attention_mask"][i].bool()]
+        ids = torch.cat([q, torch.tensor(a)])[None]
+        embeds = torch.cat([prefix[i : i + 1], model._embed(ids)], dim=1)
+        logits = model.lm(inputs_embeds=embeds).logits[0, -len(a) - 1 : -1]
+        losses.append(F.cross_entropy(logits, torch.tensor(a), reduction="sum"))
+    n = sum(len(a) for a in model._answer_ids(answers))
+    torch.testing.assert_close(out.loss, torch.stack(losses).sum() / n, atol=1e-5, rtol=1e-5)
+    assert out.logits.shape[1] < prefix.shape[1] + text["input_ids"].shape[1]  # not every position
+
+
+def test_one_question_per_image_takes_one_pass_and_agrees(tiny_prefix_model):
+    """With one question per image, prefix and question share one LM pass; the answers are those of the
+    cached-prefix path."""
+    model = tiny_prefix_model().eval()
+    p = model.processor
+    images = [(torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(s)) * 255).to(torch.uint8).numpy()
+              for s in range(3)]
+    one_pass = model.answer_images(p, p.images(images), [[q] for q in QUESTIONS[:3]])
+    for image, q, got in zip(images, QUESTIONS[:3], one_pass):
+        (cached,) = model.answer_image(p, image, [q], reuse_cache=True, batch_questions=False)
+        assert got[0][0] == cached[0] and got[0][1] == pytest.approx(cached[1], rel=1e-3)
+
+
+def test_int8_predictor_quantizes_the_lm_and_keeps_the_answers(tiny_prefix_model, tmp_path):
+    from vqakit.generate import GenerativePredictor
+
+    model = tiny_prefix_model().eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    fp32 = GenerativePredictor.from_pretrained(tmp_path / "ckpt", device="cpu")
+    int8 = GenerativePredictor.from_pretrained(tmp_path / "ckpt", device="cpu", quantize="int8")
+    float32 = {n.split(".")[-1] for n, m in int8.model.lm.named_modules() if type(m) is torch.nn.Linear}
+    dynamic = {n.split(".")[-1] for n, m in int8.model.lm.named_modules()
+               if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
+    assert float32 == {"down_proj", "lm_head"}  # kept in float32: activation outliers / the 49k-way head
+    assert dynamic == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}
+    # a random LM's next-token logits are nearly tied, so INT8 error may flip an argmax: compare the logits of
+    # the first answer token, and the answers wherever float32's top-2 margin is larger than the INT8 error
+    pixels = fp32.processor.images([image])
+    for q, x, y in zip(QUESTIONS, fp32.predict(image, QUESTIONS), int8.predict(image, QUESTIONS)):
+        ids = fp32.processor.text([q])["input_ids"]
+        first = []
+        for m in (fp32.model, int8.model):
+            embeds = torch.cat([m.prefix_embeds(m.visual_tokens(pixels)), m._embed(ids)], dim=1)
+            first.append(m.lm(inputs_embeds=embeds).logits[0, -1])
+        error = (first[0] - first[1]).abs().max()
+        assert error < 0.05 * first[0].abs().max()
+        top2 = first[0].topk(2).values
+        if top2[0] - top2[1] > 2 * error:
+            assert first[1].argmax() == first[0].argmax()
+        if x.answer == y.answer:
+            assert x.score == pytest.approx(y.score, rel=0.1)
+    with pytest.raises(ValueError, match="not one of"):
+        GenerativePredictor.from_pretrained(tmp_path / "ckpt", device="cpu", quantize="int4")
+
+
+def test_eval_limit_fixes_the_test_subset_whatever_the_training_limit():
+    """The LLM recipes train on more questions than they evaluate on; data.eval_limit keeps the test subset."""
+    from vqakit.data.config import DataConfig, load_split
+
+    small, large = DataConfig(limit=100, eval_limit=200), DataConfig(limit=300, eval_limit=200)
+    assert len(load_split(small, "train")) < len(load_split(large, "train"))
+    assert [e.question_id for e in load_split(small, "test")] == [e.question_id for e in load_split(large, "test")]
+    assert 200 <= len(load_split(small, "test")) < len(load_split(DataConfig(limit=300), "test"))
+    with pytest.raises(ValueError, match="eval_limit"):
+        DataConfig(eval_limit=0)

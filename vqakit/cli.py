@@ -418,6 +418,7 @@ def evaluate(
     out_dir: str | None = None,
     batch_size: int = 256,
     use_cache: bool = True,
+    quantize: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint: official VQA accuracy (overall, per answer type, per question type), exact match,
     top-5, macro/weighted precision, recall and F1. Writes metrics.json, predictions.csv and failures.json.
@@ -429,10 +430,13 @@ def evaluate(
         out_dir: output directory (default ``<checkpoint>/eval-<dataset>-<split>``).
         batch_size: questions per forward pass.
         use_cache: reuse / fill the feature cache for the towers' outputs.
+        quantize: ``int8``: evaluate as served with dynamic INT8 quantization of the Linear layers (CPU).
     """
     from vqakit.eval.evaluate import evaluate_checkpoint, format_metrics
+    from vqakit.generate import load_predictor
 
-    metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache)
+    predictor = load_predictor(checkpoint, quantize=quantize) if quantize else None
+    metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache, predictor=predictor)
     print(format_metrics(metrics))
     print(f"wrote {metrics['out_dir']}")
     return metrics

@@ -48,15 +48,23 @@ class GenerativePredictor:
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto",
                         threads: int | None = None, quantize: str | None = None, question_cache: int = 0,
                         **kwargs) -> "GenerativePredictor":
-        """``backend``/``quantize``/``question_cache`` are the classifier's serving options: generative
-        checkpoints run in PyTorch, float32, and say so when asked for anything else."""
+        """``backend``/``question_cache`` are the classifier's serving options: generative checkpoints run in
+        PyTorch and say so when asked for anything else. ``quantize="int8"`` (CPU, LLM-prefix checkpoints):
+        dynamic INT8 quantization of most of the LM's Linear layers (``LLMPrefixForQuestionAnswering.quantize_int8``),
+        which cuts the weight memory each LM pass reads; agreement with float32 and latency in
+        benchmarks/llm_latency.py."""
         checkpoint_dir = Path(checkpoint_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         kind = checkpoint_model_type(checkpoint_dir)
         if backend not in ("auto", "torch"):
             raise ValueError(f"backend={backend!r}: {kind} checkpoints are served with PyTorch (backend='torch')")
-        if quantize is not None:
-            raise ValueError(f"quantize={quantize!r}: INT8 serving is for classifier checkpoints, not {kind}")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize={quantize!r} is not one of (None, 'int8')")
+        if quantize and kind != "llm_prefix":
+            raise ValueError(f"quantize={quantize!r}: INT8 serving is for classifier and llm_prefix checkpoints, "
+                             f"not {kind}")
+        if quantize and device != "cpu":
+            raise ValueError(f"quantize={quantize!r} is dynamic INT8 quantization for the CPU; got device={device!r}")
         if threads:
             torch.set_num_threads(threads)
         if kind == "gru_decoder":
@@ -69,6 +77,8 @@ class GenerativePredictor:
             from vqakit.models.llm_prefix import LLMPrefixForQuestionAnswering
 
             model = LLMPrefixForQuestionAnswering.from_pretrained(checkpoint_dir, device=device, **kwargs)
+            if quantize == "int8":
+                model.quantize_int8()
             return cls(model, model.processor, device)
         if kind == "vlm":
             from vqakit.models.vlm import VLMForQuestionAnswering

@@ -25,6 +25,8 @@ class DataConfig:
         seed: seed of every sampling step (image fraction, validation hold-out, limits).
         val_fraction: fraction of training images held out for validation during training.
         limit: keep only about this many questions per split (whole images, seeded): for quick runs.
+        eval_limit: the same for every split but ``train_split`` (default: ``limit``), e.g. a long training run
+            evaluated on a fixed test subset.
         top_k_answers: size of the answer vocabulary (most frequent normalised answers).
         cache_dir: feature cache directory (default ``$VQAKIT_CACHE`` or ``~/.cache/vqakit``).
         scan_images: decode every image once before training and skip broken ones, with a report.
@@ -39,6 +41,7 @@ class DataConfig:
     seed: int = 0
     val_fraction: float = 0.05
     limit: int | None = None
+    eval_limit: int | None = None
     top_k_answers: int = 1000
     cache_dir: str | None = None
     scan_images: bool = True
@@ -51,6 +54,8 @@ class DataConfig:
             raise ValueError(f"--data.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--data.limit={self.limit} must be a positive number of questions")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"--data.eval_limit={self.eval_limit} must be a positive number of questions")
         if self.top_k_answers < 1:
             raise ValueError(f"--data.top_k_answers={self.top_k_answers} must be at least 1")
 
@@ -67,8 +72,9 @@ def load_split(cfg: DataConfig, split: str) -> list[Example]:
     examples = load_source(cfg.dataset, split, **kwargs)
     if cfg.dataset != "vqa-v2" and split == cfg.train_split and cfg.train_image_fraction < 1.0:
         examples = sample_images(examples, cfg.train_image_fraction, cfg.seed)
-    if cfg.limit is not None:
-        examples = limit_questions(examples, cfg.limit, cfg.seed)
+    limit = cfg.limit if split == cfg.train_split or cfg.eval_limit is None else cfg.eval_limit
+    if limit is not None:
+        examples = limit_questions(examples, limit, cfg.seed)
     return examples
 
 

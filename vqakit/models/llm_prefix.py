@@ -167,7 +167,7 @@ class LLMPrefixProcessor(VQAProcessor):
 @dataclass
 class LLMPrefixOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor  # (B, L, V): training, the L positions that predict answer tokens; else all positions
     answer_exact: torch.Tensor | None = None  # (B,) every answer token (and <eos>) is the argmax
 
 
@@ -243,8 +243,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         """Teacher forcing: loss over the answer tokens and ``<eos>`` (B questions, one image each)."""
         prefix = self.prefix_embeds(self.visual_tokens(pixel_values, image_features))  # (B, P+K, H)
         B, PK = prefix.shape[:2]
-        rows, labels = [], []
-        for i, a in enumerate(self._answer_ids(answers)):
+        rows, labels, answer_ids = [], [], self._answer_ids(answers)
+        for i, a in enumerate(answer_ids):
             q = input_ids[i][attention_mask[i].bool()].tolist()
             rows.append(q + a)
             labels.append([-100] * len(q) + a)
@@ -259,8 +259,12 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             lab[i, PK : PK + len(l)] = torch.tensor(l)
             mask[i, PK : PK + len(r)] = 1
         embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits  # (B, PK+T, V)
-        shift_logits, shift_labels = logits[:, :-1].float(), lab[:, 1:]
+        # logits only where a label is predicted (the answer span, over the batch): the LM head over the 49k
+        # vocabulary at every prompt position would cost about a third of the step for nothing
+        first = PK + min(len(r) - len(a) for r, a in zip(rows, answer_ids))  # the earliest answer token
+        keep = torch.arange(first - 1, PK + T - 1, device=device)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits  # (B, |keep|, V)
+        shift_logits, shift_labels = logits.float(), lab[:, keep + 1]
         loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                ignore_index=-100)
         hit = (shift_logits.argmax(-1) == shift_labels) | (shift_labels == -100)
@@ -269,16 +273,23 @@ class LLMPrefixForQuestionAnswering(nn.Module):
     # -- generation --------------------------------------------------------------------------------------------
 
     def _prefix_cache(self, prefix: torch.Tensor):
-        """Run the LM over the visual prefix once: its key/value cache."""
-        return self.lm(inputs_embeds=prefix, use_cache=True).past_key_values
+        """Run the LM over the visual prefix once: its key/value cache (no logits are needed here)."""
+        return self.lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).past_key_values
 
     @torch.no_grad()
-    def _decode(self, cache, prefix_len: int, input_ids, attention_mask) -> list[tuple[str, float]]:
-        """Greedy decoding of B questions after a prefix of ``prefix_len`` tokens held in ``cache`` (batch B).
+    def _decode(self, input_ids, attention_mask, cache=None, prefix_len: int | None = None,
+                prefix: torch.Tensor | None = None) -> list[tuple[str, float]]:
+        """Greedy decoding of B questions after the image prefix: either ``cache`` (batch B) holding the
+        key/value cache of a ``prefix_len``-token prefix, or the ``prefix`` embeddings (B, P+K, H) themselves,
+        run in the same LM pass as the questions (one pass instead of two when nothing is reused).
 
         Questions are right-padded by the processor; they are moved to the left of the question span (pads
-        between prefix and question, masked out) so every row's next token comes at the same position.
+        between prefix and question, masked out) so every row's next token comes at the same position. Decoding
+        stops when every row has written ``<eos>``; only the last position's logits are computed.
         """
+        if (cache is None) == (prefix is None):
+            raise ValueError("pass either the prefix's key/value cache or the prefix embeddings")
+        prefix_len = prefix.shape[1] if prefix is not None else prefix_len
         B, T = input_ids.shape
         device = input_ids.device
         lengths = attention_mask.sum(1)
@@ -289,9 +300,14 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             ids[i, T - n :] = input_ids[i, :n]
             qmask[i, T - n :] = 1
         mask = torch.cat([torch.ones(B, prefix_len, dtype=qmask.dtype, device=device), qmask], dim=1)
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)[:, prefix_len:]
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                      use_cache=True)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        if prefix is None:
+            out = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids[:, prefix_len:],
+                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+        else:
+            embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)  # (B, P+K+T, H)
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                          logits_to_keep=1)
         cache, next_pos = out.past_key_values, position_ids[:, -1:] + 1
         logits = out.logits[:, -1].float()
         generated, logp = [], torch.zeros(B, device=device)
@@ -306,7 +322,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                          use_cache=True)
+                          use_cache=True, logits_to_keep=1)
             cache, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1].float()
         seqs = torch.stack(generated, 1).tolist()
         results = []
@@ -318,9 +334,10 @@ class LLMPrefixForQuestionAnswering(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, image_features=None,
                  **unused) -> list[tuple[str, float]]:
-        """Answer B questions, each about its own image (no reuse): ``[(answer, sequence probability), ...]``."""
+        """Answer B questions, each about its own image (no reuse): ``[(answer, sequence probability), ...]``;
+        prefix and question go through the LM in one pass."""
         prefix = self.prefix_embeds(self.visual_tokens(pixel_values, image_features))
-        return self._decode(self._prefix_cache(prefix), prefix.shape[1], input_ids, attention_mask)
+        return self._decode(input_ids, attention_mask, prefix=prefix)
 
     @torch.no_grad()
     def answer_image(self, processor, image, questions: list[str], device="cpu", reuse_cache: bool = True,
@@ -345,7 +362,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         answers = []
         for q in questions:
             text = {k: v.to(device) for k, v in processor.text([q]).items()}
-            answers += self._decode(copy.deepcopy(cache), prefix.shape[1], **text)
+            answers += self._decode(**text, cache=copy.deepcopy(cache), prefix_len=prefix.shape[1])
         return answers
 
     @torch.no_grad()
@@ -355,11 +372,14 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         micro-batches call): the vision tower and the key/value cache of ``[prompt_prefix][visual tokens]`` are
         computed once per image and that cache is shared by all of the image's questions."""
         prefix = self.prefix_embeds(self.visual_tokens(pixel_values.to(device)))  # (B, P+K, H), once per image
-        cache = self._prefix_cache(prefix)  # once per image, batch B
-        index = torch.tensor([i for i, qs in enumerate(questions) for _ in qs], device=prefix.device)
-        cache.batch_select_indices(index)  # (Q, ...): each question gets its image's cache row
         text = {k: v.to(device) for k, v in processor.text([q for qs in questions for q in qs]).items()}
-        flat = self._decode(cache, prefix.shape[1], **text)
+        if all(len(qs) == 1 for qs in questions):  # nothing to share: prefix and question in one LM pass
+            flat = self._decode(**text, prefix=prefix)
+        else:
+            cache = self._prefix_cache(prefix)  # once per image, batch B
+            index = torch.tensor([i for i, qs in enumerate(questions) for _ in qs], device=prefix.device)
+            cache.batch_select_indices(index)  # (Q, ...): each question gets its image's cache row
+            flat = self._decode(**text, cache=cache, prefix_len=prefix.shape[1])
         out, k = [], 0
         for qs in questions:
             out.append(flat[k : k + len(qs)])
@@ -367,6 +387,19 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         return out
 
     # -- serving helpers (used by vqakit.generate.GenerativePredictor) -------------------------------------------
+
+    def quantize_int8(self, skip: tuple[str, ...] = ("down_proj", "lm_head")) -> None:
+        """Dynamic INT8 for CPU serving: the LM's Linear layers get int8 weights (per output channel) and
+        activations quantized per batch (``torch.ao.quantization.quantize_dynamic``), except the modules named
+        in ``skip``. Measured on SmolLM2-135M (benchmarks/llm_latency.py): with every Linear quantized (per
+        tensor or per channel) the answers break (the run-on text of 'yes\nThe answer'; 3-10 of 48 answers as in
+        float32); the MLP's ``down_proj`` (whose input carries the LLM's activation outliers) and the LM head
+        are kept in float32."""
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        spec = {name: per_channel_dynamic_qconfig for name, m in self.lm.named_modules()
+                if isinstance(m, nn.Linear) and not name.endswith(skip)}
+        self.lm = quantize_dynamic(self.lm.eval(), spec)
 
     def decoding_settings(self) -> dict:
         c = self.config

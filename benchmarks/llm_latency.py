@@ -1,0 +1,128 @@
+"""Answer latency of the vision-prefixed LLM on CPU, as served (``GenerativePredictor.predict(image_file,
+questions)``): p50/p95 per question at 1 and 5 questions per image, float32 and dynamic INT8; writes
+benchmarks/results/llm_latency.json.
+
+    python benchmarks/llm_latency.py --checkpoint runs/easy-vqa-llm-stage2/checkpoint
+    python benchmarks/llm_latency.py --checkpoint ... --threads 1 --quantize int8
+
+The questions are easy-VQA test questions about the timed images, so the answers (and the number of decoding
+steps, which stop at ``<eos>``) are the checkpoint's real ones. Each image is timed from its file (decode +
+resize, vision tower, LM) and the time is divided by its number of questions. ``breakdown`` splits one
+question's time into its parts (image preprocessing, vision tower + projector, the LM's prefill pass over
+``[prefix][visual tokens][question]``, each decoding step) with simple timers, medians over the images.
+``answers_agree_with_float32``: INT8 gave the same answer to every timed question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def breakdown(model, processor, image: str, question: str) -> dict:
+    """One question's time, part by part (ms), on the same path as ``answer_images`` with one question."""
+    times = {}
+    t = time.perf_counter()
+    pixels = processor.images([image])
+    text = processor.text([question])
+    times["preprocess_ms"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prefix = model.prefix_embeds(model.visual_tokens(pixels))
+    times["vision_and_projector_ms"] = time.perf_counter() - t
+    ids, mask = text["input_ids"], text["attention_mask"]
+    embeds = torch.cat([prefix, model._embed(ids)], dim=1)
+    full_mask = torch.ones(1, embeds.shape[1], dtype=mask.dtype)
+    t = time.perf_counter()
+    out = model.lm(inputs_embeds=embeds, attention_mask=full_mask, use_cache=True, logits_to_keep=1)
+    times["prefill_ms"] = time.perf_counter() - t
+    times["prefill_tokens"] = embeds.shape[1]
+    steps, cache, nxt = [], out.past_key_values, out.logits[:, -1].argmax(-1)
+    for _ in range(model.config.max_new_tokens - 1):
+        if int(nxt) == model.eos_id:
+            break
+        full_mask = torch.cat([full_mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+        t = time.perf_counter()
+        out = model.lm(input_ids=nxt[:, None], attention_mask=full_mask, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)
+        steps.append(time.perf_counter() - t)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+    times["decode_steps"] = len(steps)
+    times["decode_step_ms"] = statistics.median(steps) if steps else 0.0
+    return {k: (round(1000 * v, 2) if k.endswith("_ms") else v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="an llm_prefix checkpoint directory")
+    parser.add_argument("--quantize", default="none,int8", help="comma-separated: none, int8")
+    parser.add_argument("--images", type=int, default=20, help="timed images per setting (after 2 warm-up images)")
+    parser.add_argument("--counts", default="1,5", help="questions per image")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default="benchmarks/results/llm_latency.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from vqakit.data.sources import load_source
+    from vqakit.generate import load_predictor
+
+    by_image = defaultdict(list)
+    for e in load_source("easy-vqa", "test"):
+        by_image[e.image].append(e.question)
+    counts = [int(c) for c in args.counts.split(",")]
+    images = [im for im, qs in by_image.items() if len(qs) >= max(counts)][: args.images + 2]
+    load_start = os.getloadavg()
+    results, answers = {}, {}
+    for quantize in args.quantize.split(","):
+        predictor = load_predictor(args.checkpoint, device="cpu", quantize=None if quantize == "none" else quantize)
+        model, processor = predictor.model, predictor.processor
+        results[quantize], answers[quantize] = {}, []
+        with torch.inference_mode():
+            for n in counts:
+                per_question = []
+                for i, image in enumerate(images):
+                    start = time.perf_counter()
+                    preds = predictor.predict(image, by_image[image][:n])
+                    if i >= 2:  # warm-up
+                        per_question.append(1000 * (time.perf_counter() - start) / n)
+                        answers[quantize] += [p.answer for p in preds]
+                results[quantize][f"{n}_per_image"] = {
+                    "per_question_ms_p50": round(statistics.median(per_question), 2),
+                    "per_question_ms_p95": round(percentile(per_question, 0.95), 2),
+                    "per_question_ms_mean": round(statistics.fmean(per_question), 2)}
+                print(quantize, n, json.dumps(results[quantize][f"{n}_per_image"]), flush=True)
+            parts = [breakdown(model, processor, im, by_image[im][0]) for im in images]
+            results[quantize]["breakdown_1_question"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+            print(quantize, "breakdown", json.dumps(results[quantize]["breakdown_1_question"]), flush=True)
+        if quantize != "none" and "none" in answers:
+            agree = [a == b for a, b in zip(answers["none"], answers[quantize])]
+            results[quantize]["answers_agree_with_float32"] = f"{sum(agree)}/{len(agree)}"
+    report = {
+        "benchmark": "llm_latency", "checkpoint": args.checkpoint, "timed_images": len(images) - 2,
+        "visual_tokens": model.config.num_visual_tokens, "prompt_prefix": model.config.prompt_prefix,
+        "prompt": model.config.prompt, "max_new_tokens": model.config.max_new_tokens, "results": results,
+        "target": "p50 <= 150 ms per question (issue 4)",
+        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+        "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
