@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import pytest
 import torch
 
 from vqakit.data.answers import AnswerVocab
@@ -59,6 +60,27 @@ def test_train_image_fraction_samples_whole_images_on_any_source():
         per_image[e.image_id] = per_image.get(e.image_id, 0) + 1
     assert len(examples) == sum(per_image[i] for i in images)  # every question of a kept image
     assert images != {e.image_id for e in load_split(DataConfig(train_image_fraction=0.1, seed=4), "train")}
+
+
+def test_questions_per_image_caps_each_training_image_and_is_seeded():
+    full = load_split(DataConfig(), "train")
+    per_image = {}
+    for e in full:
+        per_image[e.image_id] = per_image.get(e.image_id, 0) + 1
+    capped = load_split(DataConfig(questions_per_image=2, seed=5), "train")
+    kept = {}
+    for e in capped:
+        kept[e.image_id] = kept.get(e.image_id, 0) + 1
+    assert kept == {i: min(2, n) for i, n in per_image.items()}  # every image stays, at most 2 questions each
+    ids = [e.question_id for e in capped]
+    assert ids == [e.question_id for e in load_split(DataConfig(questions_per_image=2, seed=5), "train")]
+    assert ids != [e.question_id for e in load_split(DataConfig(questions_per_image=2, seed=6), "train")]
+    order = {e.question_id: i for i, e in enumerate(full)}
+    assert ids == sorted(ids, key=order.__getitem__)  # original order
+    test = load_split(DataConfig(questions_per_image=1), "test")  # evaluation splits are never capped
+    assert len(test) == len(load_split(DataConfig(), "test"))
+    with pytest.raises(ValueError, match="questions_per_image=0"):
+        DataConfig(questions_per_image=0)
 
 
 def test_collator_can_stack_each_image_once(tmp_path, tiny_text_tower):

@@ -24,6 +24,8 @@ class DataConfig:
         train_image_fraction: fraction of training *images* kept (all their questions stay), e.g. 0.25.
         seed: seed of every sampling step (image fraction, validation hold-out, limits).
         val_fraction: fraction of training images held out for validation during training.
+        questions_per_image: keep at most this many questions of each training image (seeded): more distinct
+            images for the same number of training steps, where a step costs a lot (e.g. the LLM-prefix recipe).
         limit: keep only about this many questions per split (whole images, seeded): for quick runs.
         eval_limit: the same for every split but ``train_split`` (default: ``limit``), e.g. a long training run
             evaluated on a fixed test subset.
@@ -40,6 +42,7 @@ class DataConfig:
     train_image_fraction: float = 1.0
     seed: int = 0
     val_fraction: float = 0.05
+    questions_per_image: int | None = None
     limit: int | None = None
     eval_limit: int | None = None
     top_k_answers: int = 1000
@@ -52,6 +55,8 @@ class DataConfig:
             raise ValueError(f"--data.train_image_fraction={self.train_image_fraction} must be in (0, 1]")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.questions_per_image is not None and self.questions_per_image < 1:
+            raise ValueError(f"--data.questions_per_image={self.questions_per_image} must be a positive number")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--data.limit={self.limit} must be a positive number of questions")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -72,6 +77,8 @@ def load_split(cfg: DataConfig, split: str) -> list[Example]:
     examples = load_source(cfg.dataset, split, **kwargs)
     if cfg.dataset != "vqa-v2" and split == cfg.train_split and cfg.train_image_fraction < 1.0:
         examples = sample_images(examples, cfg.train_image_fraction, cfg.seed)
+    if cfg.questions_per_image is not None and split == cfg.train_split:
+        examples = questions_per_image(examples, cfg.questions_per_image, cfg.seed)
     limit = cfg.limit if split == cfg.train_split or cfg.eval_limit is None else cfg.eval_limit
     if limit is not None:
         examples = limit_questions(examples, limit, cfg.seed)
@@ -90,6 +97,18 @@ def sample_images(examples: list[Example], fraction: float, seed: int) -> list[E
 
     keep = set(sample_image_ids([e.image_id for e in examples], fraction, seed))
     return [e for e in examples if e.image_id in keep]
+
+
+def questions_per_image(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """Keep at most ``n`` questions of each image, a seeded random choice, in the original order."""
+    by_image: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_image.setdefault(e.image_id, []).append(i)
+    rng, keep = random.Random(seed), set()
+    for image_id in sorted(by_image):
+        idx = by_image[image_id]
+        keep.update(rng.sample(idx, n) if len(idx) > n else idx)
+    return [e for i, e in enumerate(examples) if i in keep]
 
 
 def limit_questions(examples: list[Example], limit: int, seed: int) -> list[Example]:
