@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vqakit.models.llm_prefix import LLMPrefixConfig, LLMPrefixForQuestionAnswering
+from vqakit.models.llm_prefix import Int8ShortlistHead, LLMPrefixConfig, LLMPrefixForQuestionAnswering
 
 LM_WORDS = ("image question short answer what is the color of shape does contain a there not no present in which "
             "this circle rectangle triangle red green blue yellow black gray teal brown white how many yes : ? ,").split()
@@ -206,6 +206,20 @@ def test_one_question_per_image_takes_one_pass_and_agrees(tiny_prefix_model):
         assert got[0][0] == cached[0] and got[0][1] == pytest.approx(cached[1], rel=1e-3)
 
 
+def test_int8_shortlist_head_rescores_its_top_k_in_float32():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, bias=True)
+    short = Int8ShortlistHead(head, k=8)
+    x = torch.randn(3, 2, 32) * 4
+    exact, approx = head(x), short(x)
+    top = short.int8(x).topk(8, dim=-1).indices  # the shortlist: INT8's top 8
+    assert torch.allclose(approx.gather(-1, top), exact.gather(-1, top), atol=1e-5)  # recomputed in float32
+    assert torch.equal(approx.argmax(-1), exact.argmax(-1))
+    others = torch.ones_like(approx, dtype=torch.bool).scatter(-1, top, False)
+    assert (approx - exact)[others].abs().max() < 0.05 * exact.abs().max()  # the rest: INT8, close
+    assert short.weight is head.weight  # no copy of the float32 weight (tied embeddings stay tied)
+
+
 def test_int8_predictor_quantizes_the_lm_and_keeps_the_answers(tiny_prefix_model, tmp_path):
     from vqakit.generate import GenerativePredictor
 
@@ -217,8 +231,9 @@ def test_int8_predictor_quantizes_the_lm_and_keeps_the_answers(tiny_prefix_model
     float32 = {n.split(".")[-1] for n, m in int8.model.lm.named_modules() if type(m) is torch.nn.Linear}
     dynamic = {n.split(".")[-1] for n, m in int8.model.lm.named_modules()
                if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
-    assert float32 == {"down_proj", "lm_head"}  # kept in float32: activation outliers / the 49k-way head
-    assert dynamic == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}
+    assert float32 == {"down_proj"}  # kept in float32: its input carries the activation outliers
+    assert dynamic == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "int8"}  # int8: the head's
+    assert isinstance(int8.model.lm.get_output_embeddings(), Int8ShortlistHead)
     # a random LM's next-token logits are nearly tied, so INT8 error may flip an argmax: compare the logits of
     # the first answer token, and the answers wherever float32's top-2 margin is larger than the INT8 error
     pixels = fp32.processor.images([image])
