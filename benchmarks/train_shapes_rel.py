@@ -20,6 +20,25 @@ from pathlib import Path
 import yaml
 
 
+def per_template(eval_dir: Path, data) -> dict:
+    """VQA accuracy per question template (``closest_shape``, ``left_of``, ...) from the evaluation's
+    predictions.csv and the split's annotations (shapes-rel keeps the template in ``question_template``)."""
+    import csv
+
+    from vqakit.data.procedural import SPLITS, default_root
+    from vqakit.data.sources import vqa_v2_paths, vqa_v2_split_name
+
+    root = Path(data.root) if data.root else default_root()
+    _, annotations_path, _ = vqa_v2_paths(root, vqa_v2_split_name(SPLITS[data.eval_split]))
+    template = {a["question_id"]: a.get("question_template", "?")
+                for a in json.loads(Path(annotations_path).read_text())["annotations"]}
+    scores: dict[str, list[float]] = {}
+    with open(eval_dir / "predictions.csv") as f:
+        for row in csv.DictReader(f):
+            scores.setdefault(template[int(row["question_id"])], []).append(float(row["vqa_accuracy"]))
+    return {t: round(100 * sum(v) / len(v), 2) for t, v in sorted(scores.items())}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/shapes-rel.yaml")
@@ -50,6 +69,7 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - start
     m = summary["metrics"]
     families = m["per_question_type"]
+    templates = per_template(Path(summary["checkpoint"]) / f"eval-{data.dataset}-{data.eval_split}", data)
     result = {
         "benchmark": "train_shapes_rel",
         "config": args.config,
@@ -60,6 +80,7 @@ def main(argv=None) -> dict:
         "val_vqa_accuracy": m["vqa_accuracy"],
         "val_per_family": families,
         "val_per_answer_type": m["per_answer_type"],
+        "val_per_template": templates,
         "relational_minus_attribute": round(families.get("relational", 0) - families.get("attribute", 0), 2),
         "time_to_train_s": summary["time_to_train_s"],
         "wall_s_total": round(wall, 1),
