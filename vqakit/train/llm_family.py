@@ -11,9 +11,11 @@ for this family).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
-from vqakit.models.llm_prefix import LLMPrefixConfig, LLMPrefixForQuestionAnswering
+from vqakit.data.answers import majority_answer
+from vqakit.models.llm_prefix import NUM_DRAFT_ANSWERS, LLMPrefixConfig, LLMPrefixForQuestionAnswering
 from vqakit.train.datamodule import VQADataset
 from vqakit.train.recipes import count_parameters
 
@@ -23,6 +25,9 @@ KEY = "llm"
 def build(cfg: LLMPrefixConfig, train_examples, train):
     device = "cuda" if train.accelerator in ("gpu", "cuda", "auto") and _cuda() else "cpu"
     net = LLMPrefixForQuestionAnswering.build(cfg, device="cpu" if not cfg.load_in_4bit else device)
+    if not cfg.draft_answers:  # decoding drafts: the most frequent training answers (saved in config.json)
+        counts = Counter(majority_answer(e.answers) for e in train_examples)
+        net.set_draft_answers([a for a, _ in counts.most_common(NUM_DRAFT_ANSWERS)])
     if train.init_from:
         _init_projector(net, Path(train.init_from))
     return net, net.processor
