@@ -333,3 +333,37 @@ def test_draft_budget_and_checkpoint_drafts(tiny_prefix_model, tmp_path):
     assert old.config.draft_answers == ["yes", "no", "red"]
     with pytest.raises(ValueError, match="max_draft_tokens"):
         LLMPrefixConfig(max_draft_tokens=-1)
+
+
+def test_packed_pass_computes_each_image_prefix_once_with_its_questions(tiny_prefix_model, monkeypatch):
+    """answer_images packs [prefix][question 1][question 2]... into one LM pass per image (block attention mask):
+    no separate prefix pass, the same answers as each question alone; caches whose rows cannot be re-indexed
+    (e.g. sliding-window layers) take the prefix pass + expanded cache instead, with the same answers."""
+    import vqakit.models.llm_prefix as llm_prefix
+
+    model = tiny_prefix_model().eval()
+    model.set_draft_answers([])
+    p = model.processor
+    images = [(torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(s)) * 255).to(torch.uint8).numpy()
+              for s in range(2)]
+    per_image = [QUESTIONS, QUESTIONS[1:3]]
+    alone = [model.answer_image(p, im, qs, reuse_cache=False) for im, qs in zip(images, per_image)]
+    lengths = []
+    handle = model.lm.register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append((kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None
+                                                else kwargs["input_ids"]).shape), with_kwargs=True)
+    packed = model.answer_images(p, p.images(images), per_image)
+    first = lengths[0]
+    monkeypatch.setattr(llm_prefix, "_prunable", lambda cache: False)
+    lengths.clear()
+    fallback = model.answer_images(p, p.images(images), per_image)
+    handle.remove()
+    prefix_len = model.prefix_ids.shape[1] + model.config.num_visual_tokens
+    T = p.text(QUESTIONS)["input_ids"].shape[1]
+    assert first[:2] == (2, prefix_len + len(QUESTIONS) * T)  # one row per image, its questions packed
+    assert lengths[0][:2] == (2, prefix_len)  # the fallback's separate prefix pass
+    for got in (packed, fallback):
+        assert [[a for a, _ in x] for x in got] == [[a for a, _ in x] for x in alone]
+        for x, y in zip(got, alone):
+            for (_, s), (_, t) in zip(x, y):
+                assert s == pytest.approx(t, rel=1e-3)

@@ -271,15 +271,22 @@ def _prunable(cache) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
-def _keep_cache_entries(cache, index: torch.Tensor) -> None:
-    """Keep the cache entries ``index`` (B, L') of each row, in that order (in place)."""
+def _keep_cache_entries(cache, index: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Keep the cache entries ``index`` (B, L') of each row, in that order (in place); with ``rows`` (B,), new
+    row ``b`` is taken from old row ``rows[b]``."""
     for layer in cache.layers:
         if layer.keys is None or layer.keys.numel() == 0:
             continue
-        B, H, _, D = layer.keys.shape
-        gather = index[:, None, :, None].expand(B, H, index.shape[1], D)
-        layer.keys = layer.keys.gather(2, gather)
-        layer.values = layer.values.gather(2, gather.expand(B, H, index.shape[1], layer.values.shape[-1]))
+        keys, values = (layer.keys, layer.values) if rows is None else (layer.keys[rows], layer.values[rows])
+        B, H, _, D = keys.shape
+        layer.keys = keys.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
+        layer.values = values.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], values.shape[-1]))
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (B, Q, K) attention pattern as the additive (B, 1, Q, K) mask every attention backend takes."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class LLMPrefixForQuestionAnswering(nn.Module):
@@ -399,16 +406,22 @@ class LLMPrefixForQuestionAnswering(nn.Module):
 
     @torch.no_grad()
     def _decode(self, input_ids, attention_mask, cache=None, prefix_len: int | None = None,
-                prefix: torch.Tensor | None = None, draft: bool = True) -> list[tuple[str, float]]:
-        """Greedy decoding of B questions after the image prefix: either ``cache`` (batch B) holding the
-        key/value cache of a ``prefix_len``-token prefix, or the ``prefix`` embeddings (B, P+K, H) themselves,
-        run in the same LM pass as the questions (one pass instead of two when nothing is reused).
+                prefix: torch.Tensor | None = None, questions_per_prefix: list[int] | None = None,
+                draft: bool = True) -> list[tuple[str, float]]:
+        """Greedy decoding of B questions after their image prefix: either ``cache`` (batch B) holding the
+        key/value cache of a ``prefix_len``-token prefix, or the ``prefix`` embeddings (R, P+K, H) themselves with
+        ``questions_per_prefix[r]`` consecutive questions about prefix ``r`` (default: one each, R = B).
 
-        Questions are right-padded by the processor; they are moved to the left of the question span (pads
-        between prefix and question, masked out) so every row's next token comes at the same position. Decoding
-        stops when every row has written ``<eos>``; only the needed positions' logits are computed.
+        With ``prefix``, each image's prefix and all of its questions go through the LM in one pass, packed in one
+        sequence: ``[prefix][question 1][question 2]...``, every question attending to the prefix and to itself
+        only (a block attention mask), so the prefix's keys/values are computed once per image, in the same pass
+        as its questions; the cache is then split into one row per question, ``[prefix][question]``.
 
-        Drafts (``draft`` and a non-empty ``draft_tree``): the first ``max_draft_tokens // B`` tree tokens follow the
+        Questions are right-padded by the processor; they are moved to the right end of their span (pads between
+        prefix and question, masked out) so every question's next token comes at the same index. Decoding stops
+        when every row has written ``<eos>``; only the needed positions' logits are computed.
+
+        Drafts (``draft`` and a non-empty ``draft_tree``): the first ``max_draft_tokens // B`` tree tokens follow each
         question in its pass, each at its depth's position and attending to the prompt and its own ancestors (a
         tree attention mask). While every unfinished row's greedy token is a child of its current tree node, the
         next logits are that node's, with no LM call; at the first token outside the tree each row's cache keeps
@@ -416,9 +429,14 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         """
         if (cache is None) == (prefix is None):
             raise ValueError("pass either the prefix's key/value cache or the prefix embeddings")
-        prefix_len = prefix.shape[1] if prefix is not None else prefix_len
         B, T = input_ids.shape
         device = input_ids.device
+        if prefix is not None:
+            prefix_len = prefix.shape[1]
+            counts = questions_per_prefix or [1] * prefix.shape[0]
+            if len(counts) != prefix.shape[0] or sum(counts) != B or min(counts) < 1:
+                raise ValueError(f"questions_per_prefix={counts} does not match {prefix.shape[0]} prefixes and "
+                                 f"{B} questions")
         lengths = attention_mask.sum(1)
         ids = torch.full_like(input_ids, self.eos_id)
         qmask = torch.zeros_like(attention_mask)
@@ -427,43 +445,76 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             ids[i, T - n :] = input_ids[i, :n]
             qmask[i, T - n :] = 1
         mask = torch.cat([torch.ones(B, prefix_len, dtype=qmask.dtype, device=device), qmask], dim=1)
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P+T)
         next_pos = position_ids[:, -1:] + 1  # (B, 1): the position of the next token fed to the LM
-        base = prefix_len + T  # cache entries of prefix + question
-        if prefix is not None and draft:
+        base = prefix_len + T  # each row's cache entries of prefix + question
+        if prefix is not None:
             from transformers.cache_utils import DynamicCache
 
-            cache = DynamicCache(config=self.lm.config)  # created here so we know its layers can be pruned
+            cache = DynamicCache(config=self.lm.config)  # made here to check that its rows can be re-indexed
+            packed = _prunable(cache)
+            if not packed and max(counts) > 1:  # e.g. sliding-window caches: a prefix pass, then the questions
+                index = torch.tensor([r for r, c in enumerate(counts) for _ in range(c)], device=device)
+                cache = self._prefix_cache(prefix)
+                cache.batch_select_indices(index)
+                prefix = None
         n = min(len(self.draft_tree), self.config.max_draft_tokens // B) if draft and _prunable(cache) else 0
-        kwargs = dict(use_cache=True, logits_to_keep=1)
-        if n:  # the draft tokens follow the question: (B, T + n) inputs, a tree mask over (prefix + T + n) keys
-            tree = torch.tensor(self.draft_tree.tokens[:n], device=device)
-            depth = torch.tensor(self.draft_tree.depths[:n], device=device)
-            keys_ok = torch.cat([mask.bool(), torch.ones(B, n, dtype=torch.bool, device=device)], dim=1)
-            allowed = torch.ones(base + n, base + n, dtype=torch.bool, device=device).tril()
-            allowed[base:, base:] = self.draft_tree.ancestors[:n, :n].to(device)
-            allowed = allowed[None] & keys_ok[:, None, :]  # (B, base+n, base+n)
-            allowed |= torch.eye(base + n, dtype=torch.bool, device=device)  # pads see themselves: no empty rows
-            if prefix is None:
-                allowed = allowed[:, prefix_len:]  # queries: the new tokens only
-            dtype = self.lm.get_input_embeddings().weight.dtype
-            kwargs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, Q, keys), additive (any attention backend)
-            positions = torch.cat([position_ids, next_pos + depth[None] - 1], dim=1)  # (B, base + n)
-            ids = torch.cat([ids, tree[None].expand(B, n)], dim=1)
-            last = (prefix_len if prefix is not None else 0) + T - 1
-            kwargs["logits_to_keep"] = torch.arange(last, last + n + 1, device=device)
-        else:
-            kwargs["attention_mask"] = mask
-            positions = position_ids
-        if prefix is None:
-            out = self.lm(input_ids=ids, position_ids=positions[:, prefix_len:], past_key_values=cache, **kwargs)
-        else:
-            embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)  # (B, P+K+T(+n), H)
-            out = self.lm(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, **kwargs)
-        cache = out.past_key_values
-        logits = out.logits[:, 0 if n else -1].float()
-        node_logits = out.logits[:, 1:] if n else None  # (B, n, V): the next token after each draft token
+        tree = torch.tensor(self.draft_tree.tokens[:n], dtype=torch.long, device=device)
+        depth = torch.tensor(self.draft_tree.depths[:n], dtype=torch.long, device=device)
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        S = T + n  # a question's span: its T (left-padded) tokens, then n draft tokens
+        if prefix is None:  # rows = questions over the cache of their prefix
+            kwargs = dict(use_cache=True, logits_to_keep=torch.arange(T - 1, T + n, device=device))
+            if n:
+                keys_ok = torch.cat([mask.bool(), torch.ones(B, n, dtype=torch.bool, device=device)], dim=1)
+                allowed = torch.ones(base + n, base + n, dtype=torch.bool, device=device).tril()
+                allowed[base:, base:] = self.draft_tree.ancestors[:n, :n].to(device)
+                allowed = (allowed[None] & keys_ok[:, None, :]) | torch.eye(base + n, dtype=torch.bool, device=device)
+                kwargs["attention_mask"] = _additive(allowed[:, prefix_len:], dtype)
+            else:
+                kwargs["attention_mask"] = mask
+            positions = torch.cat([position_ids, next_pos + depth[None] - 1], dim=1)[:, prefix_len:]
+            out = self.lm(input_ids=torch.cat([ids, tree[None].expand(B, n)], dim=1), position_ids=positions,
+                          past_key_values=cache, **kwargs)
+            cache, logits = out.past_key_values, out.logits  # (B, 1 + n, V)
+        elif max(counts) == 1 and n == 0:  # one question per prefix, no drafts: one plain causal pass
+            embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache, logits = out.past_key_values, out.logits
+        else:  # packed: R rows [prefix][span 1]...[span G], one LM pass; then one cache row per question
+            R, G, P = prefix.shape[0], max(counts), prefix_len
+            row = torch.tensor([r for r, c in enumerate(counts) for _ in range(c)], device=device)  # (B,)
+            slot = torch.tensor([g for c in counts for g in range(c)], device=device)  # (B,)
+            span_ids = torch.full((R, G, S), self.eos_id, dtype=torch.long, device=device)
+            span_ok = torch.zeros(R, G, S, dtype=torch.bool, device=device)
+            span_pos = torch.zeros(R, G, S, dtype=torch.long, device=device)
+            span_ids[row, slot] = torch.cat([ids, tree[None].expand(B, n)], dim=1)
+            span_ok[row, slot] = torch.cat([qmask.bool(), torch.ones(B, n, dtype=torch.bool, device=device)], 1)
+            span_pos[row, slot] = torch.cat([position_ids[:, P:], next_pos + depth[None] - 1], dim=1)
+            L = P + G * S
+            block = torch.zeros(S, S, dtype=torch.bool, device=device)
+            block[:T, :T] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            block[T:, :T] = True
+            block[T:, T:] = self.draft_tree.ancestors[:n, :n].to(device)
+            allowed = torch.zeros(L, L, dtype=torch.bool, device=device)
+            allowed[:P, :P] = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+            allowed[P:, :P] = True
+            allowed[P:, P:] = torch.block_diag(*[block] * G)
+            keys_ok = torch.cat([torch.ones(R, P, dtype=torch.bool, device=device), span_ok.reshape(R, G * S)], 1)
+            allowed = (allowed[None] & keys_ok[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
+            positions = torch.cat([torch.arange(P, device=device).expand(R, P), span_pos.reshape(R, G * S)], 1)
+            embeds = torch.cat([prefix, self._embed(span_ids.reshape(R, G * S)).to(prefix.dtype)], dim=1)
+            keep = (P + torch.arange(G, device=device)[:, None] * S + T - 1 + torch.arange(n + 1, device=device)).reshape(-1)
+            out = self.lm(inputs_embeds=embeds, attention_mask=_additive(allowed, dtype), position_ids=positions,
+                          past_key_values=cache, use_cache=True, logits_to_keep=keep)
+            cache = out.past_key_values
+            logits = out.logits.reshape(R, G, n + 1, -1)[row, slot]  # (B, 1 + n, V)
+            entries = torch.cat([torch.arange(P, device=device).expand(B, P),
+                                 P + slot[:, None] * S + torch.arange(S, device=device)], dim=1)  # (B, P + S)
+            _keep_cache_entries(cache, entries, rows=row)
+        node_logits = logits[:, 1:] if n else None  # (B, n, V): the next token after each draft token
+        logits = logits[:, 0 if n else -1].float()
         node = [-1] * B  # each row's tree node (-1: the root, right after the question)
         accepted: list[list[int]] = [[] for _ in range(B)]  # each row's tree nodes on its greedy path
         in_tree = n > 0
@@ -553,13 +604,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         computed once per image and that cache is shared by all of the image's questions."""
         prefix = self.prefix_embeds(self.visual_tokens(pixel_values.to(device)))  # (B, P+K, H), once per image
         text = {k: v.to(device) for k, v in processor.text([q for qs in questions for q in qs]).items()}
-        if all(len(qs) == 1 for qs in questions):  # nothing to share: prefix and question in one LM pass
-            flat = self._decode(**text, prefix=prefix)
-        else:
-            cache = self._prefix_cache(prefix)  # once per image, batch B
-            index = torch.tensor([i for i, qs in enumerate(questions) for _ in qs], device=prefix.device)
-            cache.batch_select_indices(index)  # (Q, ...): each question gets its image's cache row
-            flat = self._decode(**text, cache=cache, prefix_len=prefix.shape[1])
+        # one LM pass: each image's prefix packed with its questions (the prefix's keys/values computed once)
+        flat = self._decode(**text, prefix=prefix, questions_per_prefix=[len(qs) for qs in questions])
         out, k = [], 0
         for qs in questions:
             out.append(flat[k : k + len(qs)])
