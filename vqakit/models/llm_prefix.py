@@ -463,14 +463,18 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         depth = torch.tensor(self.draft_tree.depths[:n], dtype=torch.long, device=device)
         dtype = self.lm.get_input_embeddings().weight.dtype
         S = T + n  # a question's span: its T (left-padded) tokens, then n draft tokens
+        block = torch.zeros(S, S, dtype=torch.bool, device=device)  # attention within a span
+        block[:T, :T] = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # the question: causal
+        block[T:, :T] = True  # each draft token sees the whole question ...
+        block[T:, T:] = self.draft_tree.ancestors[:n, :n].to(device)  # ... and its own ancestors
+        span_ok = torch.cat([qmask.bool(), torch.ones(B, n, dtype=torch.bool, device=device)], dim=1)  # (B, S)
         if prefix is None:  # rows = questions over the cache of their prefix
             kwargs = dict(use_cache=True, logits_to_keep=torch.arange(T - 1, T + n, device=device))
             if n:
-                keys_ok = torch.cat([mask.bool(), torch.ones(B, n, dtype=torch.bool, device=device)], dim=1)
-                allowed = torch.ones(base + n, base + n, dtype=torch.bool, device=device).tril()
-                allowed[base:, base:] = self.draft_tree.ancestors[:n, :n].to(device)
-                allowed = (allowed[None] & keys_ok[:, None, :]) | torch.eye(base + n, dtype=torch.bool, device=device)
-                kwargs["attention_mask"] = _additive(allowed[:, prefix_len:], dtype)
+                allowed = torch.cat([torch.ones(S, prefix_len, dtype=torch.bool, device=device), block], dim=1)
+                allowed = allowed[None] & torch.cat([mask[:, :prefix_len].bool(), span_ok], dim=1)[:, None, :]
+                allowed[:, torch.arange(S), prefix_len + torch.arange(S)] = True  # pads see themselves
+                kwargs["attention_mask"] = _additive(allowed, dtype)
             else:
                 kwargs["attention_mask"] = mask
             positions = torch.cat([position_ids, next_pos + depth[None] - 1], dim=1)[:, prefix_len:]
@@ -487,21 +491,17 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             row = torch.tensor([r for r, c in enumerate(counts) for _ in range(c)], device=device)  # (B,)
             slot = torch.tensor([g for c in counts for g in range(c)], device=device)  # (B,)
             span_ids = torch.full((R, G, S), self.eos_id, dtype=torch.long, device=device)
-            span_ok = torch.zeros(R, G, S, dtype=torch.bool, device=device)
+            spans_ok = torch.zeros(R, G, S, dtype=torch.bool, device=device)
             span_pos = torch.zeros(R, G, S, dtype=torch.long, device=device)
             span_ids[row, slot] = torch.cat([ids, tree[None].expand(B, n)], dim=1)
-            span_ok[row, slot] = torch.cat([qmask.bool(), torch.ones(B, n, dtype=torch.bool, device=device)], 1)
+            spans_ok[row, slot] = span_ok
             span_pos[row, slot] = torch.cat([position_ids[:, P:], next_pos + depth[None] - 1], dim=1)
             L = P + G * S
-            block = torch.zeros(S, S, dtype=torch.bool, device=device)
-            block[:T, :T] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            block[T:, :T] = True
-            block[T:, T:] = self.draft_tree.ancestors[:n, :n].to(device)
             allowed = torch.zeros(L, L, dtype=torch.bool, device=device)
             allowed[:P, :P] = torch.ones(P, P, dtype=torch.bool, device=device).tril()
             allowed[P:, :P] = True
-            allowed[P:, P:] = torch.block_diag(*[block] * G)
-            keys_ok = torch.cat([torch.ones(R, P, dtype=torch.bool, device=device), span_ok.reshape(R, G * S)], 1)
+            allowed[P:, P:] = torch.block_diag(*[block] * G)  # a question sees the prefix and its own span only
+            keys_ok = torch.cat([torch.ones(R, P, dtype=torch.bool, device=device), spans_ok.reshape(R, G * S)], 1)
             allowed = (allowed[None] & keys_ok[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
             positions = torch.cat([torch.arange(P, device=device).expand(R, P), span_pos.reshape(R, G * S)], 1)
             embeds = torch.cat([prefix, self._embed(span_ids.reshape(R, G * S)).to(prefix.dtype)], dim=1)
