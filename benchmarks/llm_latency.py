@@ -112,7 +112,7 @@ def main() -> None:
                         if i >= 2:  # warm-up
                             per_question.append(1000 * (time.perf_counter() - start) / n)
                             answers[key] += [p.answer for p in preds]
-                            one_pass += len(calls) == 1 + (n > 1)  # the question's pass (+ the shared prefix's)
+                            one_pass += len(calls) == 1  # the packed prefix + questions pass only
                     results[key][f"{n}_per_image"] = {
                         "per_question_ms_p50": round(statistics.median(per_question), 2),
                         "per_question_ms_p95": round(percentile(per_question, 0.95), 2),

@@ -315,14 +315,28 @@ def test_drafts_give_the_plain_greedy_answers_with_fewer_lm_passes(tiny_prefix_m
 
 
 def test_draft_budget_and_checkpoint_drafts(tiny_prefix_model, tmp_path):
-    """B questions get max_draft_tokens // B tree tokens; a checkpoint keeps its drafts in config.json, and one
-    saved without them takes the most frequent answers of its answer_vocab.json."""
+    """The tree holds at most max_draft_tokens tokens and a pass of B questions drafts only when B x its size fits
+    in that budget; a checkpoint keeps its drafts in config.json, and one saved without them takes the most
+    frequent answers of its answer_vocab.json."""
     from vqakit.data.answers import AnswerVocab
 
     model = tiny_prefix_model(max_draft_tokens=4).eval()
     model.set_draft_answers(["red", "blue", "green circle", "yes", "no"])
     assert len(model.draft_tree) == 4  # red, blue, green, circle: capped at max_draft_tokens
     assert model.draft_tree.parents == [-1, -1, -1, 2]
+    p = model.processor
+    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    first = []
+    handle = model.lm.register_forward_pre_hook(
+        lambda m, args, kwargs: first.append(kwargs["inputs_embeds"].shape[1]) if "inputs_embeds" in kwargs else None,
+        with_kwargs=True)
+    prefix_len = model.prefix_ids.shape[1] + model.config.num_visual_tokens
+    for questions, drafted in [(QUESTIONS[:1], True), (QUESTIONS[:2], False)]:
+        first.clear()
+        model.answer_images(p, p.images([image]), [questions])
+        T = p.text(questions)["input_ids"].shape[1]
+        assert first == [prefix_len + len(questions) * T + (4 if drafted else 0)]
+    handle.remove()
     model.save_pretrained(tmp_path / "a")
     again = LLMPrefixForQuestionAnswering.from_pretrained(tmp_path / "a")
     assert again.config.draft_answers == ["red", "blue", "green circle", "yes", "no"]

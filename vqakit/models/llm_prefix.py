@@ -73,9 +73,10 @@ class LLMPrefixConfig:
             the question's LM pass (each draft token attends to the prompt and its own earlier tokens), so an answer
             found in the tree needs no decoding step after that pass; what is generated is exactly what plain
             greedy decoding generates (a draft the LM does not choose is dropped).
-        max_draft_tokens: the most draft-tree tokens in one pass, over the batch: B questions get the first
-            ``max_draft_tokens // B`` tokens of the tree (one question: the whole tree up to this size; a large
-            batch: none, since every row pays for every draft token). 0 turns drafting off.
+        max_draft_tokens: the tree has at most this many tokens, and a pass of B questions drafts only when
+            B x (tree tokens) is at most this: a batch saves a decoding step only when *every* row's answer is in
+            the tree, while every row pays for every draft token, so by default only single questions draft
+            (the latency case; batches are the throughput case). 0 turns drafting off.
     """
 
     vision_tower: str = "efficientnet-lite0"
@@ -421,8 +422,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         prefix and question, masked out) so every question's next token comes at the same index. Decoding stops
         when every row has written ``<eos>``; only the needed positions' logits are computed.
 
-        Drafts (``draft`` and a non-empty ``draft_tree``): the first ``max_draft_tokens // B`` tree tokens follow each
-        question in its pass, each at its depth's position and attending to the prompt and its own ancestors (a
+        Drafts (``draft``, a non-empty ``draft_tree`` and B x its size within ``max_draft_tokens``): the tree's tokens
+        follow each question in its pass, each at its depth's position and attending to the prompt and its own ancestors (a
         tree attention mask). While every unfinished row's greedy token is a child of its current tree node, the
         next logits are that node's, with no LM call; at the first token outside the tree each row's cache keeps
         the prompt and its accepted path only, and decoding goes on one LM pass per token as usual.
@@ -458,7 +459,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
                 cache = self._prefix_cache(prefix)
                 cache.batch_select_indices(index)
                 prefix = None
-        n = min(len(self.draft_tree), self.config.max_draft_tokens // B) if draft and _prunable(cache) else 0
+        n = len(self.draft_tree)
+        n = n if draft and 0 < B * n <= self.config.max_draft_tokens and _prunable(cache) else 0
         tree = torch.tensor(self.draft_tree.tokens[:n], dtype=torch.long, device=device)
         depth = torch.tensor(self.draft_tree.depths[:n], dtype=torch.long, device=device)
         dtype = self.lm.get_input_embeddings().weight.dtype
