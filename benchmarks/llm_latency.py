@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20, help="timed images per setting (after 2 warm-up images)")
     parser.add_argument("--counts", default="1,5", help="questions per image")
     parser.add_argument("--drafts", default="on,off", help="comma-separated: on, off (answer drafts)")
+    parser.add_argument("--max_draft_tokens", type=int, default=None,
+                        help="draft tree size (default: the checkpoint's max_draft_tokens)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default="benchmarks/results/llm_latency.json")
     args = parser.parse_args()
@@ -96,6 +98,8 @@ def main() -> None:
         predictor = load_predictor(args.checkpoint, device="cpu", quantize=None if quantize == "none" else quantize)
         model, processor = predictor.model, predictor.processor
         drafts = list(model.config.draft_answers)
+        if args.max_draft_tokens is not None:
+            model.config.max_draft_tokens = args.max_draft_tokens
         for mode in args.drafts.split(","):
             model.set_draft_answers(drafts if mode == "on" else [])
             key = quantize if mode == "on" else f"{quantize}_no_drafts"
@@ -133,7 +137,9 @@ def main() -> None:
     report = {
         "benchmark": "llm_latency", "checkpoint": args.checkpoint, "timed_images": len(images) - 2,
         "visual_tokens": model.config.num_visual_tokens, "prompt_prefix": model.config.prompt_prefix,
-        "prompt": model.config.prompt, "max_new_tokens": model.config.max_new_tokens, "results": results,
+        "prompt": model.config.prompt, "max_new_tokens": model.config.max_new_tokens,
+        "max_draft_tokens": model.config.max_draft_tokens, "draft_answers": model.config.draft_answers,
+        "results": results,
         "target": "p50 <= 150 ms per question (issue 4)",
         "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),

@@ -96,7 +96,7 @@ class LLMPrefixConfig:
     image_std: list[float] | None = None
     lora_targets: list[str] = field(default_factory=list)
     draft_answers: list[str] = field(default_factory=list)
-    max_draft_tokens: int = 16
+    max_draft_tokens: int = 4
 
     def __post_init__(self):
         if "{question}" not in self.prompt:
