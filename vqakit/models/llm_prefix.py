@@ -357,7 +357,9 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         tokens, at most ``max_draft_tokens`` nodes and ``max_new_tokens - 1`` deep (the last token generated is
         never fed back)."""
         self.config.draft_answers = list(answers)
-        ids = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"] if answers else []
+        ids = []
+        if answers:
+            ids = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
         self.draft_tree = DraftTree([seq[: self.config.max_new_tokens - 1] for seq in ids],
                                     max_nodes=self.config.max_draft_tokens)
 
@@ -422,11 +424,11 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         prefix and question, masked out) so every question's next token comes at the same index. Decoding stops
         when every row has written ``<eos>``; only the needed positions' logits are computed.
 
-        Drafts (``draft``, a non-empty ``draft_tree`` and B x its size within ``max_draft_tokens``): the tree's tokens
-        follow each question in its pass, each at its depth's position and attending to the prompt and its own ancestors (a
-        tree attention mask). While every unfinished row's greedy token is a child of its current tree node, the
-        next logits are that node's, with no LM call; at the first token outside the tree each row's cache keeps
-        the prompt and its accepted path only, and decoding goes on one LM pass per token as usual.
+        Drafts (``draft``, a non-empty ``draft_tree`` and B x its size within ``max_draft_tokens``): the tree's
+        tokens follow each question in its pass, each at its depth's position and attending to the prompt and its
+        own ancestors (a tree attention mask). While every unfinished row's greedy token is a child of its current
+        tree node, the next logits are that node's, with no LM call; at the first token outside the tree each row's
+        cache keeps the prompt and its accepted path only, and decoding goes on one LM pass per token as usual.
         """
         if (cache is None) == (prefix is None):
             raise ValueError("pass either the prefix's key/value cache or the prefix embeddings")
@@ -507,7 +509,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             allowed = (allowed[None] & keys_ok[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
             positions = torch.cat([torch.arange(P, device=device).expand(R, P), span_pos.reshape(R, G * S)], 1)
             embeds = torch.cat([prefix, self._embed(span_ids.reshape(R, G * S)).to(prefix.dtype)], dim=1)
-            keep = (P + torch.arange(G, device=device)[:, None] * S + T - 1 + torch.arange(n + 1, device=device)).reshape(-1)
+            starts = P + torch.arange(G, device=device)[:, None] * S  # (G, 1): each span's first index
+            keep = (starts + T - 1 + torch.arange(n + 1, device=device)).reshape(-1)  # question end + drafts
             out = self.lm(inputs_embeds=embeds, attention_mask=_additive(allowed, dtype), position_ids=positions,
                           past_key_values=cache, use_cache=True, logits_to_keep=keep)
             cache = out.past_key_values
