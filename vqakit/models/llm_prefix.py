@@ -357,11 +357,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         tokens, at most ``max_draft_tokens`` nodes and ``max_new_tokens - 1`` deep (the last token generated is
         never fed back)."""
         self.config.draft_answers = list(answers)
-        ids = []
-        if answers:
-            ids = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
-        self.draft_tree = DraftTree([seq[: self.config.max_new_tokens - 1] for seq in ids],
-                                    max_nodes=self.config.max_draft_tokens)
+        ids = [seq[:-1] for seq in self._answer_ids(answers)] if answers else []  # the answer tokens, no <eos>
+        self.draft_tree = DraftTree(ids, max_nodes=self.config.max_draft_tokens)
 
     def _answer_ids(self, answers: list[str]) -> list[list[int]]:
         ids = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
@@ -455,14 +452,14 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             from transformers.cache_utils import DynamicCache
 
             cache = DynamicCache(config=self.lm.config)  # made here to check that its rows can be re-indexed
-            packed = _prunable(cache)
-            if not packed and max(counts) > 1:  # e.g. sliding-window caches: a prefix pass, then the questions
-                index = torch.tensor([r for r, c in enumerate(counts) for _ in range(c)], device=device)
-                cache = self._prefix_cache(prefix)
-                cache.batch_select_indices(index)
-                prefix = None
+            row = torch.tensor([r for r, c in enumerate(counts) for _ in range(c)], device=device)  # (B,) prefix
+        prunable = _prunable(cache)
+        if prefix is not None and not prunable and max(counts) > 1:  # e.g. sliding-window caches: a prefix
+            cache = self._prefix_cache(prefix)  # pass, then the questions on its rows
+            cache.batch_select_indices(row)
+            prefix = None
         n = len(self.draft_tree)
-        n = n if draft and 0 < B * n <= self.config.max_draft_tokens and _prunable(cache) else 0
+        n = n if draft and 0 < B * n <= self.config.max_draft_tokens and prunable else 0
         tree = torch.tensor(self.draft_tree.tokens[:n], dtype=torch.long, device=device)
         depth = torch.tensor(self.draft_tree.depths[:n], dtype=torch.long, device=device)
         dtype = self.lm.get_input_embeddings().weight.dtype
@@ -492,7 +489,6 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             cache, logits = out.past_key_values, out.logits
         else:  # packed: R rows [prefix][span 1]...[span G], one LM pass; then one cache row per question
             R, G, P = prefix.shape[0], max(counts), prefix_len
-            row = torch.tensor([r for r, c in enumerate(counts) for _ in range(c)], device=device)  # (B,)
             slot = torch.tensor([g for c in counts for g in range(c)], device=device)  # (B,)
             span_ids = torch.full((R, G, S), self.eos_id, dtype=torch.long, device=device)
             spans_ok = torch.zeros(R, G, S, dtype=torch.bool, device=device)
