@@ -7,7 +7,7 @@ Two parts, each in its own process so that its peak RSS is its own:
 1. ``json``: official-layout question + annotation files at full VQA v2 train size (443,757 questions on
    82,783 images, 10 answers each; no images), then ``load_vqa_v2(..., train_image_fraction=0.25)``:
    load time and peak RSS.
-2. ``cache``: ``--images`` synthetic 224x224 JPEGs (noise + shapes, a JPEG size like a resized photo) in
+2. ``cache``: ``--images`` synthetic JPEGs (``--photo_size``, default 224x224; 640x480 is a COCO photo's size) (noise + shapes, a JPEG size like a resized photo) in
    the official layout, then ``vqakit prepare --data.dataset vqa-v2 --cache_features true`` (validation,
    image check, statistics, EfficientNet-Lite0 features at 224px): images/s and peak RSS. The time for
    20,000 images is an EXTRAPOLATION (linear in the number of images); the feature cache is memory-mapped
@@ -18,7 +18,9 @@ the prepare process per image) does not, and ``extrapolated_20k_images_min_on_2_
 two cores that are free, assuming the decoding threads and the tower keep both busy.
 
 Targets (issue 6): prepare + feature cache for 20k images at 224px <= 15 minutes on 2 cores, < 4 GiB.
-Real COCO images are about 640x480: decoding them costs more than these 224px files.
+Real COCO images are about 640x480: decoding them costs more than 224px files, so the measured run is
+``--images 20000 --photo_size 640x480`` (benchmarks/results/vqa_v2_scale_20k_640x480.json: 20,400 images in
+834 s, peak RSS 1,454 MiB on 2 free cores).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def write_json_only(root: Path, n_questions: int, n_images: int) -> None:
     write_vqa_v2_json(q_path, a_path, "train2014", qs, anns)
 
 
-def write_images(root: Path, n: int) -> None:
+def write_images(root: Path, n: int, photo_size: tuple[int, int] = (224, 224)) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -66,14 +68,16 @@ def write_images(root: Path, n: int) -> None:
     write_vqa_v2_fixture(root, "train", num_images=n, questions_per_image=5, seed=0)
     write_vqa_v2_fixture(root, "val", num_images=max(1, n // 50), questions_per_image=5, seed=0)
     rng = np.random.default_rng(0)
-    for split in ("train2014", "val2014"):  # replace the tiny fixture drawings with 224px photo-like JPEGs
+    w, h = photo_size
+    for split in ("train2014", "val2014"):  # replace the tiny fixture drawings with photo-like JPEGs
         for path in sorted((root / split).glob("*.jpg")):
             base = rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)
-            im = Image.fromarray(base).resize((224, 224), Image.BICUBIC)
+            im = Image.fromarray(base).resize((w, h), Image.BICUBIC)
             draw = ImageDraw.Draw(im)
             for _ in range(4):
-                x, y = rng.integers(0, 200, 2)
-                draw.ellipse((int(x), int(y), int(x) + 40, int(y) + 30), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+                x, y = rng.integers(0, w - w // 6), rng.integers(0, h - h // 7)
+                draw.ellipse((int(x), int(y), int(x) + w // 6, int(y) + h // 7),
+                             fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
             im.save(path, "JPEG", quality=90)
 
 
@@ -101,8 +105,10 @@ def json_load(root: Path) -> dict:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
-def part_cache(tmp: Path, n: int) -> dict:
-    write_images(tmp, n)
+def part_cache(tmp: Path, n: int, photo_size: tuple[int, int] = (224, 224)) -> dict:
+    start = time.perf_counter()
+    write_images(tmp, n, photo_size)
+    write_s = time.perf_counter() - start
     cmd = [sys.executable, "-m", "vqakit.cli", "prepare", "--config", "configs/vqa-v2.yaml", "--data.root", str(tmp),
            "--data.train_image_fraction", "1.0", "--data.cache_dir", str(tmp / "cache"), "--out_dir", str(tmp / "prep"),
            "--cache_features", "true"]
@@ -116,7 +122,9 @@ def part_cache(tmp: Path, n: int) -> dict:
     cpu_s = usage.ru_utime + usage.ru_stime
     n_images = stats["feature_cache"]["images"]
     per_image = wall / n_images
-    return {"images": n_images, "image_size": 224, "prepare_wall_s": round(wall, 1),
+    return {"images": n_images, "photo_size": list(photo_size), "jpeg_mib": round(sum(
+                p.stat().st_size for p in (tmp / "train2014").glob("*.jpg")) / 2**20),
+            "write_images_s": round(write_s, 1), "image_size": 224, "prepare_wall_s": round(wall, 1),
             "images_per_s_end_to_end": round(n_images / wall, 2), "feature_cache": stats["feature_cache"],
             "prepare_cpu_s": round(cpu_s, 1), "cpu_s_per_image": round(cpu_s / n_images, 4),
             "peak_rss_mib": round(usage.ru_maxrss / 1024),
@@ -131,6 +139,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--part", choices=["json", "cache", "both", "json-write", "json-load"], default="both")
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/vqa_v2_scale.json")
+    ap.add_argument("--photo_size", default="224x224", help="WxH of the synthetic JPEGs (COCO photos: ~640x480)")
     args = ap.parse_args(argv)
     if args.part == "json-write":
         return write_json_only(Path(args.root), QUESTIONS, IMAGES)
@@ -144,7 +153,8 @@ def main(argv=None) -> dict:
             result["json"] = part_json(Path(tmp) / "json")
         if args.part in ("cache", "both"):
             (Path(tmp) / "cache_part").mkdir()
-            result["cache"] = part_cache(Path(tmp) / "cache_part", args.images)
+            w, h = (int(v) for v in args.photo_size.lower().split("x"))
+            result["cache"] = part_cache(Path(tmp) / "cache_part", args.images, (w, h))
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
