@@ -18,8 +18,10 @@ WORDS = (
 @pytest.fixture(scope="session")
 def tiny_text_tower(tmp_path_factory) -> str:
     """A 2-layer, 32-wide BERT with a word-level vocabulary, saved with its tokenizer."""
+    import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
+    torch.manual_seed(0)  # the same weights whichever tests ran before (the global RNG is shared)
     path = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -33,8 +35,10 @@ def tiny_text_tower(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_vision_tower(tmp_path_factory) -> str:
     """A 2-layer, 32-wide ViT for 32px images with 8px patches (16 patch tokens)."""
+    import torch
     from transformers import ViTConfig, ViTModel
 
+    torch.manual_seed(1)  # the same weights whichever tests ran before
     path = tmp_path_factory.mktemp("tiny-vit")
     config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=37)
