@@ -7,10 +7,11 @@ Two parts, each in its own process so that its peak RSS is its own:
 1. ``json``: official-layout question + annotation files at full VQA v2 train size (443,757 questions on
    82,783 images, 10 answers each; no images), then ``load_vqa_v2(..., train_image_fraction=0.25)``:
    load time and peak RSS.
-2. ``cache``: ``--images`` synthetic JPEGs (``--photo_size``, default 224x224; 640x480 is a COCO photo's size) (noise + shapes, a JPEG size like a resized photo) in
-   the official layout, then ``vqakit prepare --data.dataset vqa-v2 --cache_features true`` (validation,
-   image check, statistics, EfficientNet-Lite0 features at 224px): images/s and peak RSS. The time for
-   20,000 images is an EXTRAPOLATION (linear in the number of images); the feature cache is memory-mapped
+2. ``cache``: ``--images`` synthetic JPEGs of ``--photo_size`` (noise + shapes; default 224x224, a resized
+   photo; 640x480 is a COCO photo's size) in the official layout, then ``vqakit prepare --data.dataset vqa-v2
+   --cache_features true`` (validation, image check, statistics, EfficientNet-Lite0 features at 224px):
+   images/s and peak RSS. With fewer than 20,000 images the time for 20,000 is an EXTRAPOLATION (linear in
+   the number of images); the feature cache is memory-mapped
    and built shard by shard, so its RSS does not grow with the number of images (the JSON does, part 1).
 
 On a shared machine the wall time mostly measures the other processes; ``cpu_s_per_image`` (CPU seconds of
@@ -59,7 +60,7 @@ def write_json_only(root: Path, n_questions: int, n_images: int) -> None:
     write_vqa_v2_json(q_path, a_path, "train2014", qs, anns)
 
 
-def write_images(root: Path, n: int, photo_size: tuple[int, int] = (224, 224)) -> None:
+def write_images(root: Path, n: int, photo_size: tuple[int, int]) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -105,7 +106,7 @@ def json_load(root: Path) -> dict:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
-def part_cache(tmp: Path, n: int, photo_size: tuple[int, int] = (224, 224)) -> dict:
+def part_cache(tmp: Path, n: int, photo_size: tuple[int, int]) -> dict:
     start = time.perf_counter()
     write_images(tmp, n, photo_size)
     write_s = time.perf_counter() - start
@@ -133,13 +134,25 @@ def part_cache(tmp: Path, n: int, photo_size: tuple[int, int] = (224, 224)) -> d
             "extrapolated_20k_images_min_on_2_free_cores": round(20_000 * cpu_s / n_images / 2 / 60, 1)}
 
 
+def photo_size(value: str) -> tuple[int, int]:
+    """``--photo_size`` as ``WxH``, e.g. ``640x480``."""
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--photo_size={value!r} is not WxH, e.g. 640x480") from None
+    if w < 48 or h < 48:
+        raise argparse.ArgumentTypeError(f"--photo_size={value!r}: width and height must be at least 48 pixels")
+    return w, h
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--part", choices=["json", "cache", "both", "json-write", "json-load"], default="both")
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/vqa_v2_scale.json")
-    ap.add_argument("--photo_size", default="224x224", help="WxH of the synthetic JPEGs (COCO photos: ~640x480)")
+    ap.add_argument("--photo_size", type=photo_size, default=(224, 224),
+                    help="WxH of the synthetic JPEGs (default 224x224; COCO photos: ~640x480)")
     args = ap.parse_args(argv)
     if args.part == "json-write":
         return write_json_only(Path(args.root), QUESTIONS, IMAGES)
@@ -153,8 +166,7 @@ def main(argv=None) -> dict:
             result["json"] = part_json(Path(tmp) / "json")
         if args.part in ("cache", "both"):
             (Path(tmp) / "cache_part").mkdir()
-            w, h = (int(v) for v in args.photo_size.lower().split("x"))
-            result["cache"] = part_cache(Path(tmp) / "cache_part", args.images, (w, h))
+            result["cache"] = part_cache(Path(tmp) / "cache_part", args.images, args.photo_size)
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
