@@ -217,3 +217,28 @@ def test_grid_stride_is_validated(tiny_vision_tower):
         TwoTowerConfig(vision_grid_stride=4)
     with pytest.raises(NotImplementedError, match="grid_stride"):
         build_vision_tower(tiny_vision_tower, image_size=32, grid_stride=16)
+
+
+def test_truncated_efficientnet_is_the_full_networks_stage_features_plus_colour_statistics():
+    full = build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, multiscale=True,
+                              grid_stride=16).eval()
+    cut = build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, multiscale=True,
+                             grid_stride=16, truncate=True, color_stats=True).eval()
+    cut.load_state_dict(full.state_dict(), strict=False)  # the cut network is a prefix of the full one
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a, b = full(x), cut(x)
+    assert b.shape == (2, 16, 112 + 40 + 9) and cut.out_dim == 161
+    assert len(cut.model._blocks) < len(full.model._blocks)  # the later stages are gone, not only unused
+    torch.testing.assert_close(b[..., :112], a[..., 1280 + 40:1280 + 40 + 112])  # the stride-16 stage
+    torch.testing.assert_close(b[..., 112:152], a[..., 1280:1280 + 40])  # the stride-8 stage pooled into it
+    cell = x[0, :, :16, 16:32]  # row 0, column 1 of the 4x4 grid
+    expect = torch.cat([cell.mean((1, 2)), cell.amax((1, 2)), cell.amin((1, 2))])
+    torch.testing.assert_close(b[0, 1, 152:], expect)
+
+
+def test_truncate_needs_a_finer_grid_and_the_packaged_tower(tiny_vision_tower):
+    with pytest.raises(ValueError, match="truncate=True needs grid_stride 8 or 16"):
+        build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, truncate=True)
+    with pytest.raises(NotImplementedError, match="color_stats=True"):
+        build_vision_tower(tiny_vision_tower, image_size=32, color_stats=True)

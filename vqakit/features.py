@@ -47,7 +47,9 @@ def cache_image_features(model, processor, image_paths: list[str], cache_root=No
     vision = model.backbone.vision.eval()
     namespace = f"vision-{_slug(cfg.vision_tower)}-{cfg.image_size}-" + tower_fingerprint(
         vision, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.vision_multiscale,
-        *([cfg.vision_grid_stride] if getattr(cfg, "vision_grid_stride", 32) != 32 else [])  # old namespaces kept
+        *([cfg.vision_grid_stride] if getattr(cfg, "vision_grid_stride", 32) != 32 else []),  # old namespaces kept
+        *(["truncate"] if getattr(cfg, "vision_truncate", False) else []),
+        *(["color_stats"] if getattr(cfg, "vision_color_stats", False) else []),
     )
     cache = FeatureCache(cache_root or default_cache_dir() / "features", namespace)
     unique = list(dict.fromkeys(image_paths))

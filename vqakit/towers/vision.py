@@ -43,15 +43,29 @@ class EfficientNetLiteTower(nn.Module):
     tokens): each cell carries the stage's own features, the coarser maps above it (nearest-upsampled) and,
     with ``multiscale``, the finer stride-8 map pooled into it. Questions about where objects are relative to
     each other need cells smaller than the objects; a stride-32 cell of a 128 px image is 32 px wide.
+
+    ``truncate=True`` (with ``grid_stride`` 8 or 16) stops the network after that stage: the blocks after it
+    and the 1280-channel head never run, and each cell carries only the stage's features (and, with
+    ``multiscale``, the finer maps pooled into it). At stride 16 that is ~40% of the full network's
+    multiply-adds and 152 instead of 1,432 channels: mid-level features, which keep where and what colour
+    things are, where ImageNet's last stages keep what they are.
+
+    ``color_stats=True`` appends the mean, maximum and minimum of each colour channel of the input pixels
+    under every cell (9 channels, in the tower's input scaling): the exact colour a cell holds, which a
+    frozen ImageNet CNN represents only loosely.
     """
 
     def __init__(self, name: str = "efficientnet-lite0", image_size: int = 224, pretrained: bool = True,
-                 multiscale: bool = False, grid_stride: int = 32):
+                 multiscale: bool = False, grid_stride: int = 32, truncate: bool = False,
+                 color_stats: bool = False):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
         if grid_stride not in (8, 16, 32):
             raise ValueError(f"grid_stride={grid_stride} is not one of (8, 16, 32)")
+        if truncate and grid_stride == 32:
+            raise ValueError("truncate=True needs grid_stride 8 or 16 (the stage the network stops after); at "
+                             "grid_stride 32 the whole network runs")
         if name not in PACKAGED_VISION_TOWERS:
             raise ValueError(f"EfficientNet tower {name!r} not found; available = {list(PACKAGED_VISION_TOWERS)}")
         if pretrained:
@@ -83,7 +97,16 @@ class EfficientNetLiteTower(nn.Module):
         self.tap_blocks = [i for i, stride in ends if stride in tapped]
         self.tap_strides = [stride for i, stride in ends if stride in tapped]
         self.grid_stride = grid_stride
-        self.out_dim = net._bn1.num_features + sum(net._blocks[i]._block_args.output_filters for i in self.tap_blocks)
+        self.truncate, self.color_stats = truncate, color_stats
+        if truncate:  # the blocks after the grid stage are never run: drop them (and the head) from the model
+            keep = self.tap_blocks[self.tap_strides.index(grid_stride)] + 1
+            self.tap_blocks = [i for i in self.tap_blocks if i < keep]
+            self.tap_strides = self.tap_strides[:len(self.tap_blocks)]
+            net._blocks = net._blocks[:keep]
+            net._conv_head, net._bn1 = nn.Identity(), nn.Identity()
+        head = 0 if truncate else net._bn1.num_features
+        self.out_dim = (head + sum(net._blocks[i]._block_args.output_filters for i in self.tap_blocks)
+                        + (9 if color_stats else 0))
         self.image_mean, self.image_std = LITE_MEAN, LITE_STD
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -99,6 +122,10 @@ class EfficientNetLiteTower(nn.Module):
                 x = block(x, drop_connect_rate=rate)
             if idx in self.tap_blocks:
                 taps.append(x)
+        if self.truncate:  # x is the grid stage's map (the last tap): the finer taps are pooled into it
+            grid = (int(x.shape[-2]), int(x.shape[-1]))
+            x = torch.cat([x, *(_pool_to(t, grid) for t in taps[:-1])], dim=1)  # (B, 112 + 40, h, w)
+            return self._with_color_stats(x, pixel_values)
         x = net._swish(net._bn1(net._conv_head(x)))  # (B, 1280, h, w)
         if self.grid_stride < 32:  # the grid of the tapped stage at grid_stride (the last tap at most that fine)
             fine = taps[self.tap_strides.index(self.grid_stride)]
@@ -107,6 +134,11 @@ class EfficientNetLiteTower(nn.Module):
         elif taps:
             grid = (int(x.shape[-2]), int(x.shape[-1]))
             x = torch.cat([x, *(_pool_to(t, grid) for t in taps)], dim=1)  # (B, 1280 + 112 + 40, h, w)
+        return self._with_color_stats(x, pixel_values)
+
+    def _with_color_stats(self, x: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.color_stats:
+            x = torch.cat([x, color_statistics(pixel_values, (int(x.shape[-2]), int(x.shape[-1])))], dim=1)
         return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
 
     def gradient_checkpointing_enable(self) -> None:
@@ -146,6 +178,17 @@ def _plain_pointwise_convs(net: nn.Module) -> None:
                 if child.bias is not None:
                     conv.bias = child.bias
                 setattr(parent, name, conv)
+
+
+def color_statistics(pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-cell mean, max and min of each input channel: (B, 3, S, S) -> (B, 9, *grid)."""
+    x = pixel_values
+    if int(x.shape[-2]) % grid[0] or int(x.shape[-1]) % grid[1]:  # cells of unequal size: adaptive pools
+        return torch.cat([nn.functional.adaptive_avg_pool2d(x, grid), nn.functional.adaptive_max_pool2d(x, grid),
+                          -nn.functional.adaptive_max_pool2d(-x, grid)], dim=1)
+    k = (int(x.shape[-2]) // grid[0], int(x.shape[-1]) // grid[1])
+    return torch.cat([nn.functional.avg_pool2d(x, k), nn.functional.max_pool2d(x, k), -nn.functional.max_pool2d(-x, k)],
+                     dim=1)
 
 
 def _to_grid(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -248,7 +291,8 @@ def _hf_image_stats(name_or_path: str) -> tuple[tuple, tuple]:
 
 
 def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True, config_dir: str | None = None,
-                       multiscale: bool = False, grid_stride: int = 32):
+                       multiscale: bool = False, grid_stride: int = 32, truncate: bool = False,
+                       color_stats: bool = False):
     """Build a vision tower by name: a packaged tower, an HF hub id, or a local HF directory.
 
     ``pretrained=False`` builds the architecture only (weights come from a vqakit checkpoint);
@@ -260,10 +304,14 @@ def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True
     """
     if name in PACKAGED_VISION_TOWERS:
         return EfficientNetLiteTower(name, image_size=image_size, pretrained=pretrained, multiscale=multiscale,
-                                     grid_stride=grid_stride)
+                                     grid_stride=grid_stride, truncate=truncate, color_stats=color_stats)
     if grid_stride != 32:
         raise NotImplementedError(f"grid_stride={grid_stride} is implemented for {list(PACKAGED_VISION_TOWERS)}, not "
                                   f"for Hugging Face tower {name!r} (its grid is its patch size)")
+    for flag, on in (("truncate", truncate), ("color_stats", color_stats)):
+        if on:
+            raise NotImplementedError(f"{flag}=True is implemented for {list(PACKAGED_VISION_TOWERS)}, not for Hugging "
+                                      f"Face tower {name!r}")
     if multiscale:
         raise NotImplementedError(f"multiscale features are implemented for {list(PACKAGED_VISION_TOWERS)}, "
                                   f"not for Hugging Face tower {name!r}")
