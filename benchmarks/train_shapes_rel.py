@@ -25,10 +25,10 @@ def per_template(eval_dir: Path, data) -> dict:
     predictions.csv and the split's annotations (shapes-rel keeps the template in ``question_template``)."""
     import csv
 
-    from vqakit.data.procedural import SPLITS, default_root
+    from vqakit.data.procedural import SPLITS, ShapesRelConfig, default_root
     from vqakit.data.sources import vqa_v2_paths, vqa_v2_split_name
 
-    root = Path(data.root) if data.root else default_root()
+    root = Path(data.root) if data.root else default_root(ShapesRelConfig(**data.source_options))
     _, annotations_path, _ = vqa_v2_paths(root, vqa_v2_split_name(SPLITS[data.eval_split]))
     template = {a["question_id"]: a.get("question_template", "?")
                 for a in json.loads(Path(annotations_path).read_text())["annotations"]}

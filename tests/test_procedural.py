@@ -140,3 +140,20 @@ def test_generate_cli_then_train_source(tmp_path, capsys):
     cfg = json.loads((tmp_path / "g" / "shapes_rel.json").read_text())
     assert cfg["seed"] == 3 and cfg["questions_per_image"] == 4
     assert len(load_source("shapes-rel", "val", root=tmp_path / "g")) == 8
+
+
+def test_source_options_generate_a_sized_dataset_under_the_cache(tmp_path, monkeypatch):
+    from vqakit.data.config import DataConfig, load_split
+
+    monkeypatch.setenv("VQAKIT_CACHE", str(tmp_path / "cache"))
+    cfg = DataConfig(dataset="shapes-rel", source_options={"num_train_images": 7, "num_val_images": 3,
+                                                           "questions_per_image": 2})
+    train = load_split(cfg, "train")
+    assert len({e.image_id for e in train}) == 7 and len(train) == 14
+    assert len(load_split(cfg, "val")) == 6
+    with pytest.raises(ValueError, match=r"\['colours'\], not settings of shapes-rel"):
+        load_split(DataConfig(dataset="shapes-rel", source_options={"colours": 3}), "train")
+    with pytest.raises(ValueError, match="only shapes-rel takes options"):
+        load_split(DataConfig(dataset="easy-vqa", source_options={"num_train_images": 3}), "train")
+    with pytest.raises(ValueError, match="only apply when the dataset is generated"):
+        load_shapes_rel("train", root=tmp_path, num_train_images=3)

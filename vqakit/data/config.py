@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from vqakit.data.example import Example
@@ -33,6 +33,9 @@ class DataConfig:
         cache_dir: feature cache directory (default ``$VQAKIT_CACHE`` or ``~/.cache/vqakit``).
         scan_images: decode every image once before training and skip broken ones, with a report.
         num_workers: DataLoader worker processes.
+        source_options: extra settings of the dataset's loader; ``shapes-rel``: the fields of ``ShapesRelConfig``
+            (``num_train_images``, ``num_val_images``, ``occlusion``, ...), e.g. ``{num_train_images: 20000}``
+            generates (once, under the cache) and trains on 20,000 scenes.
     """
 
     dataset: str = "easy-vqa"
@@ -49,6 +52,7 @@ class DataConfig:
     cache_dir: str | None = None
     scan_images: bool = True
     num_workers: int = 0
+    source_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not 0.0 < self.train_image_fraction <= 1.0:
@@ -69,7 +73,17 @@ def load_split(cfg: DataConfig, split: str) -> list[Example]:
     """The examples of one split, sampled and limited as ``cfg`` says."""
     from vqakit.data.sources import load_source
 
-    kwargs = {}
+    kwargs = dict(cfg.source_options)
+    if cfg.source_options and cfg.dataset == "shapes-rel":
+        from vqakit.data.procedural import ShapesRelConfig
+
+        known = {f.name for f in fields(ShapesRelConfig)}
+        unknown = sorted(set(cfg.source_options) - known)
+        if unknown:
+            raise ValueError(f"--data.source_options has {unknown}, not settings of shapes-rel; known = {sorted(known)}")
+    elif cfg.source_options:
+        raise ValueError(f"--data.source_options={cfg.source_options} is not supported for dataset {cfg.dataset!r} "
+                         f"(only shapes-rel takes options)")
     if cfg.root is not None:
         kwargs["root"] = cfg.root
     if cfg.dataset == "vqa-v2" and split == cfg.train_split:

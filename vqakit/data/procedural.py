@@ -465,6 +465,9 @@ def load_shapes_rel(split: str, root: str | Path | None = None, **settings):
         root = default_root(cfg)
         if not (root / "shapes_rel.json").is_file():
             write_shapes_rel(root, **asdict(cfg))
+    elif settings:
+        raise ValueError(f"shapes-rel settings {sorted(settings)} only apply when the dataset is generated (no root); "
+                         f"{root} was generated with the settings in its shapes_rel.json")
     elif not (Path(root) / "shapes_rel.json").is_file():
         raise FileNotFoundError(f"{Path(root) / 'shapes_rel.json'} not found: {root} is not a generated shapes-rel "
                                 "dataset; write one with `vqakit generate --out_dir DIR`")
