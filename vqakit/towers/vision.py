@@ -46,9 +46,9 @@ class EfficientNetLiteTower(nn.Module):
 
     ``truncate=True`` (with ``grid_stride`` 8 or 16) stops the network after that stage: the blocks after it
     and the 1280-channel head never run, and each cell carries only the stage's features (and, with
-    ``multiscale``, the finer maps pooled into it). At stride 16 that is 63% of the full network's
-    conv multiply-adds (79M of 125M at 128 px, counted) and 152 instead of 1,432 channels: mid-level features, which keep where and what colour
-    things are, where ImageNet's last stages keep what they are.
+    ``multiscale``, the finer maps pooled into it). At stride 16 that is 63% of the full network's conv
+    multiply-adds (79M of 125M at 128 px, counted) and 152 instead of 1,432 channels: mid-level features,
+    which keep where and what colour things are, where ImageNet's last stages keep what they are.
 
     ``color_stats=True`` appends the mean, maximum and minimum of each colour channel of the input pixels
     under every cell (9 channels, in the tower's input scaling): the exact colour a cell holds, which a
