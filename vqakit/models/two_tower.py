@@ -265,6 +265,12 @@ def grid_coordinates(num_tokens: int) -> torch.Tensor:
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
 
 
+def cell_codes(coords: torch.Tensor, num_freqs: int) -> torch.Tensor:
+    """(N, 2) cell centres -> (N, 2 + 4 * num_freqs): the centres and their sin/cos at ``pi * 2**f``."""
+    angles = coords[..., None] * (torch.pi * 2.0 ** torch.arange(num_freqs))  # (N, 2, F)
+    return torch.cat([coords, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
+
+
 class SpatialAttentionLayer(nn.Module):
     """Question tokens attend to image tokens; each head can also score the tokens by position, then
     question self-attention and an MLP (pre-LN).
@@ -331,9 +337,8 @@ class SpatialFusion(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.register_buffer("coords", grid_coordinates(cfg.num_image_tokens), persistent=False)
-        freqs = torch.pi * 2.0 ** torch.arange(4)  # sin/cos codes of the cell centre at 4 frequencies
-        self.register_buffer("freqs", freqs, persistent=False)
-        self.coord_proj = nn.Linear(2 + 2 * 2 * len(freqs), h)
+        self.register_buffer("codes", cell_codes(self.coords, 4), persistent=False)  # computed once, not per call
+        self.coord_proj = nn.Linear(self.codes.shape[1], h)
         self.layers = nn.ModuleList(
             SpatialAttentionLayer(h, cfg.num_heads, cfg.dropout, cfg.mlp_ratio) for _ in range(cfg.num_fusion_layers)
         )
@@ -342,9 +347,7 @@ class SpatialFusion(nn.Module):
         self.out_dim = 2 * h
 
     def forward(self, v, q, q_mask, output_attentions=False, image_index=None):
-        angles = self.coords[..., None] * self.freqs  # (N, 2, F)
-        codes = torch.cat([self.coords, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
-        v = v + self.coord_proj(codes.to(v.dtype))
+        v = v + self.coord_proj(self.codes.to(v.dtype))
         q_pad = ~q_mask.bool()
         attentions = []
         for layer in self.layers:
@@ -368,7 +371,8 @@ class RelationalFusion(nn.Module):
     Hudson & Manning, 2018, https://arxiv.org/abs/1803.03067, with FiLM-ed cells, Perez et al., 2018,
     https://arxiv.org/abs/1709.07871, in place of MAC's memory).
 
-    1. Image: the cells, with sin/cos codes of their position, pass one self-attention layer, once per image.
+    1. Image: the cells, with sin/cos codes of their position, pass ``num_fusion_layers`` self-attention layers,
+       once per image.
     2. Controls: step ``k`` attends over the question tokens (a learned query plus one from the pooled
        question) with a bias on where in the question a token is: step 1 starts out preferring the first
        words, the last step the last ones (``order_bias``, then learned). Without it the
@@ -392,10 +396,7 @@ class RelationalFusion(nn.Module):
         h, k_steps = cfg.hidden_size, cfg.reasoning_steps
         self.steps = k_steps
         self.register_buffer("coords", grid_coordinates(cfg.num_image_tokens), persistent=False)
-        freqs = torch.pi * 2.0 ** torch.arange(3)
-        angles = self.coords[..., None] * freqs
-        self.register_buffer("codes", torch.cat([self.coords, angles.sin().flatten(1), angles.cos().flatten(1)], -1),
-                             persistent=False)
+        self.register_buffer("codes", cell_codes(self.coords, 3), persistent=False)
         self.coord_proj = nn.Linear(self.codes.shape[1], h)
         self.image_layers = nn.ModuleList(
             nn.TransformerEncoderLayer(h, cfg.num_heads, cfg.mlp_ratio * h, cfg.dropout, batch_first=True,
