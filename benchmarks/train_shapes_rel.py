@@ -1,6 +1,8 @@
 """Train a recipe on the shapes-rel procedural benchmark and report accuracy per question family.
 
     python benchmarks/train_shapes_rel.py --config configs/shapes-rel.yaml --out benchmarks/results/train_shapes_rel.json
+    python benchmarks/train_shapes_rel.py --config configs/shapes-rel.yaml --seed 1 --out_dir runs/bench-shapes-rel-seed1 \
+        --out benchmarks/results/train_shapes_rel_seed1.json          # the same recipe, another seed
     python benchmarks/train_shapes_rel.py --config configs/easy-vqa.yaml --dataset_override \
         --out benchmarks/results/train_shapes_rel_baseline.json      # the easy-VQA recipe, as is, on shapes-rel
 
@@ -47,6 +49,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out_dir", default="runs/bench-shapes-rel")
     ap.add_argument("--out", default="benchmarks/results/train_shapes_rel.json")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None, help="train.seed (weights init, shuffling, dropout)")
     args = ap.parse_args(argv)
 
     from vqakit.data.config import DataConfig
@@ -62,6 +65,8 @@ def main(argv=None) -> dict:
     train_cfg = {**cfg.get("train", {}), "out_dir": args.out_dir, "progress": False}
     if args.epochs is not None:
         train_cfg["epochs"] = args.epochs
+    if args.seed is not None:
+        train_cfg["seed"] = args.seed
     train = TrainConfig(**train_cfg)
     load_before = os.getloadavg()
     start = time.perf_counter()
