@@ -380,7 +380,11 @@ class RelationalFusion(nn.Module):
        comparisons of two objects stayed at chance in our runs; with it they are learned.
     3. Steps: the control and what the earlier steps read FiLM-modulate every cell; the cells also see their
        offset (dx, dy, |dx|, |dy|, distance^2) to every earlier step's attended position. One attention over
-       the cells gives the step's read (the cells' content) and position. "The object closest to the red
+       the cells gives the step's read (the cells' content) and position. Finding what a control names
+       (the cell projection, FiLM from the control, the attention score) is one module shared by all
+       steps, as MAC shares its read unit: a step that reads "red" can find red whichever step it is. With
+       a module per step, "is the red object left of the blue one?" needs two steps to each learn to find
+       colours on their own; a run could finish with left_of at chance (seed 1 of the recipe before). "The object closest to the red
        one": one step finds red, a later one scores cells by their distance to it.
     4. Out: the question, where in the question each step read, every step's read (the image content and the
        step's own cell states, which carry the offsets to earlier steps) and position, the pairwise
@@ -411,15 +415,13 @@ class RelationalFusion(nn.Module):
         self.order = nn.Parameter(torch.linspace(-order_bias, order_bias, k_steps))
         self.step_out = mlp(2 * h, 2 * h, h, 0.0)
         read = h + 2  # a step's read: content and position
-        self.cell = nn.ModuleList(nn.Linear(h, h) for _ in range(k_steps))
-        self.cell2 = nn.ModuleList(nn.Linear(h, h) for _ in range(k_steps))
-        self.relate = nn.ModuleList(nn.Linear(5 * k, h) for k in range(1, k_steps))
-        self.film = nn.ModuleList(nn.Linear(h + k * read, 2 * h) for k in range(k_steps))
-        self.attend = nn.ModuleList(nn.Linear(h, 1) for _ in range(k_steps))
-        self.read_proj = nn.Linear(h, h)
+        self.cell, self.cell2, self.attend = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, 1)  # shared by the steps
+        self.film = nn.Linear(h, 2 * h)  # from the step's control, shared
+        self.film_context = nn.ModuleList(nn.Linear(k * read, 2 * h) for k in range(1, k_steps))  # earlier reads
+        self.relate = nn.ModuleList(nn.Linear(5 * k, h) for k in range(1, k_steps))  # offsets to earlier steps
         pairs = k_steps * (k_steps - 1) // 2
         self.geometry = mlp(2 * k_steps + 2 * pairs, 2 * h, h, 0.0)  # positions and their differences, widened
-        self.out_dim = h + k_steps + 2 * k_steps * h + k_steps * read + 2 * pairs + h + 2 * h
+        self.out_dim = h + k_steps + k_steps * h + k_steps * read + 2 * pairs + h + 2 * h
 
     def controls(self, q, q_mask):
         """(B, T, H) question tokens -> pooled question (B, H), step controls (B, K, H), where in the question
@@ -442,20 +444,20 @@ class RelationalFusion(nn.Module):
         for layer in self.image_layers:
             v = layer(v)
         v = self.ln_v(v)  # (U, N, H)
-        cells = [cell(v) for cell in self.cell]  # linear in the image: once per image, not per question
+        cells = self.cell(v)  # linear in the image: once per image, not per question
         if image_index is not None:
-            v, cells = v[image_index], [c[image_index] for c in cells]  # (B, N, H)
+            v, cells = v[image_index], cells[image_index]  # (B, N, H)
         question, controls, read_at = self.controls(q, q_mask)
         reads, states, wheres, offsets, maps = [], [], [], [], []
         for k in range(self.steps):
-            context = torch.cat([controls[:, k], *(torch.cat([r, w], -1) for r, w in zip(reads, wheres))], dim=-1)
-            gamma, beta = self.film[k](context)[:, None].chunk(2, dim=-1)
-            pre = cells[k]
+            film, pre = self.film(controls[:, k]), cells
             if k:
+                film = film + self.film_context[k - 1](torch.cat([*reads, *wheres], dim=-1))
                 pre = pre + self.relate[k - 1](torch.cat(offsets, dim=-1))
+            gamma, beta = film[:, None].chunk(2, dim=-1)
             z = torch.relu(pre * (1 + gamma) + beta)
-            z = z + torch.relu(self.cell2[k](z))  # (B, N, H)
-            attn = self.attend[k](z).squeeze(-1).softmax(-1)  # (B, N)
+            z = z + torch.relu(self.cell2(z))  # (B, N, H)
+            attn = self.attend(z).squeeze(-1).softmax(-1)  # (B, N)
             where = attn @ coords  # (B, 2)
             reads.append(torch.einsum("bn,bnh->bh", attn, v))
             states.append(torch.einsum("bn,bnh->bh", attn, z))  # what the step saw there, its relations included
@@ -465,7 +467,7 @@ class RelationalFusion(nn.Module):
             maps.append(attn)
         diffs = [wheres[i] - wheres[j] for i in range(self.steps) for j in range(i + 1, self.steps)]
         geometry = self.geometry(torch.cat([*wheres, *diffs], dim=-1))
-        pooled = torch.cat([self.question_out(question), read_at, *(self.read_proj(r) for r in reads), *states,
+        pooled = torch.cat([self.question_out(question), read_at, *states,
                             *(torch.cat([r, w], -1) for r, w in zip(reads, wheres)), *diffs, geometry, z.amax(1),
                             z.mean(1)], dim=-1)
         attentions = None
