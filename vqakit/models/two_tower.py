@@ -380,12 +380,12 @@ class RelationalFusion(nn.Module):
        comparisons of two objects stayed at chance in our runs; with it they are learned.
     3. Steps: the control and what the earlier steps read FiLM-modulate every cell; the cells also see their
        offset (dx, dy, |dx|, |dy|, distance^2) to every earlier step's attended position. One attention over
-       the cells gives the step's read (the cells' content) and position. Finding what a control names
-       (the cell projection, FiLM from the control, the attention score) is one module shared by all
+       the cells gives the step's read (the cells' content) and position. "The object closest to the red
+       one": one step finds red, a later one scores cells by their distance to it. Finding what a control
+       names (the cell projection, FiLM from the control, the attention score) is one module shared by all
        steps, as MAC shares its read unit: a step that reads "red" can find red whichever step it is. With
        a module per step, "is the red object left of the blue one?" needs two steps to each learn to find
-       colours on their own; a run could finish with left_of at chance (seed 1 of the recipe before). "The object closest to the red
-       one": one step finds red, a later one scores cells by their distance to it.
+       colours on their own; a run could finish with left_of at chance (seed 1 of the recipe before).
     4. Out: the question, where in the question each step read, every step's read (the image content and the
        step's own cell states, which carry the offsets to earlier steps) and position, the pairwise
        differences of the positions (also widened by an MLP: left of / above), and max/mean pools of the last
@@ -448,9 +448,10 @@ class RelationalFusion(nn.Module):
         if image_index is not None:
             v, cells = v[image_index], cells[image_index]  # (B, N, H)
         question, controls, read_at = self.controls(q, q_mask)
+        films = self.film(controls)  # (B, K, 2H): the shared FiLM, all steps at once
         reads, states, wheres, offsets, maps = [], [], [], [], []
         for k in range(self.steps):
-            film, pre = self.film(controls[:, k]), cells
+            film, pre = films[:, k], cells
             if k:
                 film = film + self.film_context[k - 1](torch.cat([*reads, *wheres], dim=-1))
                 pre = pre + self.relate[k - 1](torch.cat(offsets, dim=-1))

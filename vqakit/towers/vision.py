@@ -182,13 +182,9 @@ def _plain_pointwise_convs(net: nn.Module) -> None:
 
 def color_statistics(pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Per-cell mean, max and min of each input channel: (B, 3, S, S) -> (B, 9, *grid)."""
-    x = pixel_values
-    if int(x.shape[-2]) % grid[0] or int(x.shape[-1]) % grid[1]:  # cells of unequal size: adaptive pools
-        return torch.cat([nn.functional.adaptive_avg_pool2d(x, grid), nn.functional.adaptive_max_pool2d(x, grid),
-                          -nn.functional.adaptive_max_pool2d(-x, grid)], dim=1)
-    k = (int(x.shape[-2]) // grid[0], int(x.shape[-1]) // grid[1])
-    return torch.cat([nn.functional.avg_pool2d(x, k), nn.functional.max_pool2d(x, k), -nn.functional.max_pool2d(-x, k)],
-                     dim=1)
+    x = pixel_values  # adaptive pools: equal cells when the size divides, near-equal ones when it does not
+    return torch.cat([nn.functional.adaptive_avg_pool2d(x, grid), nn.functional.adaptive_max_pool2d(x, grid),
+                      -nn.functional.adaptive_max_pool2d(-x, grid)], dim=1)
 
 
 def _to_grid(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
