@@ -19,7 +19,7 @@ install: $(STAMP)
 # Train the default model on easy-VQA (frozen towers over the feature cache), evaluate on the test
 # split, print the metrics table and an example prediction.
 demo: $(STAMP)
-	$(BIN)/vqakit train --config configs/easy-vqa.yaml --train.progress false
+	$(BIN)/vqakit train --config easy-vqa --train.progress false
 	$(BIN)/vqakit predict --checkpoint runs/easy-vqa/checkpoint \
 		--image "$$($(BIN)/python -c 'from vqakit.data.sources import easy_vqa_data_dir; print(easy_vqa_data_dir() / "test/images/0.png")')" \
 		--question "what is the color of the shape?" --question+ "what shape is in the image?" --question+ "is there a red shape?"

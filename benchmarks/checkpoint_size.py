@@ -1,6 +1,6 @@
 """Size of the resumable Lightning checkpoint (``checkpoints/last.ckpt``) per strategy, with the default towers.
 
-    python benchmarks/checkpoint_size.py [--config configs/easy-vqa.yaml] [--strategies frozen,lora,partial,full]
+    python benchmarks/checkpoint_size.py [--config easy-vqa] [--strategies frozen,lora,partial,full]
 
 Trains each strategy for 2 steps on 64 easy-VQA questions (``vqakit train`` in a subprocess), then
 reports the checkpoint's size and the frozen tower weights it leaves out (``vqakit_frozen_tower_keys``,
@@ -29,7 +29,7 @@ FLAGS = {
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/easy-vqa.yaml")
+    ap.add_argument("--config", default="easy-vqa")
     ap.add_argument("--strategies", default="frozen,lora,partial,full")
     ap.add_argument("--out", default="benchmarks/results/checkpoint_size.json")
     args = ap.parse_args(argv)

@@ -2,14 +2,14 @@
 
     nice -n 5 python benchmarks/compare_lora_full.py
 
-(the defaults: ``--config configs/easy-vqa.yaml --limit 4000 --epochs 8 --batch_size 64``; with 3 epochs LoRA
+(the defaults: ``--config easy-vqa --limit 4000 --epochs 8 --batch_size 64``; with 3 epochs LoRA
 has not caught up with full fine-tuning yet: README, "LoRA on the last layers").
 
 Targets: LoRA trains <= 2% of the parameters, takes <= 0.6x the full fine-tune's time to train and loses
 <= 0.5 points of test VQA accuracy; the whole comparison finishes in <= 30 minutes on 2 cores. The subset
 is ``--limit`` questions per split (``--data.limit``: about 4,000 training and 4,000 test questions, whole
 images in seeded random order); both strategies get the same data, seed, epochs and batch size. LoRA's
-settings come from the config: in ``configs/easy-vqa.yaml`` rank 8 on the last 5 EfficientNet blocks and
+settings come from the config: in ``easy-vqa`` rank 8 on the last 5 EfficientNet blocks and
 the last 2 MiniLM layers (``train.lora_vision.layers`` / ``train.lora_text.layers``), so its backward pass
 stops there; the full fine-tune trains every weight at ``train.tower_lr`` as before.
 Reports LoRA's trainable share both with the fusion layers and head (which every strategy trains) and for
@@ -42,7 +42,7 @@ def adapter_parameters(checkpoint: Path) -> int:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/easy-vqa.yaml")
+    ap.add_argument("--config", default="easy-vqa")
     ap.add_argument("--limit", type=int, default=4000)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=64)

@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     import torch
 
     from vqakit.data.sources import load_easy_vqa
-    from vqakit.predict import VQAPredictor
+    from vqakit.inference.predict import VQAPredictor
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -85,7 +85,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from vqakit.data.sources import load_source
-    from vqakit.generate import load_predictor
+    from vqakit.inference.generative import load_predictor
 
     by_image = defaultdict(list)
     for e in load_source("easy-vqa", "test"):

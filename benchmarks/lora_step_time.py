@@ -1,6 +1,6 @@
 """Time of one training step (forward, backward, AdamW step) of the default easy-VQA model, per strategy.
 
-    nice -n 5 python benchmarks/lora_step_time.py [--config configs/easy-vqa.yaml] [--batch_size 64] [--steps 8]
+    nice -n 5 python benchmarks/lora_step_time.py [--config easy-vqa] [--batch_size 64] [--steps 8]
 
 A closer look at ``benchmarks/compare_lora_full.py``'s time ratio without data loading, validation or
 checkpoint writing: the model of ``--config`` with its pretrained towers, on a synthetic batch (random
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from vqakit.configs import resolve_config
 
 QUESTIONS = ["what is the color of the shape?", "what shape is in the image?", "is there a red shape?",
              "does the image contain a circle?", "is the shape blue?", "what color is the triangle?"]
@@ -56,7 +58,7 @@ def step_times(strategy: str, lora_layers: dict | None, model_cfg, train_cfg, ba
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/easy-vqa.yaml")
+    ap.add_argument("--config", default="easy-vqa")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/lora_step_time.json")
@@ -66,7 +68,7 @@ def main(argv=None) -> dict:
     from vqakit.towers.text import load_tokenizer
     from vqakit.train.config import TrainConfig
 
-    raw = yaml.safe_load(Path(args.config).read_text())
+    raw = yaml.safe_load(Path(resolve_config(args.config)).read_text())
     model_cfg = TwoTowerConfig(**raw["model"], id2label={i: str(i) for i in range(13)})  # easy-VQA: 13 answers
     train_cfg = TrainConfig(**raw.get("train", {}))
     g = torch.Generator().manual_seed(0)

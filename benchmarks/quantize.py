@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
 
     from vqakit.data.sources import load_easy_vqa
     from vqakit.eval.vqa_accuracy import vqa_accuracy
-    from vqakit.predict import VQAPredictor
+    from vqakit.inference.predict import VQAPredictor
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """The `make demo` recipe, measured: accuracy, time to train, wall time from a cold cache, peak memory.
 
-    python benchmarks/train_easy_vqa.py [--config configs/easy-vqa.yaml] [--cold]
+    python benchmarks/train_easy_vqa.py [--config easy-vqa] [--cold]
 
 ``--cold`` uses an empty feature cache (what a fresh machine pays: the towers encode every image and
 question once). Writes JSON to ``--out``. Targets (issue 2): easy-VQA test official accuracy >= 99.8,
@@ -18,10 +18,12 @@ from pathlib import Path
 
 import yaml
 
+from vqakit.configs import resolve_config
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/easy-vqa.yaml")
+    ap.add_argument("--config", default="easy-vqa")
     ap.add_argument("--out_dir", default="runs/bench-easy-vqa")
     ap.add_argument("--cold", action="store_true", help="start from an empty feature cache")
     ap.add_argument("--out", default="benchmarks/results/train_easy_vqa.json")
@@ -32,7 +34,7 @@ def main(argv=None) -> dict:
     from vqakit.train.config import TrainConfig
     from vqakit.train.run import fit, peak_rss_mib
 
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg = yaml.safe_load(Path(resolve_config(args.config)).read_text())
     data = DataConfig(**cfg.get("data", {}))
     if args.cold:
         data.cache_dir = tempfile.mkdtemp(prefix="vqakit-cold-cache-")

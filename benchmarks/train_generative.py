@@ -1,9 +1,9 @@
 """A generative recipe, measured: official VQA accuracy (and the other generative metrics), time to train,
 wall time, peak memory. Writes JSON to ``--out``.
 
-    python benchmarks/train_generative.py --config configs/easy-vqa-gru.yaml --out benchmarks/results/train_easy_vqa_gru.json
-    python benchmarks/train_generative.py --config configs/easy-vqa-llm-stage1.yaml --out benchmarks/results/train_easy_vqa_llm_stage1.json
-    python benchmarks/train_generative.py --config configs/easy-vqa-llm-stage2.yaml --out benchmarks/results/train_easy_vqa_llm_stage2.json
+    python benchmarks/train_generative.py --config easy-vqa-gru --out benchmarks/results/train_easy_vqa_gru.json
+    python benchmarks/train_generative.py --config easy-vqa-llm-stage1 --out benchmarks/results/train_easy_vqa_llm_stage1.json
+    python benchmarks/train_generative.py --config easy-vqa-llm-stage2 --out benchmarks/results/train_easy_vqa_llm_stage2.json
 
 ``--cold`` starts from an empty feature cache. Targets (issue 4): GRU decoder >= 99 and LLM-prefix >= 97
 official accuracy on easy-VQA test (LLM: on the documented subset of its config), on 2 CPU cores.
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import yaml
 
+from vqakit.configs import resolve_config
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/easy-vqa-gru.yaml")
+    ap.add_argument("--config", default="easy-vqa-gru")
     ap.add_argument("--out_dir", default=None, help="run directory (default: the config's train.out_dir)")
     ap.add_argument("--cold", action="store_true", help="start from an empty feature cache")
     ap.add_argument("--out", default="benchmarks/results/train_easy_vqa_gru.json")
@@ -37,7 +39,7 @@ def main(argv=None) -> dict:
     from vqakit.train.generative import fit_generative
     from vqakit.train.run import peak_rss_mib
 
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg = yaml.safe_load(Path(resolve_config(args.config)).read_text())
     families = {"gru": GRUDecoderConfig, "llm": LLMPrefixConfig, "vlm": VLMConfig}
     (key,) = [k for k in families if k in cfg]
     data = DataConfig(**cfg.get("data", {}))

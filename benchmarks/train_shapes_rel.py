@@ -1,9 +1,9 @@
 """Train a recipe on the shapes-rel procedural benchmark and report accuracy per question family.
 
-    python benchmarks/train_shapes_rel.py --config configs/shapes-rel.yaml --out benchmarks/results/train_shapes_rel.json
-    python benchmarks/train_shapes_rel.py --config configs/shapes-rel.yaml --seed 1 --out_dir runs/bench-shapes-rel-seed1 \
+    python benchmarks/train_shapes_rel.py --config shapes-rel --out benchmarks/results/train_shapes_rel.json
+    python benchmarks/train_shapes_rel.py --config shapes-rel --seed 1 --out_dir runs/bench-shapes-rel-seed1 \
         --out benchmarks/results/train_shapes_rel_seed1.json          # the same recipe, another seed
-    python benchmarks/train_shapes_rel.py --config configs/easy-vqa.yaml --dataset_override \
+    python benchmarks/train_shapes_rel.py --config easy-vqa --dataset_override \
         --out benchmarks/results/train_shapes_rel_baseline.json      # the easy-VQA recipe, as is, on shapes-rel
 
 The family is the annotation's question type, so ``per_question_type`` of the evaluation is the
@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from vqakit.configs import resolve_config
 
 
 def per_template(eval_dir: Path, data) -> dict:
@@ -43,7 +45,7 @@ def per_template(eval_dir: Path, data) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/shapes-rel.yaml")
+    ap.add_argument("--config", default="shapes-rel")
     ap.add_argument("--dataset_override", action="store_true",
                     help="run the config's model and training settings on shapes-rel (train / val)")
     ap.add_argument("--out_dir", default="runs/bench-shapes-rel")
@@ -57,7 +59,7 @@ def main(argv=None) -> dict:
     from vqakit.train.config import TrainConfig
     from vqakit.train.run import fit, peak_rss_mib
 
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg = yaml.safe_load(Path(resolve_config(args.config)).read_text())
     data_cfg = cfg.get("data", {})
     if args.dataset_override:
         data_cfg = {**data_cfg, "dataset": "shapes-rel", "root": None, "train_split": "train", "eval_split": "val"}

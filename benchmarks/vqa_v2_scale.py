@@ -64,7 +64,8 @@ def write_images(root: Path, n: int, photo_size: tuple[int, int]) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from vqakit.data.sources import write_vqa_v2_fixture
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture is test code
+    from fixtures.vqa_v2 import write_vqa_v2_fixture
 
     write_vqa_v2_fixture(root, "train", num_images=n, questions_per_image=5, seed=0)
     write_vqa_v2_fixture(root, "val", num_images=max(1, n // 50), questions_per_image=5, seed=0)
@@ -110,7 +111,7 @@ def part_cache(tmp: Path, n: int, photo_size: tuple[int, int]) -> dict:
     start = time.perf_counter()
     write_images(tmp, n, photo_size)
     write_s = time.perf_counter() - start
-    cmd = [sys.executable, "-m", "vqakit.cli", "prepare", "--config", "configs/vqa-v2.yaml", "--data.root", str(tmp),
+    cmd = [sys.executable, "-m", "vqakit.cli", "prepare", "--config", "vqa-v2", "--data.root", str(tmp),
            "--data.train_image_fraction", "1.0", "--data.cache_dir", str(tmp / "cache"), "--out_dir", str(tmp / "prep"),
            "--cache_features", "true"]
     start = time.perf_counter()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vqakit.cli import main
-from vqakit.data.sources import easy_vqa_data_dir, write_vqa_v2_fixture
+from fixtures.vqa_v2 import write_vqa_v2_fixture
+from vqakit.data.sources import easy_vqa_data_dir
 
 
 def _tiny_args(model_args, tmp_path, *extra):

@@ -1,7 +1,7 @@
 """``vqakit`` command line: one typed function per subcommand; the signatures are the interface.
 
     vqakit prepare  --data.dataset easy-vqa
-    vqakit train    --config configs/easy-vqa.yaml --train.epochs 3 --model.fusion gated
+    vqakit train    --config easy-vqa --train.epochs 3 --model.fusion gated
     vqakit evaluate --checkpoint runs/easy-vqa/checkpoint --data.eval_split test
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape is it?"
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape?" --output result.png
@@ -9,11 +9,11 @@
     vqakit export   --checkpoint runs/easy-vqa/checkpoint          # ONNX for fast CPU serving
     vqakit serve    --checkpoint runs/easy-vqa/checkpoint --host 127.0.0.1 --port 8000   # REST API + /ui
     vqakit demo     --checkpoint runs/easy-vqa/checkpoint          # the web UI
-    vqakit compare  --config configs/easy-vqa.yaml --data.limit 4000 --strategies frozen,lora,full,two-stage
+    vqakit compare  --config easy-vqa --data.limit 4000 --strategies frozen,lora,full,two-stage
     vqakit report   runs/compare   # IEEE paper (LaTeX -> PDF), HTML and markdown of compare/train runs
 
-Every subcommand takes ``--config FILE.yaml`` (a preset from ``configs/``) and dotted overrides
-(jsonargparse, as litgpt and LightningCLI do); ``--print_config`` shows the resolved configuration.
+Every subcommand takes ``--config NAME`` (a packaged preset: ``vqakit list_models``) or ``--config FILE.yaml``, and
+dotted overrides (jsonargparse, as litgpt and LightningCLI do); ``--print_config`` shows the resolved configuration.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,149 +59,9 @@ def prepare(data: DataConfig = DataConfig(), out_dir: str = "data/prepared", mod
             killed ``prepare`` and it continues from the last finished shard).
         workers: threads that check and decode images.
     """
-    import os
-    import time
+    from vqakit.data.prepare import prepare_dataset
 
-    from vqakit.data.answers import AnswerVocab
-    from vqakit.data.config import load_split
-    from vqakit.data.images import filter_examples, scan_images
-    from vqakit.stats import dataset_stats, format_stats
-
-    target = Path(out_dir) / data.dataset
-    target.mkdir(parents=True, exist_ok=True)
-    stats = {"dataset": data.dataset, "splits": {}}
-    kept = {}
-    loaded, load_s = {}, {}
-    for split in dict.fromkeys([data.train_split, data.eval_split]):
-        start = time.perf_counter()
-        examples = load_split(data, split)
-        if not examples:
-            raise ValueError(f"{data.dataset} split {split!r} has no questions (root={data.root})")
-        paths = {e.image_id: e.image for e in examples}
-        if not any(os.path.exists(p) for p in list(paths.values())[:1000]):
-            folder = Path(next(iter(paths.values()))).parent
-            raise FileNotFoundError(
-                f"{data.dataset} {split}: none of the images exist, e.g. {next(iter(paths.values()))}; expected "
-                f"{len(paths):,} image files in {folder}" + (" (unzip train2014.zip / val2014.zip from "
-                "https://cocodataset.org into --data.root)" if data.dataset == "vqa-v2" else "")
-            )
-        loaded[split], load_s[split] = examples, time.perf_counter() - start
-    # with a frozen vision tower, decoding each image for its features is the image check: one pass, not two
-    one_pass = cache_features and train.vision == "frozen"
-    reports, cached = {}, {}
-    if one_pass:
-        cached = _check_and_cache_images(model, data, loaded, workers)
-        reports = cached.pop("reports")
-    for split, examples in loaded.items():
-        start = time.perf_counter() - load_s[split]
-        paths = {e.image_id: e.image for e in examples}
-        report = reports[split] if one_pass else scan_images(paths, workers=workers)
-        examples = filter_examples(examples, report)
-        for image_id, path, reason in report.bad[:20]:
-            print(f"{split}: skipped image {image_id} ({path}): {reason}")
-        kept[split] = examples
-        with open(target / f"{split}.jsonl", "w") as f:
-            for e in examples:
-                f.write(json.dumps(e.to_dict()) + "\n")
-        if data.dataset == "vqa-v2" and split == data.train_split and data.train_image_fraction < 1.0:
-            from vqakit.data.sources import vqa_v2_split_name
-
-            sample = {"dataset": "vqa-v2", "split": vqa_v2_split_name(split), "fraction": data.train_image_fraction,
-                      "seed": data.seed, "image_ids": sorted(paths)}
-            (target / "sample.json").write_text(json.dumps(sample) + "\n")
-        stats["splits"][split] = {
-            "questions": len(examples),
-            "images": len({e.image_id for e in examples}),
-            "bad_images": len(report.bad),
-            "answer_types": dict(Counter(e.answer_type for e in examples)),
-        }
-        if report.bad:  # every skipped image, with the reason, so none is lost silently
-            stats["splits"][split]["bad"] = [{"image_id": i, "path": p, "reason": r} for i, p, r in report.bad]
-        stats.setdefault("seconds", {})[split] = round(time.perf_counter() - start, 1)
-        print(f"{split}: {len(examples):,} questions, {stats['splits'][split]['images']:,} images; {report.summary()}")
-        if any(e.answers for e in examples):
-            details = dataset_stats(examples, fit_examples=kept.get(data.train_split))
-            stats.setdefault("statistics", {})[split] = details
-            print(format_stats(details, f"{data.dataset} {split}"))
-        if split == data.train_split:
-            vocab = AnswerVocab.build([e.answers for e in examples], top_k=data.top_k_answers)
-            vocab.to_json(target / "answer_vocab.json")
-            coverage = vocab.coverage([e.answers for e in examples])
-            stats["answer_vocab"] = {"size": len(vocab), "coverage": round(100 * coverage, 2)}
-            print(f"answer vocabulary: {len(vocab)} answers cover {100 * coverage:.2f}% of {split} questions")
-    if cache_features:
-        stats["feature_cache"] = _cache_features(model, data, kept, vocab, workers, train, cached)
-    (target / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"wrote {target}")
-    return stats
-
-
-def _towers(model_cfg: TwoTowerConfig, id2label: dict):
-    """The model whose towers fill the cache, and its processor (the head is never run)."""
-    from vqakit.models.two_tower import TwoTowerConfig as Config
-    from vqakit.models.two_tower import TwoTowerForQuestionAnswering
-    from vqakit.processor import VQAProcessor
-
-    cfg = Config(**{**asdict(model_cfg), "id2label": id2label})
-    return TwoTowerForQuestionAnswering(cfg).eval(), VQAProcessor.from_config(cfg)
-
-
-def _check_and_cache_images(model_cfg: TwoTowerConfig, data: DataConfig, splits: dict, workers: int) -> dict:
-    """Decode every image of ``splits`` once, both to check it and to cache its frozen vision features.
-
-    Returns ``{"reports": {split: ImageCheckReport}, "net", "processor", "image_seconds"}``; a broken image
-    gets no cache row and is in its split's report with its id and the reason (resumed runs try it again).
-    """
-    import time
-
-    from vqakit.data.images import ImageCheckReport
-    from vqakit.features import cache_image_features
-
-    # the answer vocabulary is not known yet and only the towers run here: a one-answer head stands in
-    net, processor = _towers(model_cfg, {0: "unused"})
-    root = None if data.cache_dir is None else Path(data.cache_dir) / "features"
-    images = list(dict.fromkeys(e.image for exs in splits.values() for e in exs))
-    bad: dict[str, str] = {}
-    start = time.perf_counter()
-    cache_image_features(net, processor, images, root, progress=True, workers=workers,
-                         on_error=lambda path, error: bad.__setitem__(path, error.reason))
-    reports = {}
-    for split, examples in splits.items():
-        paths = {e.image_id: e.image for e in examples}
-        reports[split] = ImageCheckReport(
-            ok=sorted(i for i, p in paths.items() if p not in bad),
-            bad=sorted(((i, str(p), bad[p]) for i, p in paths.items() if p in bad), key=lambda b: b[0]),
-        )
-    return {"reports": reports, "net": net, "processor": processor,
-            "image_seconds": time.perf_counter() - start}
-
-
-def _cache_features(model_cfg: TwoTowerConfig, data: DataConfig, splits: dict, vocab, workers: int,
-                    train: TrainConfig, cached: dict | None = None) -> dict:
-    """Encode every image and question of ``splits`` with ``model_cfg``'s towers into the feature cache
-    (the images are skipped when ``cached``, from ``_check_and_cache_images``, did them already)."""
-    import time
-
-    from vqakit.features import cache_image_features, cache_text_features
-
-    if cached:
-        net, processor = cached["net"], cached["processor"]
-    else:
-        net, processor = _towers(model_cfg, vocab.id2label)
-    root = None if data.cache_dir is None else Path(data.cache_dir) / "features"
-    examples = [e for exs in splits.values() for e in exs]
-    images = list(dict.fromkeys(e.image for e in examples))
-    start = time.perf_counter()
-    if train.vision == "frozen" and not cached:
-        cache_image_features(net, processor, images, root, progress=True, workers=workers)
-    image_s = time.perf_counter() - start + (cached["image_seconds"] if cached else 0.0)
-    if train.text == "frozen":
-        cache_text_features(net, processor, [e.question for e in examples], root, progress=True)
-    out = {"images": len(images), "image_seconds": round(image_s, 1),
-           "images_per_s": round(len(images) / max(image_s, 1e-9), 1),
-           "total_seconds": round(time.perf_counter() - start, 1)}
-    print(f"feature cache: {len(images):,} images in {image_s:.1f} s ({out['images_per_s']} images/s)")
-    return out
+    return prepare_dataset(data, out_dir, model, train, cache_features=cache_features, workers=workers)
 
 
 def convert(
@@ -326,7 +185,7 @@ def stats(data: DataConfig = DataConfig(), splits: str | None = None, out_dir: s
         top_k: how many answers / question types to list.
     """
     from vqakit.data.config import load_split
-    from vqakit.stats import dataset_stats, format_stats, write_stats
+    from vqakit.data.stats import dataset_stats, format_stats, write_stats
 
     names = splits.split(",") if splits else list(dict.fromkeys([data.train_split, data.eval_split]))
     fit = load_split(data, data.train_split)
@@ -357,7 +216,7 @@ def bench(suite: str = "benchmarks/suite.yaml", out_dir: str = "runs/bench", qui
         reuse: take entries already trained and evaluated in ``out_dir`` as they are (prediction is still timed).
         results_dir: also copy bench.json and bench.md here (not in ``--quick`` mode).
     """
-    from vqakit.bench import markdown_table, run_suite
+    from vqakit.experiments.bench import markdown_table, run_suite
 
     result = run_suite(suite, out_dir, quick=quick, extra_args=extra_args, only=only.split(",") if only else None,
                        reuse=reuse, results_dir=None if quick else results_dir)
@@ -383,8 +242,8 @@ def train(
         data: training and evaluation data.
         train: strategies and optimisation.
         evaluate: evaluate the checkpoint on the evaluation split after training.
-        gru: train a generative GRU-decoder model instead of the classifier (``configs/easy-vqa-gru.yaml``).
-        llm: train a vision-prefixed causal LLM instead (``configs/easy-vqa-llm-stage1.yaml``, then stage 2).
+        gru: train a generative GRU-decoder model instead of the classifier (preset ``easy-vqa-gru``).
+        llm: train a vision-prefixed causal LLM instead (preset ``easy-vqa-llm-stage1``, then stage 2).
         vlm: fine-tune a pretrained BLIP / ViLT model instead (``--vlm.model`` id or directory, LoRA by default).
     """
     from vqakit.eval.evaluate import format_metrics
@@ -433,7 +292,7 @@ def evaluate(
         quantize: ``int8``: evaluate as served with dynamic INT8 quantization of the Linear layers (CPU).
     """
     from vqakit.eval.evaluate import evaluate_checkpoint, format_metrics
-    from vqakit.generate import load_predictor
+    from vqakit.inference.generative import load_predictor
 
     predictor = load_predictor(checkpoint, quantize=quantize) if quantize else None
     metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache, predictor=predictor)
@@ -456,7 +315,7 @@ def predict(checkpoint: str, image: str, question: str | list[str], top_k: int =
             the top-k answers drawn beside it, one row per question.
         quantize: ``int8``: dynamic INT8 quantization of the Linear layers (CPU).
     """
-    from vqakit.generate import load_predictor
+    from vqakit.inference.generative import load_predictor
 
     predictor = load_predictor(checkpoint, backend=backend, quantize=quantize)
     if output is not None and getattr(predictor, "generative", False):
@@ -468,7 +327,7 @@ def predict(checkpoint: str, image: str, question: str | list[str], top_k: int =
         for rank, (answer, score) in enumerate(r.top_k, 1):
             print(f"  {rank}. {answer:<20} {score:.4f}")
     if output is not None:
-        from vqakit.visualize import render_predictions
+        from vqakit.inference.visualize import render_predictions
 
         print(f"wrote {render_predictions(image, results, output, title=Path(image).name)}")
     return [{"question": r.question, "answer": r.answer, "score": r.score, "top_k": r.top_k} for r in results]
@@ -505,8 +364,8 @@ def visualize(
 
     from vqakit.data.config import load_split
     from vqakit.eval.vqa_accuracy import vqa_accuracy
-    from vqakit.predict import VQAPredictor
-    from vqakit.visualize import render_grid
+    from vqakit.inference.predict import VQAPredictor
+    from vqakit.inference.visualize import render_grid
 
     if num < 1:
         raise ValueError(f"--num={num} must be at least 1")
@@ -568,7 +427,7 @@ def compare(
     """
     import yaml
 
-    from vqakit.compare import (check_settings, markdown_table, parse_strategies, run_strategy, strategy_settings,
+    from vqakit.experiments.compare import (check_settings, markdown_table, parse_strategies, run_strategy, strategy_settings,
                                 write_outputs)
 
     names = parse_strategies(strategies, lora_ranks)
@@ -661,7 +520,7 @@ def export(checkpoint: str, out_dir: str | None = None) -> None:
         checkpoint: checkpoint directory.
         out_dir: where the .onnx files go (default ``<checkpoint>/onnx``).
     """
-    from vqakit.export import export_onnx
+    from vqakit.inference.export import export_onnx
 
     out = export_onnx(checkpoint, out_dir)
     info = json.loads((out / "export.json").read_text())
@@ -681,7 +540,7 @@ def report(run_dirs: list[str], out_dir: str | None = None, title: str | None = 
         title: the paper's title (default: generated from the dataset and strategies).
         pdf: ``auto`` compiles when a LaTeX engine is installed, ``true`` requires one, ``false`` skips it.
     """
-    from vqakit.report import write_report
+    from vqakit.experiments.report import write_report
 
     written = write_report(run_dirs, out_dir, title, pdf)
     for kind, path in written.items():
@@ -703,10 +562,25 @@ def _positional_run_dirs(argv: list[str]) -> list[str]:
 
 
 def list_models() -> list[str]:
-    """List the presets: YAML files under configs/, used as ``vqakit train --config configs/NAME.yaml``."""
-    names = sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    """List the presets shipped in the package (``vqakit/configs/*.yaml``): ``vqakit train --config NAME``."""
+    from vqakit.configs import list_presets
+
+    names = list_presets()
     print("\n".join(names))
     return names
+
+
+def _resolve_configs(argv: list[str]) -> list[str]:
+    """``--config NAME`` -> the packaged preset's path; a path to an existing file is kept as given."""
+    from vqakit.configs import resolve_config
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -715,13 +589,14 @@ def main(argv: list[str] | None = None) -> None:
 
     _setup_logging()
     try:
+        args = _resolve_configs(_positional_run_dirs(sys.argv[1:] if argv is None else argv))
         CLI(
             [
                 prepare, train, evaluate, predict, visualize, serve, demo, export,  # data -> model -> serving
                 compare, report, bench,  # experiments
                 convert, generate, mini_vqa, stats, list_models,  # datasets and catalogue
             ],
-            args=_positional_run_dirs(sys.argv[1:] if argv is None else argv),
+            args=args,
             as_positional=False,
         )
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback

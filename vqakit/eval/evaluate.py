@@ -19,7 +19,7 @@ from vqakit.eval.metrics import (
     per_question_accuracy,
     write_predictions_csv,
 )
-from vqakit.predict import VQAPredictor
+from vqakit.inference.predict import VQAPredictor
 
 
 def evaluate_checkpoint(
@@ -39,7 +39,7 @@ def evaluate_checkpoint(
     """
     split = split or data.eval_split
     if predictor is None:
-        from vqakit.generate import load_predictor  # a classifier or a generative checkpoint, by config.json
+        from vqakit.inference.generative import load_predictor  # a classifier or a generative checkpoint, by config.json
 
         predictor = load_predictor(checkpoint)
     generative = getattr(predictor, "generative", False)

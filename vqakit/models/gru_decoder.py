@@ -336,7 +336,7 @@ class GRUDecoderForQuestionAnswering(nn.Module):
             results.append((self.decode_ids(seq), float(torch.tensor(logprob).exp())))
         return results
 
-    # -- serving helpers (used by vqakit.generate.GenerativePredictor) -------------------------------------------
+    # -- serving helpers (used by vqakit.inference.generative.GenerativePredictor) -------------------------------------------
 
     def decoding_settings(self) -> dict:
         c = self.config
@@ -361,7 +361,7 @@ class GRUDecoderForQuestionAnswering(nn.Module):
         questions, paths = [e.question for e in examples], [e.image for e in examples]
         if not use_cache:
             return lambda s, e: {"pixel_values": processor.images(paths[s:e]), **processor.text(questions[s:e])}
-        from vqakit.features import cache_image_features, cache_text_features
+        from vqakit.data.features import cache_image_features, cache_text_features
 
         icache, ikeys = cache_image_features(self, processor, paths, cache_dir, progress=progress)
         tcache, tkeys = cache_text_features(self, processor, questions, cache_dir, progress=progress)

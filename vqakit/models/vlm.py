@@ -206,7 +206,7 @@ class VLMForQuestionAnswering(nn.Module):
         probs = [1.0] * len(texts) if scores is None else scores.nan_to_num(0.0).sum(-1).exp().tolist()
         return [(t.strip(), float(p)) for t, p in zip(texts, probs)]
 
-    # -- serving helpers (vqakit.generate.GenerativePredictor) -----------------------------------------------------
+    # -- serving helpers (vqakit.inference.generative.GenerativePredictor) -----------------------------------------------------
 
     def decoding_settings(self) -> dict:
         c = self.config

@@ -141,7 +141,7 @@ def _cache_stats(cache) -> dict | None:
 
 
 def _heatmap(image, attention) -> dict:
-    from vqakit.visualize import heatmap_overlay
+    from vqakit.inference.visualize import heatmap_overlay
 
     buf = io.BytesIO()
     heatmap_overlay(image, attention).save(buf, "PNG")
@@ -368,7 +368,7 @@ def create_app(service: VQAService, ui: bool = False, ui_examples: list | None =
 def load_service(checkpoint: str, config: ServeConfig | None = None) -> VQAService:
     """Load a checkpoint (any model family ``VQAPredictor`` dispatches to: classifier or generative) and wrap it in
     a ``VQAService``."""
-    from vqakit.predict import VQAPredictor
+    from vqakit.inference.predict import VQAPredictor
 
     config = config or ServeConfig()
     predictor = VQAPredictor.from_pretrained(checkpoint, backend=config.backend, threads=config.threads,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vqakit.predict import BACKENDS, QUANTIZATIONS
+from vqakit.inference.predict import BACKENDS, QUANTIZATIONS
 
 MIB = 1 << 20
 

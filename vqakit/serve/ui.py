@@ -11,7 +11,7 @@ from __future__ import annotations
 import gradio as gr
 
 from vqakit.serve.sources import RequestError
-from vqakit.visualize import heatmap_overlay
+from vqakit.inference.visualize import heatmap_overlay
 
 # system fonts: the default theme would ask Google Fonts, which an offline browser waits for
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],

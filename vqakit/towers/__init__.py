@@ -1,1 +1,1 @@
-"""Towers: pretrained unimodal encoders behind one small interface."""
+"""Towers: pretrained unimodal encoders behind one small interface, and the processor that prepares their inputs."""

@@ -27,7 +27,7 @@ from vqakit.data.config import DataConfig, split_validation
 from vqakit.train.checkpointing import ResumeState
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQACollator, VQADataModule, model_inputs
-from vqakit.train.run import _dataset, _load_train_examples, _trainer, finish_run, run_metadata
+from vqakit.train.run import _load_train_examples, _trainer, finish_run, run_metadata
 
 logger = logging.getLogger("vqakit")
 
@@ -190,8 +190,3 @@ def _checkpoint_callbacks(out: Path, val_set) -> list:
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/loss",
                                          mode="min", save_top_k=1, enable_version_counter=False))
     return callbacks
-
-
-def classifier_dataset(examples, vocab, net, processor, train: TrainConfig, data: DataConfig):
-    """The classifier's dataset (feature cache for frozen towers), for families with two towers."""
-    return _dataset(examples, vocab, net, processor, train, data)

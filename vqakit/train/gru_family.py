@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from vqakit.data.answers import majority_answer
 from vqakit.models.gru_decoder import GRUDecoderConfig, GRUDecoderForQuestionAnswering, build_word_vocab
-from vqakit.processor import VQAProcessor
-from vqakit.train.generative import classifier_dataset
+from vqakit.towers.processor import VQAProcessor
+from vqakit.train.run import classifier_dataset
 from vqakit.train.recipes import apply_strategies as _apply_tower_strategies
 
 KEY = "gru"

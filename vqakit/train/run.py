@@ -27,7 +27,7 @@ from vqakit.data.answers import AnswerVocab
 from vqakit.data.config import DataConfig, fingerprint, load_split, split_validation
 from vqakit.data.images import filter_examples, scan_images
 from vqakit.models.two_tower import TwoTowerConfig, TwoTowerForQuestionAnswering
-from vqakit.processor import VQAProcessor
+from vqakit.towers.processor import VQAProcessor
 from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQADataModule, VQADataset
@@ -54,7 +54,7 @@ def _load_train_examples(data: DataConfig, progress: bool):
 
 
 def _dataset(examples, vocab, model, processor, train: TrainConfig, data: DataConfig) -> VQADataset:
-    from vqakit.features import cache_image_features, cache_text_features
+    from vqakit.data.features import cache_image_features, cache_text_features
 
     root = None if data.cache_dir is None else Path(data.cache_dir) / "features"
     kwargs = {}
@@ -218,3 +218,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     metadata.update(precision=precision, optimizer=train.optimizer, lora_merged_towers=merged,
                     answer_vocab_size=len(vocab))
     return finish_run(out, ckpt, metadata, data, train, evaluate)
+
+
+def classifier_dataset(examples, vocab, net, processor, train: TrainConfig, data: DataConfig):
+    """The classifier's dataset (feature cache for frozen towers), for families with two towers."""
+    return _dataset(examples, vocab, net, processor, train, data)

@@ -1,0 +1,244 @@
+"""Invariants of the two-tower model, for every fusion, on tiny random-config towers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vqakit.models.two_tower import FUSIONS, TwoTowerConfig, TwoTowerForQuestionAnswering, vqa_loss
+from vqakit.towers.processor import VQAProcessor
+from vqakit.towers.text import load_tokenizer
+from vqakit.towers.vision import build_vision_tower
+
+
+@pytest.fixture
+def tokenizer(tiny_text_tower):
+    return load_tokenizer(tiny_text_tower)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_output_shape_and_finite(fusion, tiny_config, tiny_batch, tokenizer):
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion=fusion)).eval()
+    out = model(**tiny_batch(tokenizer))
+    assert out.logits.shape == (3, 5)
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_trainable_parameter_gets_a_gradient(fusion, tiny_config, tiny_batch, tokenizer):
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion=fusion, dropout=0.0))
+    model.backbone.vision.requires_grad_(False)  # frozen tower
+    model.train()
+    batch = tiny_batch(tokenizer)
+    out = model(**batch)
+    targets = torch.rand_like(out.logits)
+    vqa_loss(out.logits, targets, torch.tensor([0, 1, 2]), "bce").backward()
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.vision."):
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"no gradient for {name}"
+
+
+def test_gradient_checkpointing_keeps_outputs_and_gradients(tiny_config, tiny_batch, tokenizer):
+    torch.manual_seed(0)
+    plain = TwoTowerForQuestionAnswering(tiny_config(dropout=0.0)).train()
+    ckpt = TwoTowerForQuestionAnswering(tiny_config(dropout=0.0, gradient_checkpointing=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    for m in (plain, ckpt):  # the towers' own dropout would differ between the two runs
+        m.backbone.vision.eval()
+        m.backbone.text.eval()
+    batch = tiny_batch(tokenizer)
+    a, b = plain(**batch).logits, ckpt(**batch).logits
+    torch.testing.assert_close(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    ga = dict(plain.named_parameters())["backbone.fusion.layers.0.q_from_v.in_proj_weight"].grad
+    gb = dict(ckpt.named_parameters())["backbone.fusion.layers.0.q_from_v.in_proj_weight"].grad
+    torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_save_load_round_trip_gives_identical_logits(fusion, tiny_config, tiny_batch, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion=fusion)).eval()
+    batch = tiny_batch(tokenizer)
+    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "text_tower", "vision_tower"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["id2label"] == {"0": "yes", "1": "no", "2": "red", "3": "circle", "4": "2"}
+    assert config["fusion"] == fusion and config["model_type"] == "two_tower"
+    loaded = TwoTowerForQuestionAnswering.from_pretrained(tmp_path)
+    torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=0)
+
+
+def test_cached_features_give_the_same_logits_as_raw_inputs(tiny_config, tiny_batch, tokenizer):
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config()).eval()
+    batch = tiny_batch(tokenizer)
+    image_features = model.backbone.encode_image(batch["pixel_values"])
+    text_features = model.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+    via_features = model(image_features=image_features, text_features=text_features,
+                         attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(model(**batch).logits, via_features)
+
+
+def test_attention_weights_are_distributions_over_image_tokens(tiny_config, tiny_batch, tokenizer):
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(num_fusion_layers=3)).eval()
+    batch = tiny_batch(tokenizer)
+    out = model(**batch, output_attentions=True)
+    assert len(out.attentions) == 3
+    T = batch["input_ids"].shape[1]
+    assert out.attentions[0].shape == (3, T, 16)  # 32px / 8px patches = 4 x 4 tokens
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(3, T))
+
+
+def test_efficientnet_tower_grid(tmp_path):
+    tower = build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False)
+    assert tower(torch.zeros(2, 3, 64, 64)).shape == (2, 4, 1280)  # 64 / 32 = 2 x 2 grid
+
+
+def test_hf_vision_tower_drops_the_cls_token(tiny_vision_tower):
+    tower = build_vision_tower(tiny_vision_tower, image_size=32)
+    assert tower(torch.zeros(2, 3, 32, 32)).shape == (2, 16, 32)
+
+
+def test_unknown_tower_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="neither a packaged tower"):
+        build_vision_tower(str(tmp_path / "no-such-model"), image_size=32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [({"fusion": "bilinear"}, "--model.fusion"), ({"loss": "mse"}, "--model.loss"),
+     ({"hidden_size": 30, "num_heads": 4}, "--model.hidden_size"), ({"text_pooler": "max"}, "--model.text_pooler")],
+)
+def test_config_errors_name_the_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        TwoTowerConfig(**kwargs)
+
+
+def test_missing_checkpoint_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        TwoTowerForQuestionAnswering.from_pretrained(tmp_path)
+
+
+def test_processor_resizes_and_normalises(tiny_text_tower):
+    import numpy as np
+
+    p = VQAProcessor(32, [0.5] * 3, [0.5] * 3, load_tokenizer(tiny_text_tower))
+    x = p.images([np.full((10, 20, 3), 255, dtype=np.uint8)])
+    assert x.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
+    enc = p.text(["what is the color of the shape?", "yes"])
+    assert enc["input_ids"].shape == enc["attention_mask"].shape and enc["attention_mask"][1].sum() < 9
+
+
+def test_multiscale_tokens_keep_the_top_features_and_add_early_stages():
+    tower = build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, multiscale=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = tower(x)
+        top = tower.model.extract_features(x).flatten(2).transpose(1, 2)
+    assert tower.out_dim == 1280 + 112 + 40 and tokens.shape == (2, 4, 1432)
+    torch.testing.assert_close(tokens[..., :1280], top)
+
+
+def test_multiscale_is_refused_for_towers_without_it(tiny_vision_tower):
+    with pytest.raises(NotImplementedError, match="multiscale"):
+        build_vision_tower(tiny_vision_tower, image_size=32, multiscale=True)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_image_index_shares_each_image_between_its_questions(fusion, tiny_config, tiny_batch, tokenizer):
+    """Each distinct image given once plus ``image_index`` gives the logits of one image per question."""
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion=fusion)).eval()
+    batch = tiny_batch(tokenizer)
+    images = model.backbone.encode_image(batch["pixel_values"][:2])  # 2 images for 3 questions
+    index = torch.tensor([1, 0, 1])
+    text = model.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+    shared = model(image_features=images, image_index=index, text_features=text,
+                   attention_mask=batch["attention_mask"]).logits
+    repeated = model(image_features=images[index], text_features=text, attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(shared, repeated)
+
+
+def test_spatial_attention_can_prefer_the_cell_nearest_a_point():
+    """``u = (2bx0, 2by0, -b)`` scores cell i by -b |p_i - p0|^2 (+ const): the nearest cell gets most weight,
+    and ``-u`` the farthest; what each head reads back includes the attended cells' mean position."""
+    from vqakit.models.two_tower import SpatialAttentionLayer, grid_coordinates
+
+    torch.manual_seed(0)
+    layer = SpatialAttentionLayer(h=8, heads=2, dropout=0.0).eval()
+    coords = grid_coordinates(16)  # 4 x 4 cells, centres at +-0.25, +-0.75
+    with torch.no_grad():
+        layer.to_kv.weight.zero_()
+        layer.to_kv.bias.zero_()  # no content: position alone decides
+        layer.to_u.weight.zero_()
+        x0, y0, b = 0.3, -0.7, 40.0
+        layer.to_u.bias.copy_(torch.tensor([2 * b * x0, 2 * b * y0, -b, -2 * b * x0, -2 * b * y0, b]))
+        _, attn = layer(torch.randn(1, 16, 8), torch.randn(1, 3, 8), torch.zeros(1, 3, dtype=torch.bool),
+                        torch.tensor([0]), coords, need_weights=True)
+    dist = ((coords - torch.tensor([x0, y0])) ** 2).sum(-1)
+    assert attn.shape == (1, 3, 16)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(1, 3))
+    # head-averaged: half the mass on the nearest cell (head 0), half on the farthest (head 1)
+    top2 = set(attn[0, 0].topk(2).indices.tolist())
+    assert top2 == {int(dist.argmin()), int(dist.argmax())}
+
+
+def test_spatial_fusion_needs_a_square_grid(tiny_config):
+    with pytest.raises(ValueError, match="square grid"):
+        TwoTowerForQuestionAnswering(tiny_config(fusion="spatial", num_image_tokens=12))
+
+
+@pytest.mark.parametrize("stride,cells", [(16, 4 * 4), (8, 8 * 8)])
+def test_finer_efficientnet_grid_carries_every_stage(stride, cells):
+    tower = build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, multiscale=True,
+                               grid_stride=stride).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = tower(x)
+        top = tower.model.extract_features(x)  # (2, 1280, 2, 2)
+    assert tokens.shape == (2, cells, 1432) and tower.out_dim == 1432
+    side = int(cells ** 0.5)
+    upsampled = torch.nn.functional.interpolate(top, size=(side, side), mode="nearest").flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens[..., :1280], upsampled)  # each cell: the top features of the cell above it
+
+
+def test_grid_stride_is_validated(tiny_vision_tower):
+    with pytest.raises(ValueError, match="vision_grid_stride"):
+        TwoTowerConfig(vision_grid_stride=4)
+    with pytest.raises(NotImplementedError, match="grid_stride"):
+        build_vision_tower(tiny_vision_tower, image_size=32, grid_stride=16)
+
+
+def test_truncated_efficientnet_is_the_full_networks_stage_features_plus_colour_statistics():
+    full = build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, multiscale=True,
+                              grid_stride=16).eval()
+    cut = build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, multiscale=True,
+                             grid_stride=16, truncate=True, color_stats=True).eval()
+    cut.load_state_dict(full.state_dict(), strict=False)  # the cut network is a prefix of the full one
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a, b = full(x), cut(x)
+    assert b.shape == (2, 16, 112 + 40 + 9) and cut.out_dim == 161
+    assert len(cut.model._blocks) < len(full.model._blocks)  # the later stages are gone, not only unused
+    torch.testing.assert_close(b[..., :112], a[..., 1280 + 40:1280 + 40 + 112])  # the stride-16 stage
+    torch.testing.assert_close(b[..., 112:152], a[..., 1280:1280 + 40])  # the stride-8 stage pooled into it
+    cell = x[0, :, :16, 16:32]  # row 0, column 1 of the 4x4 grid
+    expect = torch.cat([cell.mean((1, 2)), cell.amax((1, 2)), cell.amin((1, 2))])
+    torch.testing.assert_close(b[0, 1, 152:], expect)
+
+
+def test_truncate_needs_a_finer_grid_and_the_packaged_tower(tiny_vision_tower):
+    with pytest.raises(ValueError, match="truncate=True needs grid_stride 8 or 16"):
+        build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, truncate=True)
+    with pytest.raises(NotImplementedError, match="color_stats=True"):
+        build_vision_tower(tiny_vision_tower, image_size=32, color_stats=True)
