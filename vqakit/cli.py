@@ -220,9 +220,11 @@ def bench(suite: str = "benchmarks/suite.yaml", out_dir: str = "runs/bench", qui
 
     result = run_suite(suite, out_dir, quick=quick, extra_args=extra_args, only=only.split(",") if only else None,
                        reuse=reuse, results_dir=None if quick else results_dir)
-    print(markdown_table(result["rows"]))
-    print(f"wrote {out_dir}/bench.json, {out_dir}/bench.md" + ("" if quick or not results_dir else
-                                                              f" and {results_dir}/bench.json, bench.md"))
+    if result["rows"]:
+        print(markdown_table(result["rows"]))
+    stem = "bench" if result["rows"] or "transfer" not in result else "transfer"
+    print(f"wrote {out_dir}/{stem}.json, {out_dir}/{stem}.md" + ("" if quick or not results_dir else
+                                                                f" and {results_dir}/{stem}.json, {stem}.md"))
     return result
 
 
@@ -583,6 +585,65 @@ def _resolve_configs(argv: list[str]) -> list[str]:
     return out
 
 
+RECIPE_COMMANDS = ("train", "compare", "prepare", "tune")
+
+
+def _apply_recipe(argv: list[str]) -> list[str]:
+    """``train ... --recipe auto [--recipe_budget_minutes M] ...``: derive the recipe from the data the other
+    arguments name (``vqakit.train.auto``), print it with its reasons, write it to ``<out_dir>/recipe.yaml`` and
+    put it first (``--config recipe.yaml``), so that every option given on the command line overrides it."""
+    if not argv or argv[0] not in RECIPE_COMMANDS:
+        return argv
+    rest, recipe, budget = [argv[0]], None, None
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key in ("--recipe", "--recipe_budget_minutes"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            if key == "--recipe":
+                recipe = value
+            else:
+                budget = float(value)
+        else:
+            rest.append(arg)
+        i += 1
+    if recipe is None:
+        if budget is not None:
+            raise ValueError("--recipe_budget_minutes only applies with --recipe auto")
+        return argv
+    if recipe != "auto":
+        raise ValueError(f"--recipe={recipe!r} is not one of ('auto',); a preset is given with --config NAME_OR_FILE")
+    from jsonargparse import ArgumentParser
+
+    from vqakit.train.auto import auto_recipe
+
+    command = globals()[rest[0]]
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(command, as_group=False, as_positional=False)
+    cfg = parser.parse_args([a for a in rest[1:] if a != "--print_config"])
+    data = DataConfig(**cfg.data.as_dict())
+    out_dir = Path(cfg.train.out_dir if "train" in cfg else cfg.get("out_dir", "runs/auto"))
+    kwargs = {} if budget is None else {"budget_minutes": budget}
+    auto = auto_recipe(data, **kwargs)
+    path = auto.write(out_dir)
+    import inspect
+
+    import yaml
+
+    accepted = inspect.signature(command).parameters
+    if any(group not in accepted for group in auto.config):  # e.g. prepare has no `train`
+        path = out_dir / f"recipe-{rest[0]}.yaml"
+        path.write_text(yaml.safe_dump({k: v for k, v in auto.config.items() if k in accepted}, sort_keys=False))
+    print(auto.describe())
+    print(f"recipe written to {path} (repeat with --config {path}); options on the command line override it")
+    return [rest[0], "--config", str(path), *rest[1:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vqakit`` console script (results are printed, not returned to the shell)."""
     from jsonargparse import CLI
@@ -596,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
                 compare, report, bench,  # experiments
                 convert, generate, mini_vqa, stats, list_models,  # datasets and catalogue
             ],
-            args=args,
+            args=_apply_recipe(args),
             as_positional=False,
         )
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:  # bad input: say what, not a traceback

@@ -44,6 +44,8 @@ def load_suite(path: str | Path) -> list[dict]:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a key 'entries' with a list of {{name, config, args}}")
     for i, e in enumerate(entries):
+        if isinstance(e, dict) and e.get("kind") == "transfer" and "name" in e:
+            continue  # datasets x seeds with one recipe (vqakit.experiments.transfer)
         if not isinstance(e, dict) or "name" not in e or "config" not in e:
             raise ValueError(f"{path}: entries[{i}] needs 'name' and 'config' (got {e!r})")
         try:
@@ -182,7 +184,13 @@ def run_suite(suite: str | Path, out_dir: str | Path, quick: bool = False, extra
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    rows = [run_entry(e, out, extra_args or [], quick, reuse) for e in entries]
+    transfer = {}
+    for e in [e for e in entries if e.get("kind") == "transfer"]:
+        from vqakit.experiments.transfer import run_transfer, transfer_markdown
+
+        transfer[e["name"]] = run_transfer(e, out / e["name"], extra_args or [], quick)
+        print(transfer_markdown(transfer[e["name"]]), flush=True)
+    rows = [run_entry(e, out, extra_args or [], quick, reuse) for e in entries if e.get("kind") != "transfer"]
     result = {
         "benchmark": "vqakit bench",
         "suite": str(suite),
@@ -192,8 +200,16 @@ def run_suite(suite: str | Path, out_dir: str | Path, quick: bool = False, extra
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         "rows": rows,
     }
+    if transfer:
+        result["transfer"] = transfer
+    stem = "bench" if rows or not transfer else "transfer"  # a transfer-only run keeps bench.json as it is
     for folder in [out] + ([Path(results_dir)] if results_dir else []):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        (folder / "bench.md").write_text(markdown_table(rows) + "\n")
+        (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        md = [markdown_table(rows)] if rows else []
+        if transfer:
+            from vqakit.experiments.transfer import transfer_markdown
+
+            md += [f"## {name}\n\n{transfer_markdown(t)}" for name, t in transfer.items()]
+        (folder / f"{stem}.md").write_text("\n\n".join(md) + "\n")
     return result

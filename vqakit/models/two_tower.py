@@ -64,6 +64,9 @@ class TwoTowerConfig:
         num_fusion_layers: co-attention layers (``cross-attention``, ``spatial``); ``relational``: image
             self-attention layers before the reasoning steps.
         reasoning_steps: find/relate steps over the image of the ``relational`` fusion.
+        position_readout: ``relational``: each step's attended position also enters the answer through its
+            sin/cos codes gated by the step's control (where the found object is, read as the question asks:
+            "in the left half?", "on which side?"). Off in checkpoints written before it existed.
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
@@ -90,6 +93,7 @@ class TwoTowerConfig:
     hidden_size: int = 256
     num_fusion_layers: int = 3
     reasoning_steps: int = 3
+    position_readout: bool = True
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
@@ -143,6 +147,7 @@ def _patch_missing_keys(d: dict) -> dict:
     d.setdefault("vision_multiscale", False)
     d.setdefault("vision_grid_stride", 32)
     d.setdefault("reasoning_steps", 3)
+    d.setdefault("position_readout", False)
     d.setdefault("vision_truncate", False)
     d.setdefault("vision_color_stats", False)
     d.setdefault("vision_feature_norm", False)
@@ -267,7 +272,8 @@ def grid_coordinates(num_tokens: int) -> torch.Tensor:
 
 def cell_codes(coords: torch.Tensor, num_freqs: int) -> torch.Tensor:
     """(N, 2) cell centres -> (N, 2 + 4 * num_freqs): the centres and their sin/cos at ``pi * 2**f``."""
-    angles = coords[..., None] * (torch.pi * 2.0 ** torch.arange(num_freqs))  # (N, 2, F)
+    freqs = torch.pi * 2.0 ** torch.arange(num_freqs, device=coords.device, dtype=coords.dtype)
+    angles = coords[..., None] * freqs  # (N, 2, F)
     return torch.cat([coords, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
 
 
@@ -422,6 +428,14 @@ class RelationalFusion(nn.Module):
         pairs = k_steps * (k_steps - 1) // 2
         self.geometry = mlp(2 * k_steps + 2 * pairs, 2 * h, h, 0.0)  # positions and their differences, widened
         self.out_dim = h + k_steps + k_steps * h + k_steps * read + 2 * pairs + h + 2 * h
+        self.position_readout = cfg.position_readout
+        if cfg.position_readout:
+            # absolute position as the question asks for it: codes(where_k) (.) gate(control_k), per step. The
+            # product makes "is it in the LEFT / RIGHT half?" (position sign times a question word) linear
+            # for the classifier; a plain concatenation of the 2 coordinates left such questions at chance.
+            self.where_codes = nn.Linear(2 + 4 * 3, h)
+            self.where_gate = nn.Linear(h, h)
+            self.out_dim += k_steps * h
 
     def controls(self, q, q_mask):
         """(B, T, H) question tokens -> pooled question (B, H), step controls (B, K, H), where in the question
@@ -468,9 +482,13 @@ class RelationalFusion(nn.Module):
             maps.append(attn)
         diffs = [wheres[i] - wheres[j] for i in range(self.steps) for j in range(i + 1, self.steps)]
         geometry = self.geometry(torch.cat([*wheres, *diffs], dim=-1))
-        pooled = torch.cat([self.question_out(question), read_at, *states,
-                            *(torch.cat([r, w], -1) for r, w in zip(reads, wheres)), *diffs, geometry, z.amax(1),
-                            z.mean(1)], dim=-1)
+        parts = [self.question_out(question), read_at, *states,
+                 *(torch.cat([r, w], -1) for r, w in zip(reads, wheres)), *diffs, geometry, z.amax(1), z.mean(1)]
+        if self.position_readout:
+            where_all = torch.stack(wheres, dim=1)  # (B, K, 2)
+            gated = self.where_codes(cell_codes(where_all.flatten(0, 1), 3).unflatten(0, where_all.shape[:2]))
+            parts.append((gated * self.where_gate(controls)).flatten(1))  # (B, K * H)
+        pooled = torch.cat(parts, dim=-1)
         attentions = None
         if output_attentions:  # per step, where it looked, as (B, T, N) like the other fusions' maps
             attentions = [m[:, None].expand(-1, q.shape[1], -1) for m in maps]

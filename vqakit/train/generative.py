@@ -27,6 +27,7 @@ from vqakit.data.config import DataConfig, split_validation
 from vqakit.train.checkpointing import ResumeState
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQACollator, VQADataModule, model_inputs
+from vqakit.train.plan import PlanTimer, make_plan
 from vqakit.train.run import _load_train_examples, _trainer, finish_run, run_metadata
 
 logger = logging.getLogger("vqakit")
@@ -156,13 +157,14 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     logger.info("parameters: %s trainable of %s (%.2f%%)", f"{params['trainable']:,}", f"{params['total']:,}",
                 100 * params["trainable"] / params["total"])
 
-    steps_per_epoch = -(-len(train_set) // train.batch_size)
-    total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
-    system = GenerativeSystem(net, train, total_steps=total_steps)
+    plan = make_plan(len(train_set), train.batch_size, train.epochs, train.max_steps)
+    logger.info("%s", plan.describe())
+    system = GenerativeSystem(net, train, total_steps=plan.steps)
     datamodule = GenerativeDataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
                                       seed=train.seed)
     resume_state = ResumeState()
-    trainer = _trainer(train, out, [*_checkpoint_callbacks(out, val_set), resume_state], train.precision)
+    trainer = _trainer(train, out, [*_checkpoint_callbacks(out, val_set), resume_state, PlanTimer(plan)],
+                       train.precision, plan)
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if train.resume and last.is_file() else None
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -174,7 +176,8 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     family.save(net, processor, ckpt)
     vocab.to_json(ckpt / "answer_vocab.json")
     metadata = {"model_type": family.KEY,
-                **run_metadata(trainer, resume_state, train, params, train_examples, val_examples, skipped)}
+                **run_metadata(trainer, resume_state, train, params, train_examples, val_examples, skipped),
+                "plan": plan.to_dict()}
     return finish_run(out, ckpt, metadata, data, train, evaluate)
 
 

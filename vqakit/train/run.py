@@ -31,6 +31,7 @@ from vqakit.towers.processor import VQAProcessor
 from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQADataModule, VQADataset
+from vqakit.train.plan import PlanTimer, make_plan
 from vqakit.train.recipes import apply_strategies, check_device_support, merge_lora
 from vqakit.train.system import VQASystem
 
@@ -110,13 +111,14 @@ def _checkpoint_callbacks(train: TrainConfig, out: Path, val_set) -> list:
     return callbacks
 
 
-def _trainer(train: TrainConfig, out: Path, callbacks: list, precision: str) -> L.Trainer:
+def _trainer(train: TrainConfig, out: Path, callbacks: list, precision: str, plan=None) -> L.Trainer:
     """The Lightning trainer of every run (classifier and generative): loggers, clipping, atomic checkpoints."""
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen towers are, on purpose
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning
     warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")  # inside torchdata
     return L.Trainer(
-        max_epochs=train.epochs, max_steps=train.max_steps, precision=precision,
+        max_epochs=plan.max_epochs if plan is not None else train.epochs,
+        max_steps=plan.steps if plan is not None else train.max_steps, precision=precision,
         accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
         logger=_loggers(train, out), gradient_clip_val=train.grad_clip or None, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
@@ -193,14 +195,14 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
                 100 * params["trainable"] / params["total"])
 
     world = train.devices * train.num_nodes if train.strategy != "auto" else 1
-    per_rank = -(-len(train_set) // world)  # DistributedSampler pads every rank to the same count
-    steps_per_epoch = -(-per_rank // train.batch_size)
-    total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
-    system = VQASystem(net, train, total_steps=total_steps)
+    plan = make_plan(len(train_set), train.batch_size, train.epochs, train.max_steps, world)
+    logger.info("%s", plan.describe())
+    system = VQASystem(net, train, total_steps=plan.steps)
     datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
                                seed=train.seed, group_by_image=train.group_by_image, share_images=True)
     resume_state = ResumeState()
-    trainer = _trainer(train, out, [*_checkpoint_callbacks(train, out, val_set), resume_state], precision)
+    callbacks = [*_checkpoint_callbacks(train, out, val_set), resume_state, PlanTimer(plan)]
+    trainer = _trainer(train, out, callbacks, precision, plan)
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if train.resume and last.is_file() else None
     if ckpt_path:
@@ -216,7 +218,7 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     vocab.to_json(ckpt / "answer_vocab.json")
     metadata = run_metadata(trainer, resume_state, train, params, train_examples, val_examples, skipped)
     metadata.update(precision=precision, optimizer=train.optimizer, lora_merged_towers=merged,
-                    answer_vocab_size=len(vocab))
+                    answer_vocab_size=len(vocab), plan=plan.to_dict())
     return finish_run(out, ckpt, metadata, data, train, evaluate)
 
 

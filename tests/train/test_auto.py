@@ -1,0 +1,115 @@
+"""``--recipe auto``: the recipe follows the data (image size, grid, loss, schedule), is written as a preset,
+command-line options override it, and data it cannot train on is refused with a clear message."""
+
+import json
+
+import pytest
+import yaml
+
+from vqakit.data.config import DataConfig
+from vqakit.data.scenes import SUITE, write_scenes
+from vqakit.train.auto import DataProfile, auto_recipe, profile_data
+from vqakit.train.plan import make_plan
+
+
+def _profile(**changes):
+    base = dict(num_questions=40_000, num_images=4_000, image_width=75, image_height=75, size_spread=1.0,
+                num_answers=19, answer_types={"yes/no": 1}, agreement=0.86, question_words=9.0,
+                question_words_max=12, top_answer_share=0.2)
+    return DataProfile(**{**base, **changes})
+
+
+def test_image_size_and_grid_follow_the_native_resolution():
+    cases = {(64, 64): (64, 8), (75, 75): (80, 8), (128, 128): (128, 16), (320, 240): (256, 16)}
+    for (w, h), (size, stride) in cases.items():
+        model = auto_recipe(DataConfig(), profile=_profile(image_width=w, image_height=h)).config["model"]
+        assert (model["image_size"], model["vision_grid_stride"]) == (size, stride), (w, h)
+
+
+def test_loss_follows_answer_agreement_and_schedule_follows_size():
+    assert auto_recipe(DataConfig(), profile=_profile(agreement=0.95)).config["model"]["loss"] == "ce"
+    assert auto_recipe(DataConfig(), profile=_profile(agreement=0.5)).config["model"]["loss"] == "bce"
+    small = auto_recipe(DataConfig(), profile=_profile(num_questions=5_000)).config["train"]["max_steps"]
+    large = auto_recipe(DataConfig(), profile=_profile(num_questions=200_000), budget_minutes=1000)
+    n_large = int(200_000 * 0.95)
+    assert small * 160 / (5_000 * 0.9) == pytest.approx(40, rel=0.02)  # small data: many passes
+    assert large.config["train"]["max_steps"] * 160 / n_large == pytest.approx(3.37, rel=0.02)  # 640k samples
+    capped = auto_recipe(DataConfig(), profile=_profile(num_questions=200_000), budget_minutes=5)
+    assert capped.config["train"]["max_steps"] < large.config["train"]["max_steps"]
+    assert any("budget" in why for _, _, why in capped.reasons)
+
+
+def test_plan_follows_max_steps_whatever_the_data_size():
+    plan = make_plan(40_000, 160, epochs=4, max_steps=3700)
+    assert plan.steps == 3700 and plan.max_epochs == 15 and plan.rule == "max_steps"
+    assert "3,700 steps = 14.80 epochs of 40,000 questions, batch 160" in plan.describe()
+    assert make_plan(1000, 100, epochs=3, max_steps=-1).steps == 30
+    with pytest.raises(ValueError, match="empty"):
+        make_plan(0, 10, 1, -1)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    return write_scenes(root, SUITE["transfer-sort75"].scaled(num_train_images=20, num_val_images=4))
+
+
+def test_profile_reads_the_data(scenes):
+    p = profile_data(DataConfig(dataset="vqa-v2", root=str(scenes)))
+    assert (p.image_width, p.image_height, p.num_questions, p.num_images) == (75, 75, 200, 20)
+    assert 0.7 < p.agreement <= 1.0 and p.num_answers > 5
+
+
+def test_cli_writes_the_recipe_and_options_override_it(scenes, tmp_path, capsys):
+    from vqakit.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:  # --print_config prints and exits 0
+        main(["train", "--recipe", "auto", "--data.dataset", "vqa-v2", "--data.root", str(scenes),
+              "--train.out_dir", str(out), "--model.hidden_size", "64", "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model.image_size" in printed and "native 75x75 px" in printed
+    resolved = yaml.safe_load(printed[printed.index("model:"):])
+    assert resolved["model"]["hidden_size"] == 64  # the command line wins
+    assert resolved["model"]["image_size"] == 80 and resolved["model"]["fusion"] == "relational"
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["model"]["image_size"] == 80 and recipe["train"]["max_steps"] >= 200
+    reasons = json.loads((out / "recipe_reasons.json").read_text())
+    assert {r["key"] for r in reasons["reasons"]} >= {"model.image_size", "train.max_steps", "model.loss"}
+
+
+def _write_vqa(root, answers, image_bytes=None):
+    from PIL import Image
+
+    from vqakit.data.formats import write_vqa_v2_json
+    from vqakit.data.sources import vqa_v2_image_path, vqa_v2_paths
+
+    qp, ap, img_dir = vqa_v2_paths(root, "train2014")
+    img_dir.mkdir(parents=True)
+    qs, anns = [], []
+    for i, ans in enumerate(answers):
+        path = vqa_v2_image_path(img_dir, "train2014", i + 1)
+        if image_bytes is None:
+            Image.new("RGB", (32, 32), (i * 20, 0, 0)).save(path)
+        else:
+            path.write_bytes(image_bytes)
+        qs.append({"image_id": i + 1, "question": "what is it?", "question_id": i})
+        anns.append({"question_id": i, "image_id": i + 1, "question_type": "what", "answer_type": "other",
+                     "multiple_choice_answer": ans[0] if ans else "",
+                     "answers": [{"answer": a, "answer_id": j + 1, "answer_confidence": "yes"}
+                                 for j, a in enumerate(ans)]})
+    write_vqa_v2_json(qp, ap, "train2014", qs, anns)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("single", "every question has the same answer 'red'"),
+    ("undecodable", "fail to decode|could be opened"),
+])
+def test_data_it_cannot_train_on_is_refused(tmp_path, case, message):
+    if case == "single":
+        _write_vqa(tmp_path, [["red"] * 10] * 4)
+    else:
+        _write_vqa(tmp_path, [["red"] * 10, ["blue"] * 10], image_bytes=b"not an image")
+    with pytest.raises(ValueError, match=message):
+        profile_data(DataConfig(dataset="vqa-v2", root=str(tmp_path), scan_images=False))

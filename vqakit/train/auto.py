@@ -1,0 +1,230 @@
+"""``--recipe auto``: a training recipe derived from the data, not from the datasets vqakit was tuned on.
+
+It reads the training split once (questions, answers, a sample of image headers) and decides:
+
+- **image size and grid**: the images' native resolution (no blurry upsampling of small images; large ones only
+  as far down as the CPU budget needs), and the EfficientNet stage whose grid gives 8-16 cells a side
+  (stride 8 for images up to 96 px, else 16), cut after that stage, with per-cell colour statistics;
+- **fusion**: the relational find / relate / read steps (``RelationalFusion``), which answer attribute, position,
+  counting, comparison and relation questions alike; more steps for longer questions;
+- **answer head and loss**: the vocabulary covering the answers; soft-score BCE where humans disagree (real
+  photos), cross-entropy on the majority answer where they mostly agree;
+- **schedule**: a number of optimizer steps from the dataset size (passes enough for small data, fewer for large
+  data), capped so that training fits ``budget_minutes`` on this machine, warm-up and cosine decay over exactly
+  those steps.
+
+Every choice comes with its reason; the recipe is printed, written to the run directory as ``recipe.yaml`` (a
+preset: ``vqakit train --config runs/x/recipe.yaml`` repeats it) and the reasons to ``recipe_reasons.json``.
+Options given on the command line override the recipe's.
+
+Data the recipe cannot train on is refused before anything is built, naming what and where: an empty split, no
+answers, a single answer class, images that fail to decode, image sizes that vary wildly (reported, the median is
+used).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vqakit.data.answers import majority_answer, normalize_answer
+from vqakit.data.config import DataConfig, load_split
+
+# Seconds per optimizer step of the relational recipe on 2 CPU cores (batch 160, frozen towers), by grid cells:
+# measured on this project's machines (benchmarks/train_transfer.py records the real figure of every run).
+_SECONDS_PER_STEP = {64: 0.22, 100: 0.3, 144: 0.42, 256: 0.75}
+
+
+@dataclass
+class DataProfile:
+    """What the recipe looks at."""
+
+    num_questions: int
+    num_images: int
+    image_width: int  # medians over a sample
+    image_height: int
+    size_spread: float  # largest / smallest long side in the sample
+    num_answers: int
+    answer_types: dict
+    agreement: float  # mean fraction of the 10 human answers equal to the majority (normalised)
+    question_words: float  # mean
+    question_words_max: int
+    top_answer_share: float
+    bad_images: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class AutoRecipe:
+    config: dict  # {"model": {...}, "data": {...}, "train": {...}}, the keys of a preset
+    reasons: list  # [(key, value, why)]
+    profile: DataProfile
+
+    def describe(self) -> str:
+        lines = [f"auto recipe for {self.profile.num_questions:,} questions on {self.profile.num_images:,} images "
+                 f"({self.profile.image_width}x{self.profile.image_height} px, {self.profile.num_answers} answers):"]
+        width = max(len(k) for k, _, _ in self.reasons)
+        lines += [f"  {k:<{width}}  {v!s:<14} {why}" for k, v, why in self.reasons]
+        return "\n".join(lines)
+
+    def write(self, out_dir: str | Path) -> Path:
+        import yaml
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        header = "# written by --recipe auto; repeat the run with: vqakit train --config THIS_FILE\n"
+        (out / "recipe.yaml").write_text(header + yaml.safe_dump(self.config, sort_keys=False))
+        (out / "recipe_reasons.json").write_text(json.dumps(
+            {"reasons": [{"key": k, "value": v, "why": w} for k, v, w in self.reasons],
+             "profile": self.profile.to_dict()}, indent=1) + "\n")
+        return out / "recipe.yaml"
+
+
+def profile_data(data: DataConfig, sample_images: int = 256) -> DataProfile:
+    """Read the training split: counts, answer statistics, question lengths, image sizes of a seeded sample."""
+    from PIL import Image
+
+    examples = load_split(data, data.train_split)
+    where = f"{data.dataset} split {data.train_split!r}" + (f" under {data.root}" if data.root else "")
+    if not examples:
+        raise ValueError(f"{where} has no questions: nothing to train on")
+    no_answers = [e.question_id for e in examples if not any(a.strip() for a in e.answers)]
+    if len(no_answers) == len(examples):
+        raise ValueError(f"{where}: no question has an answer (first ids {no_answers[:5]}); a training split needs "
+                         "answers")
+    majorities = [majority_answer(e.answers) for e in examples if e.answers]
+    counts = Counter(majorities)
+    if len(counts) < 2:
+        raise ValueError(f"{where}: every question has the same answer {next(iter(counts))!r}: a classifier has "
+                         "nothing to learn (is the answers field mapped right?)")
+    agreement = statistics.fmean(
+        sum(normalize_answer(a) == m for a in e.answers) / len(e.answers)
+        for e, m in zip((e for e in examples if e.answers), majorities))
+    words = [len(e.question.split()) for e in examples]
+    images = sorted({e.image for e in examples})
+    rng = random.Random(0)
+    sample = rng.sample(images, min(sample_images, len(images)))
+    sizes, bad = [], []
+    for path in sample:
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except Exception as err:  # noqa: BLE001 - any decode failure is reported with its path
+            bad.append(f"{path}: {err}")
+    if not sizes:
+        raise ValueError(f"{where}: none of {len(sample)} sampled images could be opened, e.g. {bad[:3]}")
+    if len(bad) > 0.5 * len(sample):
+        raise ValueError(f"{where}: {len(bad)} of {len(sample)} sampled images fail to decode, e.g. {bad[:3]}")
+    longs = [max(s) for s in sizes]
+    return DataProfile(
+        num_questions=len(examples), num_images=len(images),
+        image_width=int(statistics.median(w for w, _ in sizes)), image_height=int(statistics.median(h for _, h in sizes)),
+        size_spread=round(max(longs) / min(longs), 2), num_answers=len(counts),
+        answer_types=dict(Counter(e.answer_type for e in examples)), agreement=round(agreement, 3),
+        question_words=round(statistics.fmean(words), 1), question_words_max=max(words),
+        top_answer_share=round(counts.most_common(1)[0][1] / len(majorities), 3), bad_images=bad,
+    )  # fmt: skip
+
+
+def _round_up(x: float, m: int) -> int:
+    return int(math.ceil(x / m) * m)
+
+
+def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int = 160,
+                profile: DataProfile | None = None) -> AutoRecipe:
+    """The recipe for ``data`` (see the module docstring).
+
+    Args:
+        data: the data of the run (its train split is read).
+        budget_minutes: the schedule is capped to train in about this long on a 2-core CPU.
+        batch_size: questions per step.
+        profile: a profile already computed (tests).
+    """
+    p = profile or profile_data(data)
+    reasons: list = []
+
+    def choose(key, value, why):
+        reasons.append((key, value, why))
+        return value
+
+    # --- image side
+    native = max(p.image_width, p.image_height)
+    if p.size_spread > 4:
+        choose("warning", "image sizes", f"long sides vary {p.size_spread}x in the sample: the median "
+               f"{native} px is used for all; consider resizing the images first")
+    if native <= 96:
+        size, stride = _round_up(native, 8), 8
+        size_why = f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 8 (no resampling blur)"
+    elif native <= 256:
+        size, stride = _round_up(native, 16), 16
+        size_why = f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 16"
+    else:
+        size, stride = 256, 16
+        size_why = f"native {p.image_width}x{p.image_height} px, down to 256 to fit the CPU budget (16x16 cells)"
+    model = {
+        "vision_tower": choose("model.vision_tower", "efficientnet-lite0", "packaged ImageNet CNN, offline"),
+        "text_tower": choose("model.text_tower", "minilm-l6", "packaged sentence encoder, offline"),
+        "image_size": choose("model.image_size", size, size_why),
+        "vision_multiscale": True,
+        "vision_grid_stride": choose("model.vision_grid_stride", stride,
+                                     f"a {size // stride}x{size // stride} grid of {stride}-px cells"),
+        "vision_truncate": choose("model.vision_truncate", True, "mid-level features (where and what colour) "
+                                  "at a fraction of the full network's cost"),
+        "vision_color_stats": choose("model.vision_color_stats", True, "per-cell mean/max/min RGB: colours "
+                                     "are named exactly"),
+        "vision_feature_norm": True,
+        "fusion": choose("model.fusion", "relational", "find / relate / read steps: attribute, position, "
+                         "counting, comparison and relations alike"),
+    }
+    steps = 4 if p.question_words <= 12 else 5
+    model["reasoning_steps"] = choose("model.reasoning_steps", steps,
+                                      f"questions average {p.question_words} words (max {p.question_words_max})")
+    model.update(hidden_size=128, num_fusion_layers=1, num_heads=4, mlp_ratio=2, dropout=0.0)
+    loss = "ce" if p.agreement >= 0.75 else "bce"
+    model["loss"] = choose("model.loss", loss,
+                           f"humans agree with the majority answer {100 * p.agreement:.0f}% of the time: "
+                           + ("cross-entropy on it" if loss == "ce" else "soft VQA scores (BCE)"))
+    top_k = min(p.num_answers, 3000)
+    data_out = {
+        "top_k_answers": choose("data.top_k_answers", top_k, f"{p.num_answers} distinct majority answers"
+                                + (" (the 3,000 most frequent)" if top_k < p.num_answers else "")),
+        "val_fraction": choose("data.val_fraction", 0.05 if p.num_questions >= 20_000 else 0.1,
+                               "validation carved from train (whole images), for best.ckpt and vqakit tune"),
+    }
+
+    # --- schedule: passes from the dataset size, capped by the time budget
+    n_train = int(p.num_questions * (1 - data_out["val_fraction"]))
+    cells = (size // stride) ** 2
+    per_step = _seconds_per_step(cells)
+    epochs_wanted = min(40.0, max(3.0, 640_000 / max(n_train, 1)))
+    steps_wanted = int(epochs_wanted * n_train / batch_size)
+    steps_budget = int(budget_minutes * 60 / per_step)
+    steps = max(200, min(steps_wanted, steps_budget))
+    why = (f"{steps_wanted * batch_size / n_train:.1f} passes over {n_train:,} questions"
+           if steps == steps_wanted else
+           f"capped by the {budget_minutes:g}-min budget at ~{per_step:.2f} s/step (wanted {steps_wanted:,})")
+    train = {
+        "vision": "frozen", "text": "frozen",
+        "max_steps": choose("train.max_steps", steps, why),
+        "batch_size": choose("train.batch_size", batch_size, "questions per step; an image's questions together"),
+        "group_by_image": True,
+        "lr": choose("train.lr", 0.002, "AdamW, warm-up 10% then cosine to 0 over the planned steps"),
+        "warmup_ratio": 0.1, "weight_decay": 0.01, "grad_clip": 1.0,
+    }
+    choose("train.vision / train.text", "frozen", "towers over the feature cache: every step is fusion + head")
+    return AutoRecipe({"model": model, "data": data_out, "train": train}, reasons, p)
+
+
+def _seconds_per_step(cells: int) -> float:
+    known = sorted(_SECONDS_PER_STEP)
+    for c in known:
+        if cells <= c:
+            return _SECONDS_PER_STEP[c]
+    return _SECONDS_PER_STEP[known[-1]] * cells / known[-1]
