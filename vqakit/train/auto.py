@@ -35,9 +35,11 @@ from pathlib import Path
 from vqakit.data.answers import majority_answer, normalize_answer
 from vqakit.data.config import DataConfig, load_split
 
-# Seconds per optimizer step of the relational recipe on 2 CPU cores (batch 160, frozen towers), by grid cells:
-# measured on this project's machines (benchmarks/train_transfer.py records the real figure of every run).
-_SECONDS_PER_STEP = {64: 0.22, 100: 0.3, 144: 0.42, 256: 0.75}
+# Seconds per optimizer step of the relational recipe on 2 idle CPU cores (batch 160, frozen towers), by grid
+# cells. 64: measured (the shapes-rel recipe, 3,700 steps in 1,000-1,078 s); the others scale it by the fusion's
+# measured forward+backward cost (100 cells: 1.2x of 64) and linearly in cells beyond. Only the budget cap uses
+# it; every run measures its own s/step and prints the estimate (training plan).
+_SECONDS_PER_STEP = {64: 0.28, 100: 0.34, 144: 0.48, 256: 0.85}
 
 
 @dataclass
