@@ -24,8 +24,6 @@ them (lmms-eval, VLMEvalKit), following OpenAI's API reference
   not counted in tokens.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import time
@@ -35,7 +33,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from vqakit.serve.sources import RequestError, decode_base64, fetch_image_url
 
@@ -343,9 +341,17 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+def chat_request_model(model_id: str) -> type[ChatCompletionRequest]:
+    """The request body with this server's model id in its JSON schema (any other name is a 404, as OpenAI's)."""
+    return create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, model=(str, Field(
+        max_length=256, description=f"the model id: {model_id!r} (GET /v1/models)",
+        json_schema_extra={"enum": [model_id]})))
+
+
 def add_openai_routes(app: FastAPI, service, model_id: str) -> None:
     """Mount ``/v1/chat/completions`` and ``/v1/models`` on ``app``, answering through ``service``."""
     cfg = service.config
+    ChatRequest = chat_request_model(model_id)
 
     @app.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, tags=["openai"],
              summary="The model this server holds (OpenAI-compatible)")
@@ -363,7 +369,7 @@ def add_openai_routes(app: FastAPI, service, model_id: str) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True,
               responses={**OPENAI_ERRORS, 200: {"content": {"text/event-stream": {}}}}, tags=["openai"],
               summary="Answer a question about an image (OpenAI chat completions)")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatRequest) -> Any:  # type: ignore[valid-type]
         check_parameters(body, model_id)
         question, url, image_param = parse_messages(body.messages)
         if body.top_logprobs is not None and body.top_logprobs > cfg.max_top_k:
