@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from vqakit.predict import VQAPredictor  # noqa: E402
+from vqakit.inference.predict import VQAPredictor  # noqa: E402
 from vqakit.serve.app import VQAService, create_app  # noqa: E402
 from vqakit.serve.config import ServeConfig  # noqa: E402
 from vqakit.serve.openai_api import default_model_id  # noqa: E402
