@@ -486,9 +486,9 @@ def serve(
     access_log: bool = False,
 ) -> None:
     """Serve a checkpoint over HTTP (FastAPI + uvicorn): ``POST /predict`` (JSON), ``POST /predict/upload``
-    (multipart), ``GET /health``, OpenAPI docs at ``/docs`` and the web UI at ``/ui``. Concurrent requests are
-    micro-batched; ``image_path`` and ``image_url`` stay disabled until ``--server.image_root`` /
-    ``--server.allowed_url_hosts`` are set. Needs the ``serve`` extra (``pip install -e ".[serve]"``).
+    (multipart), ``GET /health``, OpenAI-compatible ``POST /v1/chat/completions`` and ``GET /v1/models``, OpenAPI
+    docs at ``/docs`` and the web UI at ``/ui``. Concurrent requests are micro-batched; ``image_path`` and
+    ``image_url`` stay disabled until ``--server.image_root`` / ``--server.allowed_url_hosts`` are set. Needs the ``serve`` extra (``pip install -e ".[serve]"``).
 
     Args:
         checkpoint: checkpoint directory.

@@ -168,7 +168,8 @@ def test_limits_and_shapes(local):
     big = {"model": "x", "messages": user("q?", b"\x89PNG" + bytes(8000))}
     error = openai_error(local.post("/v1/chat/completions", json=big), 413)
     assert error["param"] == "messages[0].content[0].image_url.url" and "max_upload_bytes" in error["message"]
-    too_big_body = local.post("/v1/chat/completions", content=b"x" * 10**6, headers={"content-type": "application/json"})
+    too_big_body = local.post("/v1/chat/completions", content=b"x" * 10**6,
+                              headers={"content-type": "application/json"})
     assert "request body" in openai_error(too_big_body, 413)["message"]
     not_json = local.post("/v1/chat/completions", content=b"model=x", headers={"content-type": "text/plain"})
     assert openai_error(not_json, 415)["code"] == "unsupported_media_type"

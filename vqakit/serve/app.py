@@ -12,7 +12,8 @@
 A bad request gets a 4xx JSON body ``{"error": "<what is wrong, naming the field>", ...}``: 400 unreadable
 input, 403 a source the server does not allow, 404 no such file, 408 a URL too slow, 413 too large,
 422 an invalid field. Under ``/v1/`` errors take OpenAI's shape ``{"error": {"message", "type", "param",
-"code"}}`` (415 for a body that is not JSON). Only an unexpected failure of the model itself is a 500, and the worker survives it.
+"code"}}`` (415 for a body that is not JSON). Only an unexpected failure of the model itself is a 500, and the
+worker survives it.
 """
 
 import asyncio
