@@ -101,3 +101,48 @@ def tiny_checkpoint(tiny_vision_tower, tiny_text_tower, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-checkpoint") / "checkpoint"
     TwoTowerForQuestionAnswering(config).save_pretrained(path, tokenizer=load_tokenizer(tiny_text_tower))
     return path
+
+
+@pytest.fixture(scope="session")
+def serve_process(tmp_path_factory):
+    """A factory: ``serve_process(checkpoint, *flags)`` starts a real ``vqakit serve`` process on a free loopback
+    port, waits for ``/health`` and returns its base URL; every process is stopped at the end of the session."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    servers = []
+
+    def start(checkpoint, *flags: str) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+        log = open(log_path, "w")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        proc = subprocess.Popen([sys.executable, "-m", "vqakit.cli", "serve", "--checkpoint", str(checkpoint),
+                                 "--port", str(port), "--ui", "false", "--server.backend", "torch", *flags],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        servers.append((proc, log))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300  # the 2 shared cores can be busy
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                httpx.get(f"{url}/health", timeout=2).raise_for_status()
+                return url
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, f"vqakit serve did not start: {log_path.read_text()}"
+                time.sleep(0.3)
+
+    yield start
+    for proc, log in servers:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vqakit.data.config import DataConfig
+from vqakit.eval.endpoint import EndpointOptions  # a plain dataclass: httpx is imported when used
 from vqakit.models.gru_decoder import GRUDecoderConfig
 from vqakit.models.llm_prefix import LLMPrefixConfig
 from vqakit.models.two_tower import TwoTowerConfig
@@ -273,31 +274,58 @@ def train(
 
 
 def evaluate(
-    checkpoint: str,
+    checkpoint: str | None = None,
     data: DataConfig = DataConfig(),
     split: str | None = None,
     out_dir: str | None = None,
     batch_size: int = 256,
     use_cache: bool = True,
     quantize: str | None = None,
+    endpoint: str | None = None,
+    endpoint_model: str | None = None,
+    prompt_template: str = "{question}",
+    system_prompt: str | None = None,
+    endpoint_options: EndpointOptions = EndpointOptions(),
 ) -> dict:
-    """Evaluate a checkpoint: official VQA accuracy (overall, per answer type, per question type), exact match,
-    top-5, macro/weighted precision, recall and F1. Writes metrics.json, predictions.csv and failures.json.
+    """Evaluate a checkpoint, or any OpenAI-compatible VQA server: official VQA accuracy (overall, per answer type,
+    per question type), exact match, top-5, macro/weighted precision, recall and F1. Writes metrics.json,
+    predictions.csv and failures.json.
 
     Args:
-        checkpoint: checkpoint directory (``<run>/checkpoint``).
+        checkpoint: checkpoint directory (``<run>/checkpoint``); or give ``endpoint`` instead.
         data: dataset to evaluate on.
         split: split name (default ``data.eval_split``).
-        out_dir: output directory (default ``<checkpoint>/eval-<dataset>-<split>``).
-        batch_size: questions per forward pass.
-        use_cache: reuse / fill the feature cache for the towers' outputs.
+        out_dir: output directory (default ``<checkpoint>/eval-<dataset>-<split>``, or
+            ``eval-<endpoint_model>-<dataset>-<split>`` for an endpoint; its ``answers.jsonl`` resumes a run).
+        batch_size: questions per forward pass (checkpoint).
+        use_cache: reuse / fill the feature cache for the towers' outputs (checkpoint).
         quantize: ``int8``: evaluate as served with dynamic INT8 quantization of the Linear layers (CPU).
+        endpoint: an OpenAI-compatible server's base URL (``http://127.0.0.1:8000/v1``: ``vqakit serve``, vLLM,
+            ...), asked one chat completion per question with the image as a data: URL.
+        endpoint_model: the model id the endpoint serves (its ``GET /v1/models``).
+        prompt_template: the user text sent for each question; ``{question}`` is replaced by it (e.g.
+            ``"{question}\\nAnswer the question using a single word or phrase."`` for a general VLM).
+        system_prompt: a system message sent before each question (none by default).
+        endpoint_options: concurrency, retries and backoff, request timeout, max_tokens, logprobs, API key.
     """
     from vqakit.eval.evaluate import evaluate_checkpoint, format_metrics
-    from vqakit.inference.generative import load_predictor
 
-    predictor = load_predictor(checkpoint, quantize=quantize) if quantize else None
-    metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache, predictor=predictor)
+    if (checkpoint is None) == (endpoint is None):
+        raise ValueError("give exactly one of --checkpoint DIR or --endpoint URL (with --endpoint_model NAME)")
+    if endpoint is not None:
+        from vqakit.eval.endpoint import evaluate_endpoint
+
+        if not endpoint_model:
+            raise ValueError(f"--endpoint {endpoint} needs --endpoint_model: the model id it serves (GET /v1/models)")
+        if quantize:
+            raise ValueError("--quantize applies to a local checkpoint; an endpoint is evaluated as it serves")
+        metrics = evaluate_endpoint(endpoint, endpoint_model, data, split, out_dir, prompt_template, system_prompt,
+                                    endpoint_options)
+    else:
+        from vqakit.inference.generative import load_predictor
+
+        predictor = load_predictor(checkpoint, quantize=quantize) if quantize else None
+        metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache, predictor=predictor)
     print(format_metrics(metrics))
     print(f"wrote {metrics['out_dir']}")
     return metrics
@@ -460,9 +488,9 @@ def serve(
     access_log: bool = False,
 ) -> None:
     """Serve a checkpoint over HTTP (FastAPI + uvicorn): ``POST /predict`` (JSON), ``POST /predict/upload``
-    (multipart), ``GET /health``, OpenAPI docs at ``/docs`` and the web UI at ``/ui``. Concurrent requests are
-    micro-batched; ``image_path`` and ``image_url`` stay disabled until ``--server.image_root`` /
-    ``--server.allowed_url_hosts`` are set. Needs the ``serve`` extra (``pip install -e ".[serve]"``).
+    (multipart), ``GET /health``, OpenAI-compatible ``POST /v1/chat/completions`` and ``GET /v1/models``, OpenAPI
+    docs at ``/docs`` and the web UI at ``/ui``. Concurrent requests are micro-batched; ``image_path`` and
+    ``image_url`` stay disabled until ``--server.image_root`` / ``--server.allowed_url_hosts`` are set. Needs the ``serve`` extra (``pip install -e ".[serve]"``).
 
     Args:
         checkpoint: checkpoint directory.

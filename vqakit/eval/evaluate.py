@@ -43,6 +43,23 @@ def evaluate_checkpoint(
 
         predictor = load_predictor(checkpoint)
     generative = getattr(predictor, "generative", False)
+    examples, skipped = load_examples(data, split, progress)
+    start = time.perf_counter()
+    predictions = predictor.predict_examples(
+        examples, batch_size=batch_size, use_cache=use_cache, cache_dir=_features_dir(data), progress=progress
+    )
+    seconds = time.perf_counter() - start
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint) / f"eval-{data.dataset}-{split}"
+    return score_and_write(
+        examples, predictions, out, labels=predictor.labels, generative=generative,
+        decoding=predictor.decoding if generative else None,
+        info=dict(dataset=data.dataset, split=split, checkpoint=str(checkpoint), skipped_images=skipped,
+                  predict_seconds=round(seconds, 2), questions_per_second=round(len(examples) / max(seconds, 1e-9), 1)),
+    )  # fmt: skip
+
+
+def load_examples(data: DataConfig, split: str, progress: bool = True) -> tuple[list, list]:
+    """The examples of ``split`` with unreadable images left out (``data.scan_images``), and those images' ids."""
     examples = load_split(data, split)
     if data.scan_images:
         report = scan_images({e.image_id: e.image for e in examples}, progress=progress)
@@ -52,11 +69,16 @@ def evaluate_checkpoint(
         skipped = []
     if not examples:
         raise ValueError(f"no examples to evaluate in {data.dataset} split {split!r}")
-    start = time.perf_counter()
-    predictions = predictor.predict_examples(
-        examples, batch_size=batch_size, use_cache=use_cache, cache_dir=_features_dir(data), progress=progress
-    )
-    seconds = time.perf_counter() - start
+    return examples, skipped
+
+
+def score_and_write(examples: list, predictions: list, out: Path, labels: list[str] | None, generative: bool,
+                    decoding: dict | None, info: dict) -> dict:
+    """Score ``predictions`` (one ``Prediction`` per example, raw answers) as the official evaluation does and write
+    ``metrics.json`` (with ``info``), ``predictions.csv`` and ``failures.json`` into ``out``; the metrics.
+
+    Shared by ``evaluate_checkpoint`` and ``vqakit.eval.endpoint.evaluate_endpoint``, so a checkpoint and the same
+    checkpoint behind a server are scored by one code path."""
     if generative:  # free text is scored after the official normalisation (see vqakit.eval.generative)
         from vqakit.eval.generative import normalize_generation
 
@@ -68,7 +90,7 @@ def evaluate_checkpoint(
         )
         for e, p in zip(examples, predictions)
     ]  # fmt: skip
-    metrics = compute_metrics(records, labels=predictor.labels)
+    metrics = compute_metrics(records, labels=labels)
     if generative:
         from vqakit.eval.generative import AnswerEmbedder, compute_generative_metrics
 
@@ -76,12 +98,9 @@ def evaluate_checkpoint(
                                          [e.answer_type for e in examples], embedder=AnswerEmbedder())
         gen.pop("per_question")
         metrics["generative"] = gen
-        metrics["decoding"] = predictor.decoding
-    metrics.update(
-        dataset=data.dataset, split=split, checkpoint=str(checkpoint), skipped_images=skipped,
-        predict_seconds=round(seconds, 2), questions_per_second=round(len(records) / max(seconds, 1e-9), 1),
-    )  # fmt: skip
-    out = Path(out_dir) if out_dir is not None else Path(checkpoint) / f"eval-{data.dataset}-{split}"
+        metrics["decoding"] = decoding
+    metrics.update(info)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions_csv(records, per_question_accuracy(records), out / "predictions.csv")

@@ -5,6 +5,6 @@
 
 ``config.py`` holds the settings (batching and every security limit), ``batching.py`` groups concurrent
 requests into one forward pass, ``sources.py`` reads images from the request (base64, a path under a
-configured root, an allow-listed URL) under those limits, ``app.py`` is the FastAPI application and ``ui.py``
-the Gradio page mounted at ``/ui``. Nothing here imports ``vqakit.train``.
+configured root, an allow-listed URL) under those limits, ``app.py`` is the FastAPI application, ``openai_api.py``
+its OpenAI-compatible ``/v1`` routes and ``ui.py`` the Gradio page mounted at ``/ui``. Nothing here imports ``vqakit.train``.
 """

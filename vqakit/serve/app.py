@@ -4,12 +4,16 @@
                            ``image_url``, optional ``top_k`` and ``heatmap``
     POST /predict/upload   multipart: ``file``, one or more ``question`` fields, ``top_k``, ``heatmap``
     GET  /health           model, backend, batching statistics
+    POST /v1/chat/completions  OpenAI-compatible chat completions (``vqakit.serve.openai_api``), same batcher
+    GET  /v1/models            the model id those requests name
     GET  /docs             OpenAPI documentation (``/openapi.json``)
     GET  /ui               the Gradio web UI (``ui=True``)
 
 A bad request gets a 4xx JSON body ``{"error": "<what is wrong, naming the field>", ...}``: 400 unreadable
 input, 403 a source the server does not allow, 404 no such file, 408 a URL too slow, 413 too large,
-422 an invalid field. Only an unexpected failure of the model itself is a 500, and the worker survives it.
+422 an invalid field. Under ``/v1/`` errors take OpenAI's shape ``{"error": {"message", "type", "param",
+"code"}}`` (415 for a body that is not JSON). Only an unexpected failure of the model itself is a 500, and the
+worker survives it.
 """
 
 import asyncio
@@ -30,6 +34,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vqakit.data.images import ImageLoadError, load_image
 from vqakit.serve.batching import MicroBatcher, QueueFull
 from vqakit.serve.config import ServeConfig
+from vqakit.serve.openai_api import (
+    OpenAIError,
+    add_openai_routes,
+    default_model_id,
+    is_openai_path,
+    openai_error_body,
+    param_of,
+)
 from vqakit.serve.sources import RequestError, decode_base64, fetch_image_url, read_image_path
 
 logger = logging.getLogger("vqakit")
@@ -248,13 +260,14 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
+        openai = is_openai_path(scope.get("path", ""))
         if declared is not None:
             if not declared.isdigit():
-                return await _send_error(send, 400, f"Content-Length {declared[:40].decode(errors='replace')!r} "
-                                                    "is not a number")
+                shown = declared[:40].decode(errors="replace")
+                return await _send_error(send, 400, openai, f"Content-Length {shown!r} is not a number")
             if int(declared) > self.max_bytes:
-                return await _send_error(send, 413, f"request body of {int(declared):,} bytes is more than "
-                                                    f"{self.max_bytes:,} (max_upload_bytes plus room for the fields)")
+                return await _send_error(send, 413, openai, f"request body of {int(declared):,} bytes is more "
+                                         f"than {self.max_bytes:,} (max_upload_bytes plus room for the fields)")
         seen = 0
 
         async def limited_receive():
@@ -269,8 +282,8 @@ class BodySizeLimit:
         return await self.app(scope, limited_receive, send)
 
 
-async def _send_error(send, status: int, message: str) -> None:
-    response = JSONResponse({"error": message}, status_code=status)
+async def _send_error(send, status: int, openai: bool, message: str) -> None:
+    response = JSONResponse(openai_error_body(status, message) if openai else {"error": message}, status_code=status)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 
@@ -296,25 +309,43 @@ def create_app(service: VQAService, ui: bool = False, ui_examples: list | None =
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=cfg.max_request_bytes)
 
+    def error(request, status: int, message: str, param: str | None = None, code: str | None = None, **extra):
+        """``{"error": message}`` (``/predict``), or OpenAI's error object under ``/v1/``."""
+        if is_openai_path(request.url.path):
+            return JSONResponse(openai_error_body(status, message, param, code), status_code=status,
+                                headers=extra.get("headers"))
+        return JSONResponse({"error": message, **({"detail": extra["detail"]} if "detail" in extra else {})},
+                            status_code=status, headers=extra.get("headers"))
+
     @app.exception_handler(RequestError)
     async def request_error(request, err: RequestError):
-        return JSONResponse({"error": err.message}, status_code=err.status)
+        if isinstance(err, OpenAIError):
+            return error(request, err.status, err.message, err.param, err.code)
+        return error(request, err.status, err.message)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, err: RequestValidationError):
         detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type"))}
                   for e in err.errors()]
         summary = "; ".join(f"{'.'.join(d['loc'][1:] or d['loc'])}: {d['msg']}" for d in detail[:5])
-        return JSONResponse({"error": f"invalid request: {summary}", "detail": detail}, status_code=422)
+        if is_openai_path(request.url.path):
+            content_type = request.headers.get("content-type", "")
+            if request.method == "POST" and not content_type.split(";")[0].strip().endswith("json"):
+                return error(request, 415, f"the body must be JSON (Content-Type: application/json), got "
+                                           f"{content_type[:60]!r}", None, "unsupported_media_type")
+            first = err.errors()[0] if err.errors() else {}
+            return error(request, 422, f"invalid request: {summary}", param_of(first.get("loc", ())),
+                         str(first.get("type")) if first else None)
+        return error(request, 422, f"invalid request: {summary}", detail=detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err: StarletteHTTPException):
-        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
+        return error(request, err.status_code, str(err.detail), headers=err.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request, err: Exception):  # the model failed: not the client's fault
         logger.exception("internal error on %s", request.url.path)
-        return JSONResponse({"error": f"internal error: {type(err).__name__}: {err}"}, status_code=500)
+        return error(request, 500, f"internal error: {type(err).__name__}: {err}")
 
     PredictRequest = predict_request_model(cfg)
 
@@ -348,6 +379,8 @@ def create_app(service: VQAService, ui: bool = False, ui_examples: list | None =
         if not data:
             raise RequestError(400, "file is empty (0 bytes)")
         return await service.answer(data, questions, top_k, heatmap)
+
+    add_openai_routes(app, service, cfg.model_name or default_model_id(service.checkpoint))
 
     if ui:
         import gradio as gr

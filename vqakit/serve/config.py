@@ -36,7 +36,9 @@ class ServeConfig:
         max_pixels: largest image accepted, in pixels (decompression-bomb guard, checked before decoding).
         max_question_chars: longest question accepted.
         max_questions: most questions per request.
-        max_top_k: largest ``top_k`` a request may ask for.
+        max_top_k: largest ``top_k`` a request may ask for (and ``top_logprobs`` on ``/v1/chat/completions``).
+        model_name: the model id of the OpenAI-compatible routes (``/v1/models``; requests must name it).
+            Default: the checkpoint directory's name, or the run's for ``<run>/checkpoint``.
     """
 
     backend: str = "auto"
@@ -56,6 +58,7 @@ class ServeConfig:
     max_question_chars: int = 512
     max_questions: int = 16
     max_top_k: int = 20
+    model_name: str | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -70,6 +73,8 @@ class ServeConfig:
         for name in ("max_wait_ms", "max_url_redirects", "question_cache"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--server.{name}={getattr(self, name)} must not be negative")
+        if self.model_name is not None and not self.model_name.strip():
+            raise ValueError("--server.model_name must not be empty (leave it unset for the checkpoint's name)")
         self.allowed_url_hosts = [h.strip().lower().rstrip(".") for h in self.allowed_url_hosts if h.strip()]
 
     @property
