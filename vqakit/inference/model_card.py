@@ -114,7 +114,9 @@ def render_model_card(ckpt: str | Path, metrics: dict | None = None) -> str:
     if arch:
         lines += ["", "| setting | value |", "|---|---|", *[f"| {k} | `{v}` |" for k, v in arch.items()]]
 
-    lines += ["", "## How to load", "", "```python", "from vqakit.inference.generative import load_predictor", "",
+    lines += ["", "## How to load", "", "From the Hub: `huggingface-cli download <user>/<repo> --local-dir "
+              f"{ckpt.name}` (uploaded with `huggingface-cli upload <user>/<repo> {ckpt.name}`), then:", "",
+              "```python", "from vqakit.inference.generative import load_predictor", "",
               f'predictor = load_predictor("{ckpt.name}")  # this directory (or a local download of it)',
               'print(predictor.predict("image.jpg", "What color is the cube?"))', "```", "", "```bash",
               f'vqakit predict --checkpoint {ckpt.name} --image image.jpg --question "What color is the cube?"',
@@ -137,7 +139,7 @@ def render_model_card(ckpt: str | Path, metrics: dict | None = None) -> str:
             ("validation questions", training.get("num_val_questions")),
             ("data fingerprint", training.get("data_fingerprint")),
             ("precision", training.get("precision")),
-            ("torch / lightning", f"{training.get('torch')} / {training.get('lightning')}"),
+            ("torch / lightning", f"{training['torch']} / {training.get('lightning')}" if "torch" in training else None),
         ]
         lines += ["", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows if v is not None]]
     else:

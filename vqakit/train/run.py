@@ -160,7 +160,7 @@ def finish_run(out: Path, ckpt: Path, metadata: dict, data: DataConfig, train: T
                trainer: L.Trainer | None = None) -> dict:
     """Write ``training_metadata.json`` and the model card; evaluate the checkpoint on ``data.eval_split`` when
     asked (which refreshes the card); send the evaluation to the trackers."""
-    from vqakit.model_card import write_model_card
+    from vqakit.inference.model_card import write_model_card
 
     (ckpt / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     write_model_card(ckpt)
