@@ -71,12 +71,12 @@ def test_an_unreachable_mlflow_server_fails_before_training(tiny_model_args, tmp
     assert not (tmp_path / "run").exists()  # nothing was built or written
 
 
-def test_mlflow_uri_from_the_environment(monkeypatch):
+def test_mlflow_uri_from_the_environment(monkeypatch, tmp_path):
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(RuntimeError, match="is unreachable"):
         check_trackers(TrainConfig(logger="mlflow"))
-    check_trackers(TrainConfig(logger="mlflow", tracking_uri="file:./mlruns"))  # a local store needs no server
+    check_trackers(TrainConfig(logger="mlflow", tracking_uri=f"file:{tmp_path}/mlruns"))  # a local store: no server
 
 
 def test_wandb_online_without_a_key_is_a_clear_error(tmp_path, monkeypatch):
