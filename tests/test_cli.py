@@ -28,7 +28,7 @@ def test_train_evaluate_predict_on_easy_vqa(tiny_model_args, tmp_path, capsys):
     ckpt = run / "checkpoint"
     assert {p.name for p in ckpt.iterdir()} == {
         "config.json", "model.safetensors", "answer_vocab.json", "training_metadata.json", "text_tower",
-        "vision_tower", "eval-easy-vqa-test",
+        "vision_tower", "eval-easy-vqa-test", "README.md",
     }  # fmt: skip
     assert (ckpt / "text_tower" / "tokenizer.json").is_file()
     assert (run / "config.yaml").is_file() and (run / "logs" / "metrics.csv").is_file()
@@ -40,6 +40,11 @@ def test_train_evaluate_predict_on_easy_vqa(tiny_model_args, tmp_path, capsys):
     assert set(metrics["per_answer_type"]) <= {"yes/no", "other"}
     header = (ckpt / "eval-easy-vqa-test" / "predictions.csv").read_text().splitlines()[0]
     assert header.startswith("question_id,")
+    results = json.loads((ckpt / "eval-easy-vqa-test" / "results.json").read_text())
+    assert len(results) == metrics["num_questions"] and set(results[0]) == {"question_id", "answer"}
+    card = (ckpt / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: vqakit\n") and meta["command"].startswith("vqakit train ")
+    assert meta["command"] in card and f"| easy-vqa | test | {metrics['num_questions']} |" in card
 
     # evaluate again from the checkpoint alone (feature cache reused) into another folder
     main(["evaluate", "--checkpoint", str(ckpt), "--data.limit", "40", "--data.cache_dir", str(tmp_path / "cache"),

@@ -3,6 +3,7 @@
     vqakit prepare  --data.dataset easy-vqa
     vqakit train    --config easy-vqa --train.epochs 3 --model.fusion gated
     vqakit evaluate --checkpoint runs/easy-vqa/checkpoint --data.eval_split test
+    vqakit score    --questions Q.json --annotations A.json --results results.json --out scores.json
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape is it?"
     vqakit predict  --checkpoint runs/easy-vqa/checkpoint --image img.png --question "what shape?" --output result.png
     vqakit visualize --checkpoint runs/easy-vqa/checkpoint --split test --num 16 --output grid.png
@@ -32,6 +33,9 @@ from vqakit.models.two_tower import TwoTowerConfig
 from vqakit.serve.config import ServeConfig  # a plain dataclass: FastAPI is imported by `serve` only
 from vqakit.models.vlm import VLMConfig
 from vqakit.train.config import TrainConfig  # a plain dataclass: no training code is imported
+
+
+_COMMAND: list[str] | None = None  # the command line of this process, recorded by `train` in the model card
 
 
 def _setup_logging() -> None:
@@ -257,11 +261,11 @@ def train(
     if generative:
         from vqakit.train.generative import fit_generative
 
-        summary = fit_generative(generative[0], data, train, evaluate=evaluate)
+        summary = fit_generative(generative[0], data, train, evaluate=evaluate, command=_command())
     else:
         from vqakit.train.run import fit
 
-        summary = fit(model, data, train, evaluate=evaluate)
+        summary = fit(model, data, train, evaluate=evaluate, command=_command())
     if "checkpoint" not in summary:  # a DDP rank other than 0
         return summary
     print(f"\ncheckpoint: {summary['checkpoint']}")
@@ -329,6 +333,31 @@ def evaluate(
     print(format_metrics(metrics))
     print(f"wrote {metrics['out_dir']}")
     return metrics
+
+
+def score(questions: str, annotations: str, results: str, out: str | None = None) -> dict:
+    """Score an official results file (from any model) with the official VQA accuracy, exactly as the official
+    evaluator does (Python 2 rounding included). Prints (or writes) its JSON: overall, perAnswerType,
+    perQuestionType and per-question evalQA.
+
+    Args:
+        questions: official questions file, e.g. ``v2_OpenEnded_mscoco_val2014_questions.json`` (``.gz`` too).
+        annotations: official annotations file, e.g. ``v2_mscoco_val2014_annotations.json`` (``.gz`` too).
+        results: ``[{"question_id": int, "answer": str}, ...]`` with one entry per question (``evaluate`` writes it).
+        out: write the full JSON here and print the aggregates only (default: print the full JSON).
+    """
+    from vqakit.eval.score import score_results
+
+    scores = score_results(questions, annotations, results)
+    text = json.dumps(scores, indent=2)
+    if out is None:
+        print(text)
+    else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        print(json.dumps({k: scores[k] for k in ("overall", "perAnswerType", "num_questions")}))
+        print(f"wrote {out}")
+    return scores
 
 
 def predict(checkpoint: str, image: str, question: str | list[str], top_k: int = 5, backend: str = "auto",
@@ -591,6 +620,12 @@ def _positional_run_dirs(argv: list[str]) -> list[str]:
     return ["report", *(["--run_dirs", json.dumps(argv[1:i])] if i > 1 else []), *argv[i:]]
 
 
+def _command() -> str | None:
+    import shlex
+
+    return None if _COMMAND is None else shlex.join(["vqakit", *_COMMAND])
+
+
 def list_models() -> list[str]:
     """List the presets shipped in the package (``vqakit/configs/*.yaml``): ``vqakit train --config NAME``."""
     from vqakit.configs import list_presets
@@ -676,12 +711,14 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vqakit`` console script (results are printed, not returned to the shell)."""
     from jsonargparse import CLI
 
+    global _COMMAND
+    _COMMAND = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     try:
         args = _resolve_configs(_positional_run_dirs(sys.argv[1:] if argv is None else argv))
         CLI(
             [
-                prepare, train, evaluate, predict, visualize, serve, demo, export,  # data -> model -> serving
+                prepare, train, evaluate, score, predict, visualize, serve, demo, export,  # data -> model -> serving
                 compare, report, bench,  # experiments
                 convert, generate, mini_vqa, stats, list_models,  # datasets and catalogue
             ],

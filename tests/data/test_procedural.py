@@ -153,7 +153,7 @@ def test_source_options_generate_a_sized_dataset_under_the_cache(tmp_path, monke
     assert len(load_split(cfg, "val")) == 6
     with pytest.raises(ValueError, match=r"\['colours'\], not settings of shapes-rel"):
         load_split(DataConfig(dataset="shapes-rel", source_options={"colours": 3}), "train")
-    with pytest.raises(ValueError, match="only shapes-rel takes options"):
+    with pytest.raises(ValueError, match="only shapes-rel and hf take options"):
         load_split(DataConfig(dataset="easy-vqa", source_options={"num_train_images": 3}), "train")
     with pytest.raises(ValueError, match="only apply when the dataset is generated"):
         load_shapes_rel("train", root=tmp_path, num_train_images=3)

@@ -266,7 +266,7 @@ def test_bad_split_names():
 
 
 def test_registry(vqa_root):
-    assert set(SOURCES) == {"easy-vqa", "vqa-v2", "shapes-rel", "jsonl", "csv", "image-json"}
+    assert set(SOURCES) == {"easy-vqa", "vqa-v2", "shapes-rel", "jsonl", "csv", "image-json", "hf"}
     assert len(load_source("easy-vqa", "test")) == 9_673
     examples = load_source("vqa-v2", "train", root=vqa_root, train_image_fraction=0.5, seed=0)
     assert examples == load_vqa_v2(vqa_root, "train", 0.5, 0).examples

@@ -102,7 +102,10 @@ def test_cli_train_evaluate_predict(tiny_vision_tower, tiny_text_tower, tmp_path
     ckpt = tmp_path / "run" / "checkpoint"
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert {"config.json", "model.safetensors", "answer_vocab.json", "training_metadata.json",
-            "text_tower"} <= {p.name for p in ckpt.iterdir()}
+            "text_tower", "README.md"} <= {p.name for p in ckpt.iterdir()}
+    assert "gru-decoder" in (ckpt / "README.md").read_text()  # the model card names the family
+    results = json.loads((ckpt / "eval-easy-vqa-test" / "results.json").read_text())
+    assert all(isinstance(r["answer"], str) for r in results)
     metrics = json.loads((ckpt / "eval-easy-vqa-test" / "metrics.json").read_text())
     assert metrics["decoding"] == {"decoding": "beam", "num_beams": 2, "length_penalty": 0.0, "max_answer_length": 6}
     g = metrics["generative"]

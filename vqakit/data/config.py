@@ -17,8 +17,10 @@ class DataConfig:
 
     Args:
         dataset: ``easy-vqa`` (packaged), ``vqa-v2`` (official files under ``root``), ``shapes-rel`` (procedural,
-            generated under the cache when ``root`` is unset), or ``jsonl`` / ``csv`` / ``image-json`` (under ``root``).
-        root: dataset directory (``vqa-v2``: the folder with the official JSON files and image folders).
+            generated under the cache when ``root`` is unset), ``jsonl`` / ``csv`` / ``image-json`` (under ``root``), or
+            ``hf`` (a Hugging Face ``datasets`` directory written by ``save_to_disk``, or a Hub id, in ``root``).
+        root: dataset directory (``vqa-v2``: the folder with the official JSON files and image folders; ``hf``: a
+            ``save_to_disk`` directory or a Hub dataset id).
         train_split: split to train on.
         eval_split: split to evaluate on after training (easy-VQA: ``test``; VQA v2: ``val``).
         train_image_fraction: fraction of training *images* kept (all their questions stay), e.g. 0.25.
@@ -35,7 +37,9 @@ class DataConfig:
         num_workers: DataLoader worker processes.
         source_options: extra settings of the dataset's loader; ``shapes-rel``: the fields of ``ShapesRelConfig``
             (``num_train_images``, ``num_val_images``, ``occlusion``, ...), e.g. ``{num_train_images: 20000}``
-            generates (once, under the cache) and trains on 20,000 scenes.
+            generates (once, under the cache) and trains on 20,000 scenes; ``hf``: the column mapping (``image``,
+            ``question``, ``answers`` or ``answer``, ``question_id``, ``image_id``, ``answer_type``,
+            ``question_type``) and ``name`` / ``revision`` / ``image_root``, e.g. ``{image: img, question: q}``.
     """
 
     dataset: str = "easy-vqa"
@@ -81,9 +85,18 @@ def load_split(cfg: DataConfig, split: str) -> list[Example]:
         unknown = sorted(set(cfg.source_options) - known)
         if unknown:
             raise ValueError(f"--data.source_options has {unknown}, not settings of shapes-rel; known = {sorted(known)}")
+    elif cfg.dataset == "hf":
+        from vqakit.data.hf import COLUMN_CANDIDATES, OTHER_OPTIONS
+
+        known = [*COLUMN_CANDIDATES, *(o for o in OTHER_OPTIONS if o != "cache_dir")]
+        unknown = sorted(set(cfg.source_options) - set(known))
+        if unknown:
+            raise ValueError(f"--data.source_options has {unknown}, not options of the hf source; known = {known}")
+        if cfg.cache_dir is not None:
+            kwargs["cache_dir"] = cfg.cache_dir  # where encoded images are written
     elif cfg.source_options:
         raise ValueError(f"--data.source_options={cfg.source_options} is not supported for dataset {cfg.dataset!r} "
-                         f"(only shapes-rel takes options)")
+                         f"(only shapes-rel and hf take options)")
     if cfg.root is not None:
         kwargs["root"] = cfg.root
     if cfg.dataset == "vqa-v2" and split == cfg.train_split:

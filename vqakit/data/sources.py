@@ -277,13 +277,22 @@ def load_vqa_v2(
     return VQAv2Split(examples, name, list(sampled), fraction, seed, num_images_total=len(all_image_ids))
 
 
+def open_binary(path: Path):
+    """``path`` opened for reading bytes; a ``.gz`` file is decompressed on the fly."""
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
 def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"expected file not found: {path}. It should contain {what}.")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_binary(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:  # OSError: a corrupt .gz
         raise ValueError(f"{path} is not valid JSON ({e}); it should contain {what}. Re-download or re-extract it.") from e
 
 
@@ -305,11 +314,11 @@ def _read_records(path: Path, top_key: str, keys: tuple[str, ...], content: str,
     n = 0
     if ijson is not None:
         try:
-            with open(path, "rb") as f:
+            with open_binary(path) as f:
                 for n, r in enumerate(ijson.items(f, f"{top_key}.item", use_float=True), 1):
                     _check_record(path, top_key, n - 1, r, keys, content)
                     yield r
-        except ijson.JSONError:
+        except (ijson.JSONError, OSError):  # OSError: a corrupt .gz
             n = 0  # malformed JSON: the full parse below raises and says where
         if n:
             return
@@ -443,6 +452,7 @@ SOURCES: dict[str, Callable[..., list[Example]]] = {
     "jsonl": _lazy("vqakit.data.formats", "load_jsonl"),  # {root}/{split}.jsonl
     "csv": _lazy("vqakit.data.formats", "load_csv"),  # {root}/{split}.csv
     "image-json": _lazy("vqakit.data.formats", "load_image_json"),  # {root}/{split}/*.json, one per image
+    "hf": _lazy("vqakit.data.hf", "load_hf"),  # Hugging Face datasets: a save_to_disk directory or a Hub id
 }
 
 
@@ -452,7 +462,7 @@ def load_source(name: str, split: str, **kwargs: Any) -> list[Example]:
     >>> load_source("coco-qa", "train")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
         ...
-    ValueError: Dataset 'coco-qa' not found; available datasets = ['csv', 'easy-vqa', 'image-json', 'jsonl', ...]
+    ValueError: Dataset 'coco-qa' not found; available datasets = ['csv', 'easy-vqa', 'hf', 'image-json', ...]
     """
     if name not in SOURCES:
         raise ValueError(f"Dataset {name!r} not found; available datasets = {sorted(SOURCES)}")

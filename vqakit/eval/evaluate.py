@@ -1,4 +1,6 @@
-"""Evaluate a checkpoint directory on a split: ``metrics.json``, ``predictions.csv``, ``failures.json``.
+"""Evaluate a checkpoint directory on a split: ``metrics.json``, ``predictions.csv``, ``failures.json`` and the
+official results file ``results.json`` (``[{"question_id", "answer"}]``, what EvalAI takes). A split without
+annotations (VQA v2 test-dev / test) gets ``results.json`` only.
 
 Uses only inference code (``VQAPredictor``), so it runs on any checkpoint, with no training imports.
 """
@@ -19,6 +21,7 @@ from vqakit.eval.metrics import (
     per_question_accuracy,
     write_predictions_csv,
 )
+from vqakit.eval.score import write_results_json
 from vqakit.inference.predict import VQAPredictor
 
 
@@ -34,8 +37,10 @@ def evaluate_checkpoint(
 ) -> dict:
     """Predict every question of ``split`` (default ``data.eval_split``) and score it.
 
-    Writes ``metrics.json``, ``predictions.csv`` and ``failures.json`` into ``out_dir`` (default:
-    ``<checkpoint>/eval-<dataset>-<split>``) and returns the metrics.
+    Writes ``metrics.json``, ``predictions.csv``, ``failures.json`` and ``results.json`` into ``out_dir``
+    (default: ``<checkpoint>/eval-<dataset>-<split>``) and returns the metrics. When no question of the split has
+    human answers (VQA v2 ``test-dev2015`` / ``test2015``), only ``results.json`` is written and the returned
+    dict has ``annotated: False``. The checkpoint's model card (``README.md``) is refreshed with the metrics.
     """
     split = split or data.eval_split
     if predictor is None:
@@ -75,7 +80,8 @@ def load_examples(data: DataConfig, split: str, progress: bool = True) -> tuple[
 def score_and_write(examples: list, predictions: list, out: Path, labels: list[str] | None, generative: bool,
                     decoding: dict | None, info: dict) -> dict:
     """Score ``predictions`` (one ``Prediction`` per example, raw answers) as the official evaluation does and write
-    ``metrics.json`` (with ``info``), ``predictions.csv`` and ``failures.json`` into ``out``; the metrics.
+    ``metrics.json`` (with ``info``), ``predictions.csv``, ``failures.json`` and the official ``results.json`` into
+    ``out``; the metrics. A split without human answers gets ``results.json`` only (``annotated: False``).
 
     Shared by ``evaluate_checkpoint`` and ``vqakit.eval.endpoint.evaluate_endpoint``, so a checkpoint and the same
     checkpoint behind a server are scored by one code path."""
@@ -83,6 +89,18 @@ def score_and_write(examples: list, predictions: list, out: Path, labels: list[s
         from vqakit.eval.generative import normalize_generation
 
         predictions = [replace(p, answer=normalize_generation(p.answer)) for p in predictions]
+    out = Path(out)
+    results_path = write_results_json([e.question_id for e in examples], [p.answer for p in predictions],
+                                      out / "results.json")
+    unanswered = [e.question_id for e in examples if not e.answers]
+    if unanswered:
+        if len(unanswered) < len(examples):
+            raise ValueError(f"{info.get('dataset')} split {info.get('split')!r}: {len(unanswered)} of "
+                             f"{len(examples)} questions have no human answers (question ids "
+                             f"{sorted(unanswered)[:5]}); a split is scored whole or not at all. Wrote only "
+                             f"{results_path}")
+        return {"annotated": False, "num_questions": len(examples), **info, "results_file": str(results_path),
+                "out_dir": str(out)}
     records = [
         PredictionRecord(
             question_id=e.question_id, question=e.question, image_id=e.image_id, prediction=p.answer,
@@ -100,12 +118,17 @@ def score_and_write(examples: list, predictions: list, out: Path, labels: list[s
         metrics["generative"] = gen
         metrics["decoding"] = decoding
     metrics.update(info)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions_csv(records, per_question_accuracy(records), out / "predictions.csv")
     (out / "failures.json").write_text(json.dumps(failure_summary(records), indent=2) + "\n")
     metrics["out_dir"] = str(out)
+    metrics["results_file"] = str(results_path)
+    checkpoint = info.get("checkpoint")
+    if checkpoint and (Path(checkpoint) / "config.json").is_file():  # a local checkpoint: refresh its model card
+        from vqakit.inference.model_card import refresh_model_card
+
+        refresh_model_card(checkpoint, metrics)
     return metrics
 
 
@@ -114,7 +137,11 @@ def _features_dir(data: DataConfig):
 
 
 def format_metrics(metrics: dict) -> str:
-    """A plain-text table of the headline numbers."""
+    """A plain-text table of the headline numbers (a note on the results file for a split without answers)."""
+    if metrics.get("annotated") is False:
+        return (f"{metrics['dataset']} split {metrics['split']!r} has no annotations: wrote only the official results "
+                f"file {metrics['results_file']} ({metrics['num_questions']} answers), to submit to the evaluation "
+                f"server (EvalAI) or score with `vqakit score`")
     rows = [
         ("questions", f"{metrics['num_questions']}"),
         ("VQA accuracy (official)", f"{metrics['vqa_accuracy']:.2f}"),

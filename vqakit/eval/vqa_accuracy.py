@@ -17,6 +17,8 @@ answers with ``processPunctuation`` only; we follow master, which LAVIS and MMF 
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_UP, Decimal
+
 from vqakit.data.answers import process_digit_article, process_punctuation
 
 
@@ -46,13 +48,31 @@ def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
     return float(sum(accs)) / len(accs)
 
 
+def py2_round(x: float, ndigits: int = 2) -> float:
+    """``round(x, ndigits)`` as Python 2.7 computes it, which the official evaluator (a Python 2 script) uses.
+
+    Python 2.7's ``float.__round__`` (``_Py_double_round`` in ``Objects/floatobject.c``) rounds the *exact* binary
+    value of the double to ``ndigits`` decimals, halves away from zero; Python 3 rounds halves to even. They
+    differ only when the double is exactly halfway, e.g. 53.125 (= 100 * 17 / 32): Python 2 reports 53.13, Python
+    3's ``round`` 53.12. ``Decimal(x)`` is the double's exact value, so a value that merely prints as a half (2.675
+    is 2.67499999999999982236431605997495353221893310546875) rounds down in both.
+
+    >>> py2_round(53.125), round(53.125, 2), py2_round(2.675), py2_round(-0.125)
+    (53.13, 53.12, 2.67, -0.13)
+    """
+    quantum = Decimal(1).scaleb(-ndigits)  # 10 ** -ndigits, exactly
+    return float(Decimal(x).quantize(quantum, rounding=ROUND_HALF_UP))  # ROUND_HALF_UP is away from zero
+
+
 def official_accuracy(values: list[float]) -> float:
-    """Aggregate per-question accuracies as the evaluator reports them: ``round(100 * mean, 2)``.
+    """Aggregate per-question accuracies as the evaluator reports them: ``round(100 * mean, 2)`` in Python 2.
 
     >>> official_accuracy([1.0, 0.9, 0.0])
     63.33
+    >>> official_accuracy([1.0] * 17 + [0.0] * 15)  # 53.125 exactly: the evaluator's Python 2 rounds it up
+    53.13
     """
     if len(values) == 0:
         raise ValueError("official_accuracy: no per-question accuracies given")
-    # Same expression and operation order as VQAEval.setAccuracy, so the rounding matches bit for bit.
-    return round(100 * float(sum(values)) / len(values), 2)
+    # Same expression and operation order as VQAEval.setAccuracy, and Python 2's rounding: equal bit for bit.
+    return py2_round(100 * float(sum(values)) / len(values), 2)

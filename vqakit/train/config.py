@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 STRATEGIES = ("frozen", "lora", "full", "partial", "qlora")
-LOGGERS = ("csv", "tensorboard", "both", "none")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -67,7 +66,11 @@ class TrainConfig:
         optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes 8-bit states, CUDA only).
         seed: seed of weights init, shuffling and dropout.
         out_dir: run directory (config, logs, checkpoint, metrics).
-        logger: ``csv``, ``tensorboard``, ``both`` or ``none``.
+        logger: experiment trackers: ``csv``, ``tensorboard``, ``mlflow``, ``wandb``, a comma-separated list of
+            them (``csv,mlflow``), ``both`` (``csv,tensorboard``) or ``none``.
+        tracking_uri: MLflow tracking store (default ``$MLFLOW_TRACKING_URI``, else ``file:./mlruns``).
+        experiment: MLflow experiment / W&B project name.
+        run_name: MLflow / W&B run name (default: the name of ``out_dir``).
         accelerator: Lightning accelerator: ``auto``, ``cpu``, ``gpu``.
         devices: devices (processes) per node.
         strategy: Lightning strategy: ``auto``, ``ddp`` (gloo on CPU, NCCL on GPU), ``ddp_spawn``, ``fsdp``.
@@ -101,6 +104,9 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/easy-vqa"
     logger: str = "csv"
+    tracking_uri: str | None = None
+    experiment: str = "vqakit"
+    run_name: str | None = None
     accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"
@@ -118,8 +124,9 @@ class TrainConfig:
             raise ValueError(f"--train.precision={self.precision!r} is not one of {PRECISIONS}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--train.optimizer={self.optimizer!r} is not one of {OPTIMIZERS}")
-        if self.logger not in LOGGERS:
-            raise ValueError(f"--train.logger={self.logger!r} is not one of {LOGGERS}")
+        from vqakit.train.tracking import logger_names
+
+        logger_names(self.logger)  # raises on an unknown tracker
         if self.epochs < 1:
             raise ValueError(f"--train.epochs={self.epochs} must be at least 1")
         if self.batch_size < 1:

@@ -28,7 +28,15 @@ from vqakit.train.checkpointing import ResumeState
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQACollator, VQADataModule, model_inputs
 from vqakit.train.plan import PlanTimer, make_plan
-from vqakit.train.run import _load_train_examples, _trainer, finish_run, run_metadata
+from vqakit.train.run import (
+    _load_train_examples,
+    _trainer,
+    finish_run,
+    run_metadata,
+    start_tracking,
+    training_plan,
+)
+from vqakit.train.tracking import check_trackers
 
 logger = logging.getLogger("vqakit")
 
@@ -138,9 +146,11 @@ def _family(model_cfg):
     raise ValueError(f"no generative family for {type(model_cfg).__name__}")
 
 
-def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bool = True) -> dict:
+def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bool = True,
+                   command: str | None = None) -> dict:
     """Train a generative model as configured; returns a summary (paths, time to train, metrics)."""
     family = _family(model_cfg)
+    check_trackers(train)  # an unreachable tracking server fails before anything loads
     out = Path(train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {family.KEY: asdict(model_cfg), "data": asdict(data), "train": asdict(train)}
@@ -167,6 +177,8 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
                        train.precision, plan)
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if train.resume and last.is_file() else None
+    start_tracking(trainer, resolved, training_plan(train, plan, params, train_examples,
+                                                    val_examples, len(vocab)))
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return {"run_dir": str(out), "global_rank": trainer.global_rank}
@@ -175,10 +187,10 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     net = net.cpu()
     family.save(net, processor, ckpt)
     vocab.to_json(ckpt / "answer_vocab.json")
-    metadata = {"model_type": family.KEY,
+    metadata = {"model_type": family.KEY, "command": command,
                 **run_metadata(trainer, resume_state, train, params, train_examples, val_examples, skipped),
                 "plan": plan.to_dict()}
-    return finish_run(out, ckpt, metadata, data, train, evaluate)
+    return finish_run(out, ckpt, metadata, data, train, evaluate, trainer=trainer)
 
 
 def _checkpoint_callbacks(out: Path, val_set) -> list:

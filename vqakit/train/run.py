@@ -6,7 +6,8 @@ The run directory ``train.out_dir`` ends up with::
     logs/                  CSV / TensorBoard metrics
     checkpoint/            config.json, model.safetensors, answer_vocab.json, text_tower/ (tokenizer),
                            training_metadata.json, adapters/<tower>/ (LoRA runs)
-    checkpoint/eval-<dataset>-<split>/  metrics.json, predictions.csv, failures.json
+                           README.md (the model card, Hugging Face format)
+    checkpoint/eval-<dataset>-<split>/  metrics.json, predictions.csv, failures.json, results.json
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vqakit.train.datamodule import VQADataModule, VQADataset
 from vqakit.train.plan import PlanTimer, make_plan
 from vqakit.train.recipes import apply_strategies, check_device_support, merge_lora
 from vqakit.train.system import VQASystem
+from vqakit.train.tracking import check_trackers, log_evaluation, log_run_start, make_loggers
 
 logger = logging.getLogger("vqakit")
 
@@ -68,17 +70,6 @@ def _dataset(examples, vocab, model, processor, train: TrainConfig, data: DataCo
             model, processor, [e.question for e in examples], root, progress=train.progress
         )
     return VQADataset(examples, vocab, processor, **kwargs)
-
-
-def _loggers(train: TrainConfig, out: Path):
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    loggers = []
-    if train.logger in ("csv", "both"):
-        loggers.append(CSVLogger(out, name="logs", version=""))
-    if train.logger in ("tensorboard", "both"):
-        loggers.append(TensorBoardLogger(out, name="logs", version="tensorboard"))
-    return loggers or False
 
 
 def _init_from(net: TwoTowerForQuestionAnswering, checkpoint: Path) -> None:
@@ -120,7 +111,7 @@ def _trainer(train: TrainConfig, out: Path, callbacks: list, precision: str, pla
         max_epochs=plan.max_epochs if plan is not None else train.epochs,
         max_steps=plan.steps if plan is not None else train.max_steps, precision=precision,
         accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
-        logger=_loggers(train, out), gradient_clip_val=train.grad_clip or None, callbacks=callbacks,
+        logger=make_loggers(train, out) or False, gradient_clip_val=train.grad_clip or None, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
         log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=out,
     )  # fmt: skip
@@ -152,21 +143,50 @@ def run_metadata(trainer: L.Trainer, resume_state: ResumeState, train: TrainConf
     }
 
 
-def finish_run(out: Path, ckpt: Path, metadata: dict, data: DataConfig, train: TrainConfig, evaluate: bool) -> dict:
-    """Write ``training_metadata.json``; evaluate the checkpoint on ``data.eval_split`` when asked."""
+def training_plan(train: TrainConfig, plan, params: dict, train_examples: list, val_examples: list,
+                  num_answers: int) -> dict:
+    """What the run is about to do (``vqakit.train.plan``), logged to the trackers before the first step."""
+    return {**plan.to_dict(), "total_steps": plan.steps, "num_train_questions": len(train_examples),
+            "num_val_questions": len(val_examples), "trainable_parameters": params["trainable"],
+            "total_parameters": params["total"], "answers": num_answers,
+            "strategies": {"vision": train.vision, "text": train.text}}
+
+
+def start_tracking(trainer: L.Trainer, resolved: dict, plan: dict) -> None:
+    if trainer.is_global_zero:
+        log_run_start(trainer.loggers, resolved, plan)
+
+
+def finish_run(out: Path, ckpt: Path, metadata: dict, data: DataConfig, train: TrainConfig, evaluate: bool,
+               trainer: L.Trainer | None = None) -> dict:
+    """Write ``training_metadata.json`` and the model card; evaluate the checkpoint on ``data.eval_split`` when
+    asked (which refreshes the card); send the evaluation to the trackers."""
+    from vqakit.inference.model_card import write_model_card
+
     (ckpt / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    write_model_card(ckpt)
     summary = {"run_dir": str(out), "checkpoint": str(ckpt), **metadata}
     if evaluate:
         from vqakit.eval.evaluate import evaluate_checkpoint
 
         summary["metrics"] = evaluate_checkpoint(ckpt, data, batch_size=train.eval_batch_size,
                                                  progress=train.progress)
+    if trainer is not None:
+        m = summary.get("metrics") or {}
+        files = [ckpt / "README.md", ckpt / "training_metadata.json", out / "config.yaml"]
+        if m.get("out_dir"):
+            files += [Path(m["out_dir"]) / "metrics.json", Path(m["out_dir"]) / "results.json"]
+        log_evaluation(trainer.loggers, {**m, "time_to_train_s": metadata.get("time_to_train_s", 0.0)},
+                       trainer.global_step, files)
     return summary
 
 
-def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: bool = True) -> dict:
-    """Train a model as configured; returns a summary (paths, time to train, metrics)."""
+def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: bool = True,
+        command: str | None = None) -> dict:
+    """Train a model as configured; returns a summary (paths, time to train, metrics). ``command``: the command
+    line that started the run, recorded in ``training_metadata.json`` and the model card."""
     precision = check_device_support(train)  # GPU-only options fail here, before anything loads
+    check_trackers(train)  # an unreachable tracking server too
     out = Path(train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {"model": asdict(model), "data": asdict(data), "train": asdict(train)}
@@ -207,6 +227,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     ckpt_path = str(last) if train.resume and last.is_file() else None
     if ckpt_path:
         logger.info("resuming from %s", last)
+    start_tracking(trainer, resolved, training_plan(train, plan, params, train_examples,
+                                                    val_examples, len(vocab)))
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:  # DDP: rank 0 alone writes the checkpoint directory and evaluates
         return {"run_dir": str(out), "global_rank": trainer.global_rank}
@@ -218,8 +240,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     vocab.to_json(ckpt / "answer_vocab.json")
     metadata = run_metadata(trainer, resume_state, train, params, train_examples, val_examples, skipped)
     metadata.update(precision=precision, optimizer=train.optimizer, lora_merged_towers=merged,
-                    answer_vocab_size=len(vocab), plan=plan.to_dict())
-    return finish_run(out, ckpt, metadata, data, train, evaluate)
+                    answer_vocab_size=len(vocab), plan=plan.to_dict(), command=command)
+    return finish_run(out, ckpt, metadata, data, train, evaluate, trainer=trainer)
 
 
 def classifier_dataset(examples, vocab, net, processor, train: TrainConfig, data: DataConfig):
