@@ -24,9 +24,10 @@ from torch import nn
 
 from vqakit.data.answers import AnswerVocab, majority_answer
 from vqakit.data.config import DataConfig, split_validation
-from vqakit.train.checkpointing import ResumeState
+from vqakit.train.checkpointing import ResumeState, resume_checkpoint
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQACollator, VQADataModule, model_inputs
+from vqakit.train.nonfinite import checked_loss
 from vqakit.train.run import _load_train_examples, _trainer, finish_run, run_metadata
 
 logger = logging.getLogger("vqakit")
@@ -71,14 +72,18 @@ class GenerativeSystem(L.LightningModule):
         self.model = model
         self.cfg = cfg
         self.total_steps = max(1, total_steps)
+        self.skipped_nonfinite = 0  # batches skipped for a NaN/inf loss (--train.on_nonfinite_loss skip)
 
     def forward(self, batch: dict):
         return self.model(answers=batch["answers"], **model_inputs(batch))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         out = self(batch)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch["answers"]))
-        return out.loss
+        loss = checked_loss(self, out.loss, batch)
+        if loss is None:  # a NaN/inf loss, skipped: no backward, no optimizer step
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["answers"]))
+        return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self(batch)
@@ -163,8 +168,8 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
                                       seed=train.seed)
     resume_state = ResumeState()
     trainer = _trainer(train, out, [*_checkpoint_callbacks(out, val_set), resume_state], train.precision)
-    last = out / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if train.resume and last.is_file() else None
+    last = resume_checkpoint(out / "checkpoints") if train.resume else None
+    ckpt_path = str(last) if last else None
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return {"run_dir": str(out), "global_rank": trainer.global_rank}

@@ -28,7 +28,7 @@ from vqakit.data.config import DataConfig, fingerprint, load_split, split_valida
 from vqakit.data.images import filter_examples, scan_images
 from vqakit.models.two_tower import TwoTowerConfig, TwoTowerForQuestionAnswering
 from vqakit.towers.processor import VQAProcessor
-from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState
+from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState, resume_checkpoint
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQADataModule, VQADataset
 from vqakit.train.recipes import apply_strategies, check_device_support, merge_lora
@@ -201,8 +201,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
                                seed=train.seed, group_by_image=train.group_by_image, share_images=True)
     resume_state = ResumeState()
     trainer = _trainer(train, out, [*_checkpoint_callbacks(train, out, val_set), resume_state], precision)
-    last = out / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if train.resume and last.is_file() else None
+    last = resume_checkpoint(out / "checkpoints") if train.resume else None
+    ckpt_path = str(last) if last else None
     if ckpt_path:
         logger.info("resuming from %s", last)
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -216,7 +216,7 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     vocab.to_json(ckpt / "answer_vocab.json")
     metadata = run_metadata(trainer, resume_state, train, params, train_examples, val_examples, skipped)
     metadata.update(precision=precision, optimizer=train.optimizer, lora_merged_towers=merged,
-                    answer_vocab_size=len(vocab))
+                    answer_vocab_size=len(vocab), skipped_nonfinite_batches=system.skipped_nonfinite)
     return finish_run(out, ckpt, metadata, data, train, evaluate)
 
 
