@@ -278,6 +278,7 @@ def evaluate(
     batch_size: int = 256,
     use_cache: bool = True,
     quantize: str | None = None,
+    resume: bool = True,
 ) -> dict:
     """Evaluate a checkpoint: official VQA accuracy (overall, per answer type, per question type), exact match,
     top-5, macro/weighted precision, recall and F1. Writes metrics.json, predictions.csv and failures.json.
@@ -290,12 +291,15 @@ def evaluate(
         batch_size: questions per forward pass.
         use_cache: reuse / fill the feature cache for the towers' outputs.
         quantize: ``int8``: evaluate as served with dynamic INT8 quantization of the Linear layers (CPU).
+        resume: continue a killed evaluation from its ``predictions.partial.jsonl`` in ``out_dir`` (same
+            checkpoint, split and settings); ``false`` predicts every question again.
     """
     from vqakit.eval.evaluate import evaluate_checkpoint, format_metrics
     from vqakit.inference.generative import load_predictor
 
     predictor = load_predictor(checkpoint, quantize=quantize) if quantize else None
-    metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache, predictor=predictor)
+    metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache, predictor=predictor,
+                                  resume=resume)
     print(format_metrics(metrics))
     print(f"wrote {metrics['out_dir']}")
     return metrics

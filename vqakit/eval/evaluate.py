@@ -1,6 +1,7 @@
 """Evaluate a checkpoint directory on a split: ``metrics.json``, ``predictions.csv``, ``failures.json``.
 
 Uses only inference code (``VQAPredictor``), so it runs on any checkpoint, with no training imports.
+Answers are journaled as they come (``vqakit.eval.journal``), so a killed evaluation resumes where it was.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from vqakit.data.config import DataConfig, load_split
 from vqakit.data.images import filter_examples, scan_images
+from vqakit.eval.journal import PredictionJournal, journal_key
 from vqakit.eval.metrics import (
     PredictionRecord,
     compute_metrics,
@@ -19,7 +21,9 @@ from vqakit.eval.metrics import (
     per_question_accuracy,
     write_predictions_csv,
 )
-from vqakit.inference.predict import VQAPredictor
+from vqakit.inference.predict import Prediction, VQAPredictor
+
+JOURNAL_EVERY = 2048  # questions answered between two fsyncs of the predictions journal
 
 
 def evaluate_checkpoint(
@@ -31,11 +35,16 @@ def evaluate_checkpoint(
     use_cache: bool = True,
     progress: bool = True,
     predictor: VQAPredictor | None = None,
+    resume: bool = True,
+    journal_every: int = JOURNAL_EVERY,
 ) -> dict:
     """Predict every question of ``split`` (default ``data.eval_split``) and score it.
 
     Writes ``metrics.json``, ``predictions.csv`` and ``failures.json`` into ``out_dir`` (default:
-    ``<checkpoint>/eval-<dataset>-<split>``) and returns the metrics.
+    ``<checkpoint>/eval-<dataset>-<split>``) and returns the metrics. Answers are appended to
+    ``<out_dir>/predictions.partial.jsonl`` every ``journal_every`` questions (rounded up to whole batches,
+    so batches are the same as in an uninterrupted run); with ``resume``, a rerun after a kill answers only
+    the questions not in it, and scores the same as an uninterrupted run.
     """
     split = split or data.eval_split
     if predictor is None:
@@ -52,11 +61,24 @@ def evaluate_checkpoint(
         skipped = []
     if not examples:
         raise ValueError(f"no examples to evaluate in {data.dataset} split {split!r}")
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint) / f"eval-{data.dataset}-{split}"
+    key = journal_key(checkpoint, data.dataset, split, [e.question_id for e in examples], use_cache=use_cache,
+                      quantize=getattr(predictor, "quantize", None), backend=getattr(predictor, "backend", None),
+                      decoding=getattr(predictor, "decoding", None), predictor=type(predictor).__name__)
+    journal = PredictionJournal(out, key, resume=resume)
+    todo = [i for i in range(len(examples)) if i not in journal.done]  # rows of ``examples``
+    resumed = len(examples) - len(todo)
+    chunk = -(-max(1, journal_every) // batch_size) * batch_size
     start = time.perf_counter()
-    predictions = predictor.predict_examples(
-        examples, batch_size=batch_size, use_cache=use_cache, cache_dir=_features_dir(data), progress=progress
-    )
+    for begin in range(0, len(todo), chunk):
+        rows = todo[begin : begin + chunk]
+        answers = predictor.predict_examples([examples[i] for i in rows], batch_size=batch_size, use_cache=use_cache,
+                                             cache_dir=_features_dir(data), progress=progress)
+        journal.append([{"row": i, "question_id": examples[i].question_id, "answer": p.answer,
+                         "score": float(p.score), "top_k": [[a, float(s)] for a, s in p.top_k]}
+                        for i, p in zip(rows, answers)])
     seconds = time.perf_counter() - start
+    predictions = [_prediction(e, journal.done[i]) for i, e in enumerate(examples)]
     if generative:  # free text is scored after the official normalisation (see vqakit.eval.generative)
         from vqakit.eval.generative import normalize_generation
 
@@ -79,15 +101,19 @@ def evaluate_checkpoint(
         metrics["decoding"] = predictor.decoding
     metrics.update(
         dataset=data.dataset, split=split, checkpoint=str(checkpoint), skipped_images=skipped,
-        predict_seconds=round(seconds, 2), questions_per_second=round(len(records) / max(seconds, 1e-9), 1),
+        predict_seconds=round(seconds, 2), questions_per_second=round(len(todo) / max(seconds, 1e-9), 1),
+        resumed_questions=resumed,
     )  # fmt: skip
-    out = Path(out_dir) if out_dir is not None else Path(checkpoint) / f"eval-{data.dataset}-{split}"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions_csv(records, per_question_accuracy(records), out / "predictions.csv")
     (out / "failures.json").write_text(json.dumps(failure_summary(records), indent=2) + "\n")
+    journal.remove()
     metrics["out_dir"] = str(out)
     return metrics
+
+
+def _prediction(example, row: dict) -> Prediction:
+    return Prediction(example.question, row["answer"], row["score"], [tuple(t) for t in row["top_k"]])
 
 
 def _features_dir(data: DataConfig):
