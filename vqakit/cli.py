@@ -482,7 +482,8 @@ def serve(
     app = create_app(service, ui=ui, ui_examples=_ui_examples() if ui else None)
     print(f"serving {checkpoint} ({service.predictor.backend}) on http://{host}:{port}  (docs: /docs"
           + (", web UI: /ui" if ui else "") + ")", flush=True)
-    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info")
+    # SIGTERM: stop accepting, finish the requests in flight (at most 30 s), then exit 0
+    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info", timeout_graceful_shutdown=30)
 
 
 def demo(
