@@ -119,7 +119,7 @@ def cache_faults(checkpoint: Path, root: Path, warnings: _Warnings) -> list[dict
 def checkpoint_dir_faults(checkpoint: Path, root: Path) -> list[dict]:
     import shutil
 
-    from vqakit.generate import load_predictor
+    from vqakit.inference.generative import load_predictor
 
     results = []
     for name, file, damage in (
