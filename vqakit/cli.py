@@ -290,6 +290,7 @@ def evaluate(
     prompt_template: str = "{question}",
     system_prompt: str | None = None,
     endpoint_options: EndpointOptions = EndpointOptions(),
+    resume: bool = True,
 ) -> dict:
     """Evaluate a checkpoint, or any OpenAI-compatible VQA server: official VQA accuracy (overall, per answer type,
     per question type), exact match, top-5, macro/weighted precision, recall and F1. Writes metrics.json,
@@ -311,6 +312,8 @@ def evaluate(
             ``"{question}\\nAnswer the question using a single word or phrase."`` for a general VLM).
         system_prompt: a system message sent before each question (none by default).
         endpoint_options: concurrency, retries and backoff, request timeout, max_tokens, logprobs, API key.
+        resume: continue a killed evaluation from its ``predictions.partial.jsonl`` in ``out_dir`` (same
+            checkpoint, split and settings); ``false`` predicts every question again.
     """
     from vqakit.eval.evaluate import evaluate_checkpoint, format_metrics
 
@@ -329,7 +332,8 @@ def evaluate(
         from vqakit.inference.generative import load_predictor
 
         predictor = load_predictor(checkpoint, quantize=quantize) if quantize else None
-        metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache, predictor=predictor)
+        metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache, predictor=predictor,
+                                      resume=resume)
     print(format_metrics(metrics))
     print(f"wrote {metrics['out_dir']}")
     return metrics
@@ -537,7 +541,8 @@ def serve(
     app = create_app(service, ui=ui, ui_examples=_ui_examples() if ui else None)
     print(f"serving {checkpoint} ({service.predictor.backend}) on http://{host}:{port}  (docs: /docs"
           + (", web UI: /ui" if ui else "") + ")", flush=True)
-    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info")
+    # SIGTERM: stop accepting, finish the requests in flight (at most 30 s), then exit 0
+    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info", timeout_graceful_shutdown=30)
 
 
 def demo(

@@ -27,7 +27,7 @@ def _args(model_args, run_dir, cache):
 def test_checkpoint_files(tiny_model_args, tmp_path):
     main(_args(tiny_model_args, tmp_path / "run", tmp_path / "cache"))
     ckpts = tmp_path / "run" / "checkpoints"
-    assert {p.name for p in ckpts.iterdir()} == {"last.ckpt", "best.ckpt"}
+    assert {p.name for p in ckpts.iterdir()} == {"last.ckpt", "last.prev.ckpt", "best.ckpt"}
     state = torch.load(ckpts / "last.ckpt", weights_only=False)
     meta = json.loads((tmp_path / "run" / "checkpoint" / "training_metadata.json").read_text())
     assert state["global_step"] == meta["steps"] > 3 and "vqakit" in state

@@ -7,6 +7,14 @@ frozen one's features. Keys hash the *content* (image bytes, question text), so 
 files share rows and a changed file gets new ones. Shards are written to a temporary name and renamed,
 so an interrupted build keeps every finished shard and never leaves a half-written one; arrays are
 opened memory-mapped, so a 20k-image cache does not have to fit in memory.
+
+Integrity: the keys file is the shard's index and is written last. Besides the keys it records, per field,
+the file's size and a digest (BLAKE2b of the whole file up to 1 MiB, of 64 evenly spaced 16 KiB blocks plus
+the size above that: cheap to check on every open, and it catches truncation, a lost file and most flipped
+bytes). A shard that fails a check (missing or truncated file, changed bytes, rows that disagree with its
+keys, an unreadable index) is reported with its path and the reason, left out of the cache, and deleted
+and re-encoded, that shard only, by the next ``build`` (under the build lock), so a damaged cache repairs
+itself instead of stopping a run with ``mmap length is greater than file size``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +31,12 @@ from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+logger = logging.getLogger("vqakit")
+
+INDEX_FORMAT = 2  # keys files of format 1 were a bare list of keys (no sizes or digests): still read
+_WHOLE_FILE_DIGEST = 1 << 20  # files up to this size are hashed whole
+_DIGEST_BLOCKS, _DIGEST_BLOCK = 64, 16 << 10
 
 
 def default_cache_dir() -> Path:
@@ -56,8 +71,32 @@ def text_digest(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def shard_digest(path: str | os.PathLike) -> str:
+    """A cheap content digest of one shard file: BLAKE2b of the whole file up to 1 MiB; above, of its size and
+    64 evenly spaced 16 KiB blocks (the first and the last included), i.e. at most 1 MiB read per file."""
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        if size <= _WHOLE_FILE_DIGEST:
+            h.update(f.read())
+        else:
+            step = (size - _DIGEST_BLOCK) / (_DIGEST_BLOCKS - 1)
+            for i in range(_DIGEST_BLOCKS):
+                f.seek(int(i * step))
+                h.update(f.read(_DIGEST_BLOCK))
+    return h.hexdigest()
+
+
+class ShardError(Exception):
+    """A shard that failed its integrity check; the message says what was wrong."""
+
+
 class FeatureCache:
-    """Rows of named arrays keyed by string, stored in memory-mapped ``.npy`` shards."""
+    """Rows of named arrays keyed by string, stored in memory-mapped ``.npy`` shards.
+
+    ``problems`` lists the shards found damaged (``"<path>: <what was wrong>"``) since the cache was opened;
+    their keys read as missing, so ``build`` encodes them again.
+    """
 
     def __init__(self, root: str | os.PathLike, namespace: str):
         self.dir = Path(root) / namespace
@@ -65,23 +104,47 @@ class FeatureCache:
         self._shards: list[dict[str, np.ndarray]] = []
         self.index: dict[str, tuple[int, int]] = {}
         self._opened: set[str] = set()
+        self._damaged: dict[str, str] = {}  # keys file name -> what was wrong
+        self.problems: list[str] = []
+        self.repaired: list[str] = []  # keys files of the damaged shards deleted by build (to be re-encoded)
         for keys_file in sorted(self.dir.glob("shard-*.keys.json")):
             self._open_shard(keys_file)
 
     def _open_shard(self, keys_file: Path) -> None:
-        stem = keys_file.name[: -len(".keys.json")]
-        keys = json.loads(keys_file.read_text())
-        arrays = {}
-        for f in self.dir.glob(f"{stem}.*.npy"):
-            field = f.name[len(stem) + 1 : -len(".npy")]
-            arrays[field] = np.load(f, mmap_mode="r")
-        if not arrays or any(len(a) != len(keys) for a in arrays.values()):
-            raise RuntimeError(f"feature cache shard {keys_file} is inconsistent; delete {self.dir} to rebuild it")
+        try:
+            keys, arrays = _read_shard(keys_file)
+        except ShardError as e:
+            if self._damaged.get(keys_file.name) != str(e):
+                problem = f"{keys_file}: {e}"
+                self.problems.append(problem)
+                logger.warning("feature cache: damaged shard %s; its rows will be encoded again", problem)
+            self._damaged[keys_file.name] = str(e)
+            return
+        self._damaged.pop(keys_file.name, None)
         shard_id = len(self._shards)
         self._shards.append(arrays)
         self._opened.add(keys_file.name)
         for row, key in enumerate(keys):
             self.index[key] = (shard_id, row)
+
+    def _repair(self) -> None:
+        """Delete the damaged shards (held under the build lock), so their keys are encoded again. A shard
+        another process repaired meanwhile (its keys file gone or valid again) is left alone."""
+        for name in list(self._damaged):
+            keys_file = self.dir / name
+            if not keys_file.exists():
+                self._damaged.pop(name)
+                continue
+            try:
+                _read_shard(keys_file)
+            except ShardError:
+                stem = name[: -len(".keys.json")]
+                keys_file.unlink()  # first: the shard is invisible from here on
+                for f in self.dir.glob(f"{stem}.*.npy"):
+                    f.unlink()
+                self.repaired.append(str(keys_file))
+                logger.warning("feature cache: deleted damaged shard %s to encode its rows again", keys_file)
+            self._damaged.pop(name)
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -106,8 +169,12 @@ class FeatureCache:
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(arr))
             os.replace(tmp, self.dir / f"{stem}.{field}.npy")
+        files = {}
+        for field in arrays:
+            path = self.dir / f"{stem}.{field}.npy"
+            files[field] = {"size": path.stat().st_size, "digest": shard_digest(path)}
         tmp = self.dir / f".{stem}.keys.json.tmp"
-        tmp.write_text(json.dumps(list(keys)))
+        tmp.write_text(json.dumps({"format": INDEX_FORMAT, "keys": list(keys), "files": files}))
         os.replace(tmp, self.dir / f"{stem}.keys.json")
         self._open_shard(self.dir / f"{stem}.keys.json")
 
@@ -150,13 +217,14 @@ class FeatureCache:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self._reload()
+                self._repair()
                 return self._build(keys, items, encode, batch_size, shard_size, desc, progress, load, workers,
                                    on_error)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _reload(self) -> None:
-        """Open shards another process wrote since this cache was opened."""
+        """Open shards another process wrote since this cache was opened (and re-check damaged ones)."""
         for keys_file in sorted(self.dir.glob("shard-*.keys.json")):
             if keys_file.name not in self._opened:
                 self._open_shard(keys_file)
@@ -199,6 +267,44 @@ class FeatureCache:
                     self.add(done, {f: np.concatenate(a) for f, a in parts.items()})
                 encoded += len(done)
         return encoded
+
+
+def _read_shard(keys_file: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The keys and memory-mapped arrays of one shard, after checking them against its index; ``ShardError``
+    says what is wrong otherwise."""
+    stem = keys_file.name[: -len(".keys.json")]
+    try:
+        index = json.loads(keys_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ShardError(f"unreadable index ({type(e).__name__}: {e})") from None
+    if isinstance(index, list):  # format 1: keys only; fields found by name, no sizes or digests to check
+        keys, files = index, {f.name[len(stem) + 1 : -len(".npy")]: None
+                              for f in keys_file.parent.glob(f"{stem}.*.npy")}
+    elif isinstance(index, dict) and isinstance(index.get("keys"), list) and isinstance(index.get("files"), dict):
+        keys, files = index["keys"], index["files"]
+    else:
+        raise ShardError("unreadable index (neither a list of keys nor {keys, files})")
+    if not files:
+        raise ShardError("the index lists no array files")
+    arrays = {}
+    for field, expected in files.items():
+        path = keys_file.parent / f"{stem}.{field}.npy"
+        if not path.is_file():
+            raise ShardError(f"{path.name} is missing")
+        if expected is not None:
+            size = path.stat().st_size
+            if size != expected["size"]:
+                raise ShardError(f"{path.name} is {size:,} bytes, its index says {expected['size']:,} "
+                                 f"({'truncated' if size < expected['size'] else 'grown'})")
+            if shard_digest(path) != expected["digest"]:
+                raise ShardError(f"{path.name} has the right size but other bytes (digest mismatch: corrupted)")
+        try:
+            arrays[field] = np.load(path, mmap_mode="r")
+        except Exception as e:  # a truncated format-1 shard: "mmap length is greater than file size", ...
+            raise ShardError(f"{path.name} cannot be read ({type(e).__name__}: {e})") from None
+        if len(arrays[field]) != len(keys):
+            raise ShardError(f"{path.name} has {len(arrays[field])} rows, its index {len(keys)} keys")
+    return keys, arrays
 
 
 class _Failed:

@@ -3,6 +3,7 @@ official results file ``results.json`` (``[{"question_id", "answer"}]``, what Ev
 annotations (VQA v2 test-dev / test) gets ``results.json`` only.
 
 Uses only inference code (``VQAPredictor``), so it runs on any checkpoint, with no training imports.
+Answers are journaled as they come (``vqakit.eval.journal``), so a killed evaluation resumes where it was.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from vqakit.data.config import DataConfig, load_split
 from vqakit.data.images import filter_examples, scan_images
+from vqakit.eval.journal import PredictionJournal, journal_key
 from vqakit.eval.metrics import (
     PredictionRecord,
     compute_metrics,
@@ -22,7 +24,9 @@ from vqakit.eval.metrics import (
     write_predictions_csv,
 )
 from vqakit.eval.score import write_results_json
-from vqakit.inference.predict import VQAPredictor
+from vqakit.inference.predict import Prediction, VQAPredictor
+
+JOURNAL_EVERY = 2048  # questions answered between two fsyncs of the predictions journal
 
 
 def evaluate_checkpoint(
@@ -34,6 +38,8 @@ def evaluate_checkpoint(
     use_cache: bool = True,
     progress: bool = True,
     predictor: VQAPredictor | None = None,
+    resume: bool = True,
+    journal_every: int = JOURNAL_EVERY,
 ) -> dict:
     """Predict every question of ``split`` (default ``data.eval_split``) and score it.
 
@@ -41,6 +47,9 @@ def evaluate_checkpoint(
     (default: ``<checkpoint>/eval-<dataset>-<split>``) and returns the metrics. When no question of the split has
     human answers (VQA v2 ``test-dev2015`` / ``test2015``), only ``results.json`` is written and the returned
     dict has ``annotated: False``. The checkpoint's model card (``README.md``) is refreshed with the metrics.
+    Answers are appended to ``<out_dir>/predictions.partial.jsonl`` every ``journal_every`` questions (rounded up
+    to whole batches, so batches are the same as in an uninterrupted run); with ``resume``, a rerun after a kill
+    answers only the questions not in it, and scores the same as an uninterrupted run.
     """
     split = split or data.eval_split
     if predictor is None:
@@ -49,18 +58,33 @@ def evaluate_checkpoint(
         predictor = load_predictor(checkpoint)
     generative = getattr(predictor, "generative", False)
     examples, skipped = load_examples(data, split, progress)
-    start = time.perf_counter()
-    predictions = predictor.predict_examples(
-        examples, batch_size=batch_size, use_cache=use_cache, cache_dir=_features_dir(data), progress=progress
-    )
-    seconds = time.perf_counter() - start
     out = Path(out_dir) if out_dir is not None else Path(checkpoint) / f"eval-{data.dataset}-{split}"
-    return score_and_write(
+    key = journal_key(checkpoint, data.dataset, split, [e.question_id for e in examples], use_cache=use_cache,
+                      quantize=getattr(predictor, "quantize", None), backend=getattr(predictor, "backend", None),
+                      decoding=getattr(predictor, "decoding", None), predictor=type(predictor).__name__)
+    journal = PredictionJournal(out, key, resume=resume)
+    todo = [i for i in range(len(examples)) if i not in journal.done]  # rows of ``examples``
+    resumed = len(examples) - len(todo)
+    chunk = -(-max(1, journal_every) // batch_size) * batch_size
+    start = time.perf_counter()
+    for begin in range(0, len(todo), chunk):
+        rows = todo[begin : begin + chunk]
+        answers = predictor.predict_examples([examples[i] for i in rows], batch_size=batch_size, use_cache=use_cache,
+                                             cache_dir=_features_dir(data), progress=progress)
+        journal.append([{"row": i, "question_id": examples[i].question_id, "answer": p.answer,
+                         "score": float(p.score), "top_k": [[a, float(s)] for a, s in p.top_k]}
+                        for i, p in zip(rows, answers)])
+    seconds = time.perf_counter() - start
+    predictions = [_prediction(e, journal.done[i]) for i, e in enumerate(examples)]
+    metrics = score_and_write(
         examples, predictions, out, labels=predictor.labels, generative=generative,
         decoding=predictor.decoding if generative else None,
         info=dict(dataset=data.dataset, split=split, checkpoint=str(checkpoint), skipped_images=skipped,
-                  predict_seconds=round(seconds, 2), questions_per_second=round(len(examples) / max(seconds, 1e-9), 1)),
+                  predict_seconds=round(seconds, 2), questions_per_second=round(len(todo) / max(seconds, 1e-9), 1),
+                  resumed_questions=resumed),
     )  # fmt: skip
+    journal.remove()
+    return metrics
 
 
 def load_examples(data: DataConfig, split: str, progress: bool = True) -> tuple[list, list]:
@@ -130,6 +154,10 @@ def score_and_write(examples: list, predictions: list, out: Path, labels: list[s
 
         refresh_model_card(checkpoint, metrics)
     return metrics
+
+
+def _prediction(example, row: dict) -> Prediction:
+    return Prediction(example.question, row["answer"], row["score"], [tuple(t) for t in row["top_k"]])
 
 
 def _features_dir(data: DataConfig):

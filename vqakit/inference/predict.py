@@ -64,13 +64,9 @@ PREDICTOR_CLASSES: dict[str, str] = {
 
 def checkpoint_model_type(checkpoint_dir: str | Path) -> str:
     """The ``model_type`` recorded in a checkpoint's ``config.json`` (``two_tower`` for older checkpoints)."""
-    path = Path(checkpoint_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
-    try:
-        return json.loads(path.read_text()).get("model_type", "two_tower")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    from vqakit.models.checkpoint_files import read_config_json
+
+    return read_config_json(Path(checkpoint_dir) / CONFIG_NAME).get("model_type", "two_tower")
 
 
 def predictor_class(model_type: str) -> type:

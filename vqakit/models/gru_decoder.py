@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqakit.models.checkpoint_files import load_weights, read_config_json
 from vqakit.data.answers import normalize_answer
 from vqakit.models.two_tower import FUSIONS, TwoTowerConfig, TwoTowerModel
 
@@ -396,18 +397,11 @@ class GRUDecoderForQuestionAnswering(nn.Module):
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, map_location: str = "cpu") -> "GRUDecoderForQuestionAnswering":
         """Rebuild from a checkpoint directory; needs no training code and downloads nothing."""
-        from safetensors.torch import load_file
-
         checkpoint_dir = Path(checkpoint_dir)
-        config_path = checkpoint_dir / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
-        config = GRUDecoderConfig.from_dict(json.loads(config_path.read_text()))
+        config = GRUDecoderConfig.from_dict(read_config_json(checkpoint_dir / CONFIG_NAME))
         model = cls(config, pretrained_towers=False, tower_dir=checkpoint_dir)
         weights = checkpoint_dir / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found (the checkpoint has a config but no weights)")
-        missing, unexpected = model.load_state_dict(load_file(str(weights), device=map_location), strict=False)
+        missing, unexpected = model.load_state_dict(load_weights(weights, device=map_location), strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model.eval()

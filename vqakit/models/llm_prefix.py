@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqakit.models.checkpoint_files import load_weights, read_config_json
 from vqakit.towers.processor import VQAProcessor
 from vqakit.towers.vision import build_vision_tower
 
@@ -681,13 +682,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cpu") -> "LLMPrefixForQuestionAnswering":
         """Rebuild: vision tower and base LM from their sources, projector and LoRA adapter from the checkpoint."""
-        from safetensors.torch import load_file
-
         checkpoint_dir = Path(checkpoint_dir)
-        config_path = checkpoint_dir / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
-        config = LLMPrefixConfig.from_dict(json.loads(config_path.read_text()))
+        config = LLMPrefixConfig.from_dict(read_config_json(checkpoint_dir / CONFIG_NAME))
         vision_dir = checkpoint_dir / "vision_tower"
         model = cls.build(config, device=device,
                           vision_config_dir=str(vision_dir) if (vision_dir / CONFIG_NAME).is_file() else None)
@@ -697,9 +693,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
 
             model.lm = PeftModel.from_pretrained(model.lm, str(adapter)).merge_and_unload()
         weights = checkpoint_dir / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found (the checkpoint has a config but no weights)")
-        state = load_file(str(weights))
+        state = load_weights(weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k.startswith(("projector.", "visual_pos"))]
         if missing or unexpected:

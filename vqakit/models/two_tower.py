@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vqakit.models.checkpoint_files import load_weights, read_config_json
 from vqakit.towers.text import POOLERS, HFTextTower, mean_pool
 from vqakit.towers.vision import build_vision_tower
 
@@ -635,21 +636,12 @@ class TwoTowerForQuestionAnswering(nn.Module):
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, map_location: str = "cpu") -> "TwoTowerForQuestionAnswering":
         """Rebuild from a checkpoint directory; needs no training code and downloads nothing."""
-        from safetensors.torch import load_file
-
         checkpoint_dir = Path(checkpoint_dir)
-        config_path = checkpoint_dir / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
-        try:
-            config = TwoTowerConfig.from_dict(json.loads(config_path.read_text()))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path} is not valid JSON: {err}") from err
-        model = cls(config, pretrained_towers=False, tower_dir=checkpoint_dir)
+        config = TwoTowerConfig.from_dict(read_config_json(checkpoint_dir / CONFIG_NAME))
         weights = checkpoint_dir / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found (the checkpoint has a config but no weights)")
-        missing, unexpected = model.load_state_dict(load_file(str(weights), device=map_location), strict=False)
+        state = load_weights(weights, device=map_location)  # before building: a damaged file fails fast
+        model = cls(config, pretrained_towers=False, tower_dir=checkpoint_dir)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqakit.models.checkpoint_files import load_weights, read_config_json
 from vqakit.data.answers import normalize_answer
 from vqakit.data.images import load_image
 
@@ -250,10 +251,7 @@ class VLMForQuestionAnswering(nn.Module):
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path) -> "VLMForQuestionAnswering":
         checkpoint_dir = Path(checkpoint_dir)
-        config_path = checkpoint_dir / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
-        config = VLMConfig.from_dict(json.loads(config_path.read_text()))
+        config = VLMConfig.from_dict(read_config_json(checkpoint_dir / CONFIG_NAME))
         if not (checkpoint_dir / "vlm" / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{checkpoint_dir / 'vlm'} has no fine-tuned model (config.json)")
         saved = VLMConfig(**{**asdict(config), "model": str(checkpoint_dir / "vlm")})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 STRATEGIES = ("frozen", "lora", "full", "partial", "qlora")
+NONFINITE_LOSS_ACTIONS = ("stop", "skip")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -80,7 +81,11 @@ class TrainConfig:
         checkpoint_every_n_examples: also save ``checkpoints/last.ckpt`` every this many training
             questions (0: only at epoch ends). The best-by-validation checkpoint is kept as ``best.ckpt``.
         resume: continue from ``<out_dir>/checkpoints/last.ckpt`` (model, optimizer, scheduler, RNG and
-            the position in the epoch's shuffled order); starts fresh when there is none.
+            the position in the epoch's shuffled order); starts fresh when there is none. A ``last.ckpt``
+            that cannot be read falls back to the previous one, ``last.prev.ckpt`` (and says so).
+        on_nonfinite_loss: what a NaN/inf training loss does: ``stop`` (raise at once, naming the step, the
+            batch's question ids and the last good checkpoint) or ``skip`` (no optimizer step for that batch;
+            counted as ``skipped_nonfinite_batches`` in ``training_metadata.json``).
     """
 
     vision: str = "frozen"
@@ -115,6 +120,7 @@ class TrainConfig:
     progress: bool = True
     checkpoint_every_n_examples: int = 0
     resume: bool = False
+    on_nonfinite_loss: str = "stop"
 
     def __post_init__(self):
         for flag, value in (("--train.vision", self.vision), ("--train.text", self.text)):
@@ -133,6 +139,9 @@ class TrainConfig:
             raise ValueError(f"--train.batch_size={self.batch_size} must be at least 1")
         if self.unfreeze_last_n < 1:
             raise ValueError(f"--train.unfreeze_last_n={self.unfreeze_last_n} must be at least 1")
+        if self.on_nonfinite_loss not in NONFINITE_LOSS_ACTIONS:
+            raise ValueError(f"--train.on_nonfinite_loss={self.on_nonfinite_loss!r} is not one of "
+                             f"{NONFINITE_LOSS_ACTIONS}")
         if self.checkpoint_every_n_examples < 0:
             raise ValueError(f"--train.checkpoint_every_n_examples={self.checkpoint_every_n_examples} must be >= 0")
         if isinstance(self.lora_vision, dict):

@@ -46,7 +46,7 @@ class VQADataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         e = self.examples[i]
         image_key = self.image_keys[i] if self.image_cache is not None else e.image
-        item = {"index": i, "label": self.labels[i], "image_key": image_key}
+        item = {"index": i, "question_id": e.question_id, "label": self.labels[i], "image_key": image_key}
         target = torch.zeros(self.num_answers)
         for answer_id, score in self.scores[i].items():
             target[answer_id] = score
@@ -77,6 +77,7 @@ class VQACollator:
     def __call__(self, items: list[dict]) -> dict:
         batch = {
             "index": torch.tensor([it["index"] for it in items]),
+            **({"question_id": torch.tensor([it["question_id"] for it in items])} if "question_id" in items[0] else {}),
             "labels": torch.tensor([it["label"] for it in items]),
             "targets": torch.stack([it["target"] for it in items]),
         }

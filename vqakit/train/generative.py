@@ -24,9 +24,10 @@ from torch import nn
 
 from vqakit.data.answers import AnswerVocab, majority_answer
 from vqakit.data.config import DataConfig, split_validation
-from vqakit.train.checkpointing import ResumeState
+from vqakit.train.checkpointing import ResumeState, resume_checkpoint
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQACollator, VQADataModule, model_inputs
+from vqakit.train.nonfinite import checked_loss
 from vqakit.train.plan import PlanTimer, make_plan
 from vqakit.train.run import (
     _load_train_examples,
@@ -80,14 +81,18 @@ class GenerativeSystem(L.LightningModule):
         self.model = model
         self.cfg = cfg
         self.total_steps = max(1, total_steps)
+        self.skipped_nonfinite = 0  # batches skipped for a NaN/inf loss (--train.on_nonfinite_loss skip)
 
     def forward(self, batch: dict):
         return self.model(answers=batch["answers"], **model_inputs(batch))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         out = self(batch)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch["answers"]))
-        return out.loss
+        loss = checked_loss(self, out.loss, batch)
+        if loss is None:  # a NaN/inf loss, skipped: no backward, no optimizer step
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["answers"]))
+        return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self(batch)
@@ -175,8 +180,8 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     resume_state = ResumeState()
     trainer = _trainer(train, out, [*_checkpoint_callbacks(out, val_set), resume_state, PlanTimer(plan)],
                        train.precision, plan)
-    last = out / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if train.resume and last.is_file() else None
+    last = resume_checkpoint(out / "checkpoints") if train.resume else None
+    ckpt_path = str(last) if last else None
     start_tracking(trainer, resolved, training_plan(train, plan, params, train_examples,
                                                     val_examples, len(vocab)))
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)

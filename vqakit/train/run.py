@@ -29,7 +29,7 @@ from vqakit.data.config import DataConfig, fingerprint, load_split, split_valida
 from vqakit.data.images import filter_examples, scan_images
 from vqakit.models.two_tower import TwoTowerConfig, TwoTowerForQuestionAnswering
 from vqakit.towers.processor import VQAProcessor
-from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState
+from vqakit.train.checkpointing import AtomicCheckpointIO, ResumeState, resume_checkpoint
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQADataModule, VQADataset
 from vqakit.train.plan import PlanTimer, make_plan
@@ -223,8 +223,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     resume_state = ResumeState()
     callbacks = [*_checkpoint_callbacks(train, out, val_set), resume_state, PlanTimer(plan)]
     trainer = _trainer(train, out, callbacks, precision, plan)
-    last = out / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if train.resume and last.is_file() else None
+    last = resume_checkpoint(out / "checkpoints") if train.resume else None
+    ckpt_path = str(last) if last else None
     if ckpt_path:
         logger.info("resuming from %s", last)
     start_tracking(trainer, resolved, training_plan(train, plan, params, train_examples,
@@ -240,7 +240,8 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     vocab.to_json(ckpt / "answer_vocab.json")
     metadata = run_metadata(trainer, resume_state, train, params, train_examples, val_examples, skipped)
     metadata.update(precision=precision, optimizer=train.optimizer, lora_merged_towers=merged,
-                    answer_vocab_size=len(vocab), plan=plan.to_dict(), command=command)
+                    answer_vocab_size=len(vocab), plan=plan.to_dict(), command=command,
+                    skipped_nonfinite_batches=system.skipped_nonfinite)
     return finish_run(out, ckpt, metadata, data, train, evaluate, trainer=trainer)
 
 

@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from vqakit.models.two_tower import vqa_loss
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import model_inputs
+from vqakit.train.nonfinite import checked_loss
 
 
 class VQASystem(L.LightningModule):
@@ -26,6 +27,7 @@ class VQASystem(L.LightningModule):
         # Given, not read from trainer.estimated_stepping_batches: that builds the train loader before a
         # checkpoint is restored, and Lightning (2.6) then never loads the saved loader position.
         self.total_steps = max(1, total_steps)
+        self.skipped_nonfinite = 0  # batches skipped for a NaN/inf loss (--train.on_nonfinite_loss skip)
         n = model.config.num_answers
         self.val_vqa_score = MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro", ignore_index=-100)
@@ -33,9 +35,11 @@ class VQASystem(L.LightningModule):
     def forward(self, batch: dict):
         return self.model(**model_inputs(batch))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         logits = self(batch).logits
-        loss = vqa_loss(logits, batch["targets"], batch["labels"], self.model.config.loss)
+        loss = checked_loss(self, vqa_loss(logits, batch["targets"], batch["labels"], self.model.config.loss), batch)
+        if loss is None:  # a NaN/inf loss, skipped: no backward, no optimizer step
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
