@@ -59,6 +59,7 @@ PREDICTOR_CLASSES: dict[str, str] = {
     "gru_decoder": "vqakit.inference.generative:GenerativePredictor",
     "llm_prefix": "vqakit.inference.generative:GenerativePredictor",
     "vlm": "vqakit.inference.generative:GenerativePredictor",
+    "chat_vlm": "vqakit.inference.generative:ChatVLMPredictor",
 }
 
 

@@ -46,11 +46,13 @@ class GenerativeCollator(VQACollator):
 
 
 class GenerativeDataModule(VQADataModule):
-    def __init__(self, train_set, val_set, batch_size, num_workers=0, eval_batch_size=256, seed=0):
+    def __init__(self, train_set, val_set, batch_size, num_workers=0, eval_batch_size=256, seed=0, collate_fn=None):
+        """``collate_fn``: the family's own collator for both splits (the chat VLMs build whole conversations)."""
         super().__init__(train_set, val_set, batch_size, num_workers, eval_batch_size, seed)
-        self.collate = GenerativeCollator(train_set.processor, [majority_answer(e.answers) for e in train_set.examples])
-        self.val_collate = None
-        if val_set:
+        self.collate = collate_fn or GenerativeCollator(train_set.processor,
+                                                        [majority_answer(e.answers) for e in train_set.examples])
+        self.val_collate = collate_fn
+        if val_set and collate_fn is None:
             self.val_collate = GenerativeCollator(val_set.processor, [majority_answer(e.answers) for e in val_set.examples])
 
     def val_dataloader(self):
@@ -73,6 +75,8 @@ class GenerativeSystem(L.LightningModule):
         self.total_steps = max(1, total_steps)
 
     def forward(self, batch: dict):
+        if "chat_inputs" in batch:  # the chat VLMs' collator gives the processor's tensors with their labels
+            return self.model(**batch["chat_inputs"])
         return self.model(answers=batch["answers"], **model_inputs(batch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -134,6 +138,12 @@ def _family(model_cfg):
         from vqakit.train import vlm_family
 
         return vlm_family
+    from vqakit.models.chat_vlm import ChatVLMConfig
+
+    if isinstance(model_cfg, ChatVLMConfig):
+        from vqakit.train import chat_vlm_family
+
+        return chat_vlm_family
     raise ValueError(f"no generative family for {type(model_cfg).__name__}")
 
 
@@ -159,8 +169,9 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     steps_per_epoch = -(-len(train_set) // train.batch_size)
     total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
     system = GenerativeSystem(net, train, total_steps=total_steps)
+    collate = family.collator(processor) if hasattr(family, "collator") else None
     datamodule = GenerativeDataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
-                                      seed=train.seed)
+                                      seed=train.seed, collate_fn=collate)
     resume_state = ResumeState()
     trainer = _trainer(train, out, [*_checkpoint_callbacks(out, val_set), resume_state], train.precision)
     last = out / "checkpoints" / "last.ckpt"
