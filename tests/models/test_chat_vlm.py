@@ -238,8 +238,8 @@ def test_lora_save_load_adapter_and_merged(arch, tiny, tmp_path):
 
 
 def test_predictor_from_pretrained_matches_generate(tiny, tmp_path):
-    from vqakit.generate import ChatVLMPredictor
-    from vqakit.predict import VQAPredictor
+    from vqakit.inference.generative import ChatVLMPredictor
+    from vqakit.inference.predict import VQAPredictor
     from vqakit.train.chat_vlm_family import apply_strategies
 
     net = ChatVLMForQuestionAnswering.build(ChatVLMConfig(model=tiny("idefics3"), max_new_tokens=3))
@@ -294,3 +294,48 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_cli_train_evaluate_predict_and_serve(tiny, tmp_path, capsys):
+    """``vqakit train --chat_vlm.model`` on 16 easy-VQA questions, then evaluate, predict and the REST service."""
+    import base64
+    import io
+
+    from vqakit.cli import main
+    from vqakit.data.sources import easy_vqa_data_dir
+    from vqakit.inference.predict import VQAPredictor
+
+    main(["train", "--chat_vlm.model", tiny("idefics3"), "--chat_vlm.max_new_tokens", "3", "--train.text", "lora",
+          "--train.lora_text.rank", "2", "--data.limit", "16", "--data.cache_dir", str(tmp_path / "cache"),
+          "--train.out_dir", str(tmp_path / "run"), "--train.max_steps", "2", "--train.batch_size", "4",
+          "--train.eval_batch_size", "8", "--train.progress", "false"])
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() and not (ckpt / "model").exists()
+    metrics = json.loads(next(ckpt.glob("eval-*/metrics.json")).read_text())
+    assert metrics["decoding"]["architecture"] == "idefics3" and metrics["decoding"]["max_new_tokens"] == 3
+    image = str(easy_vqa_data_dir() / "test" / "images" / "0.png")
+    capsys.readouterr()
+    main(["predict", "--checkpoint", str(ckpt), "--image", image, "--question", "what is the color of the shape?"])
+    assert capsys.readouterr().out.count("Q: ") == 1
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vqakit.serve.app import create_app, load_service
+    from vqakit.serve.config import ServeConfig
+
+    questions = ["what is the color of the shape?", "is there a circle?"]
+    reference = VQAPredictor.from_pretrained(ckpt, device="cpu").predict(image, questions)
+    png = io.BytesIO()
+    Image.open(image).save(png, "PNG")
+    with TestClient(create_app(load_service(str(ckpt), ServeConfig(max_wait_ms=5))),
+                    raise_server_exceptions=False) as client:
+        r = client.post("/predict", json={"questions": questions,
+                                          "image_base64": base64.b64encode(png.getvalue()).decode()})
+        assert r.status_code == 200, r.text
+        got = r.json()["predictions"]
+        assert [g["answer"] for g in got] == [p.answer for p in reference]
+        assert [g["score"] for g in got] == pytest.approx([p.score for p in reference], abs=1e-4)
+        r = client.post("/predict", json={"question": "what?", "image_base64": base64.b64encode(png.getvalue()).decode(),
+                                          "heatmap": True})
+        assert 400 <= r.status_code < 500

@@ -378,7 +378,7 @@ class ChatVLMForQuestionAnswering(nn.Module):
         texts = tok.batch_decode(new, skip_special_tokens=True)
         return [(normalize_answer(t), float(p)) for t, p in zip(texts, probs)]
 
-    # -- serving helpers (vqakit.generate.GenerativePredictor) -----------------------------------------------------
+    # -- serving helpers (vqakit.inference.generative.GenerativePredictor) -----------------------------------------------------
 
     def decoding_settings(self) -> dict:
         c = self.config
