@@ -76,8 +76,8 @@ def build_tiny(arch: str, path) -> str:
     elif arch == "qwen2_vl":
         from vqakit.models.chat_vlm import _qwen2_vl_image_processor_class
 
-        ip = tf.Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=32 * 32, patch_size=8, temporal_patch_size=2,
-                                         merge_size=2)
+        ip = tf.Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}, patch_size=8,
+                                         temporal_patch_size=2, merge_size=2)
         proc = _qwen2_vl_image_processor_class()(image_processor=ip, tokenizer=tok, chat_template=template)
         config = tf.Qwen2VLConfig(
             vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=8,
@@ -339,3 +339,36 @@ def test_cli_train_evaluate_predict_and_serve(tiny, tmp_path, capsys):
         r = client.post("/predict", json={"question": "what?", "image_base64": base64.b64encode(png.getvalue()).decode(),
                                           "heatmap": True})
         assert 400 <= r.status_code < 500
+
+
+def test_several_images_per_question_in_jsonl_and_image_json(tiny, tmp_path):
+    from vqakit.data.example import require_single_image
+    from vqakit.data.formats import load_image_json, load_jsonl
+    from vqakit.train.chat_vlm_family import ChatVLMCollator, dataset
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        _image(i).save(tmp_path / "images" / f"{i}.png")
+    records = [{"image": ["images/0.png", "images/1.png"], "question": "what color?", "answer": "red"},
+               {"image": "images/2.png", "question": "what shape?", "answer": "circle"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples = load_jsonl("train", tmp_path)
+    assert examples[0].image == [str(tmp_path / "images" / "0.png"), str(tmp_path / "images" / "1.png")]
+    assert examples[1].image == str(tmp_path / "images" / "2.png")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "a.json").write_text(json.dumps({"path": ["images/0.png", "images/2.png"],
+                                                         "questions": [{"question": "same?", "answer": "no"}]}))
+    assert len(load_image_json("val", tmp_path)[0].image) == 2
+    with pytest.raises(ValueError, match="field 'image' is a list but not of non-empty paths"):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"image": [], "question": "q?", "answer": "a"}) + "\n")
+        load_jsonl("bad", tmp_path)
+    with pytest.raises(ValueError, match="question 0 is about 2 images, but the two-tower classifier reads one"):
+        require_single_image(examples, "the two-tower classifier")
+
+    qwen = ChatVLMForQuestionAnswering.build(ChatVLMConfig(model=tiny("qwen2_vl")))
+    batch = ChatVLMCollator(qwen.processor)([dataset(examples, None, qwen, qwen.processor, None, None)[i]
+                                             for i in range(2)])
+    assert batch["chat_inputs"]["image_grid_thw"].shape[0] == 3  # 2 + 1 images
+    llava = ChatVLMForQuestionAnswering.build(ChatVLMConfig(model=tiny("llava")))
+    with pytest.raises(ValueError, match="question 0 is about 2 images, but llava takes one image per question"):
+        dataset(examples, None, llava, llava.processor, None, None)

@@ -37,6 +37,7 @@ class GenerativePredictor:
 
     generative = True
     backend = "torch"
+    multi_image = False  # examples with several images (ChatVLMPredictor)
 
     def __init__(self, model, processor, device: str = "cpu"):
         self.model = model.eval().to(device)
@@ -135,6 +136,10 @@ class GenerativePredictor:
     def predict_examples(self, examples, batch_size: int = 64, use_cache: bool = True, cache_dir=None,
                          top_k: int = 1, progress: bool = True) -> list[Prediction]:
         """Answer a whole split, batched; frozen towers' outputs come through the feature cache."""
+        if not self.multi_image:
+            from vqakit.data.example import require_single_image
+
+            require_single_image(examples, f"a {checkpoint_kind(self.model)} checkpoint")
         inputs_of = self.model.batch_inputs(self.processor, examples, use_cache=use_cache, cache_dir=cache_dir,
                                             progress=progress)
         results = []
@@ -146,10 +151,16 @@ class GenerativePredictor:
         return results
 
 
+def checkpoint_kind(model) -> str:
+    return type(model).__name__.removesuffix("ForQuestionAnswering")
+
+
 class ChatVLMPredictor(GenerativePredictor):
     """A chat-VLM checkpoint (:mod:`vqakit.models.chat_vlm`): ``prepare_image`` gives the resized PIL image (the
     processor makes a variable number of image tokens per image), and ``predict`` also takes a list of images
     for one question set where the architecture supports several images."""
+
+    multi_image = True
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto",

@@ -199,8 +199,10 @@ class ChatVLMProcessor:
         if self.family != "paligemma" and not getattr(hf_processor, "chat_template", None):
             raise ValueError(f"the processor of {config.model!r} has no chat template (chat_template.jinja); "
                              f"an instruction-tuned checkpoint ships one")
-        if self.family == "qwen2_vl" and config.max_pixels:
-            hf_processor.image_processor.max_pixels = config.max_pixels
+        if self.family == "qwen2_vl" and config.max_pixels:  # its resize budget: size["longest_edge"] pixels
+            ip = hf_processor.image_processor
+            ip.size = {**dict(ip.size), "longest_edge": min(config.max_pixels, dict(ip.size).get("longest_edge")
+                                                            or config.max_pixels)}
 
     def image(self, source):
         return fit_pixels(load_image(source).convert("RGB"), self.config.max_pixels)

@@ -24,6 +24,7 @@ from vqakit.models.chat_vlm import ChatVLMConfig, ChatVLMForQuestionAnswering, e
 from vqakit.train.recipes import count_parameters
 
 KEY = "chat_vlm"
+MULTI_IMAGE = True  # examples may name several images; each architecture's limit is checked in ``dataset``
 logger = logging.getLogger("vqakit")
 VISION_LORA = r"(q_proj|k_proj|v_proj|out_proj|qkv|proj|fc1|fc2)"
 
@@ -80,6 +81,14 @@ class ChatVLMCollator:
 
 
 def dataset(examples, vocab, net, processor, train, data):
+    """Refuses up front questions with several images for the architectures that take one."""
+    from vqakit.models.chat_vlm import MULTI_IMAGE as MULTI_IMAGE_ARCHS
+
+    if net.arch not in MULTI_IMAGE_ARCHS:
+        for e in examples:
+            if len(example_images(e)) > 1:
+                raise ValueError(f"question {e.question_id} is about {len(e.image)} images, but {net.arch} takes one "
+                                 f"image per question; architectures with several: {MULTI_IMAGE_ARCHS}")
     return ChatVLMDataset(examples, processor)
 
 

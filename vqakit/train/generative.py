@@ -157,6 +157,10 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     L.seed_everything(train.seed, workers=True, verbose=False)
 
     examples, skipped = _load_train_examples(data, train.progress)
+    if not getattr(family, "MULTI_IMAGE", False):
+        from vqakit.data.example import require_single_image
+
+        require_single_image(examples, f"the {family.KEY} family")
     train_examples, val_examples = split_validation(examples, data.val_fraction, data.seed)
     vocab = AnswerVocab.build([e.answers for e in train_examples], top_k=data.top_k_answers)
     net, processor = family.build(model_cfg, train_examples, train)
