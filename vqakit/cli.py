@@ -32,6 +32,7 @@ from vqakit.models.llm_prefix import LLMPrefixConfig
 from vqakit.models.two_tower import TwoTowerConfig
 from vqakit.serve.config import ServeConfig  # a plain dataclass: FastAPI is imported by `serve` only
 from vqakit.models.vlm import VLMConfig
+from vqakit.models.chat_vlm import ChatVLMConfig
 from vqakit.train.config import TrainConfig  # a plain dataclass: no training code is imported
 
 
@@ -241,6 +242,7 @@ def train(
     gru: GRUDecoderConfig | None = None,
     llm: LLMPrefixConfig | None = None,
     vlm: VLMConfig | None = None,
+    chat_vlm: ChatVLMConfig | None = None,
 ) -> dict:
     """Train a VQA model, save an HF-style checkpoint directory, then evaluate it on ``data.eval_split``.
 
@@ -252,12 +254,14 @@ def train(
         gru: train a generative GRU-decoder model instead of the classifier (preset ``easy-vqa-gru``).
         llm: train a vision-prefixed causal LLM instead (preset ``easy-vqa-llm-stage1``, then stage 2).
         vlm: fine-tune a pretrained BLIP / ViLT model instead (``--vlm.model`` id or directory, LoRA by default).
+        chat_vlm: fine-tune a chat VLM (SmolVLM, Qwen2-VL, PaliGemma, LLaVA; ``--chat_vlm.model`` id or directory)
+            on answer tokens only; ``--train.text lora|qlora|full|frozen`` is the LM's strategy (docs/chat-vlm.md).
     """
     from vqakit.eval.evaluate import format_metrics
 
-    generative = [cfg for cfg in (gru, llm, vlm) if cfg is not None]
+    generative = [cfg for cfg in (gru, llm, vlm, chat_vlm) if cfg is not None]
     if len(generative) > 1:
-        raise ValueError("give one generative family (--gru, --llm, --vlm), not several")
+        raise ValueError("give one generative family (--gru, --llm, --vlm, --chat_vlm), not several")
     if generative:
         from vqakit.train.generative import fit_generative
 

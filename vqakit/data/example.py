@@ -17,7 +17,8 @@ class Example:
     """One question about one image.
 
     Args:
-        image: path of the image file (absolute, or relative to the source root).
+        image: path of the image file (absolute, or relative to the source root); a list of paths when the
+            question is about several images (only the chat-VLM family reads those, see ``require_single_image``).
         question: the question text, as asked.
         question_id: unique id of the question within its source.
         image_id: id of the image; all questions of one image share it.
@@ -27,7 +28,7 @@ class Example:
             other sources derive it from the first words of the question).
     """
 
-    image: str
+    image: str | list[str]
     question: str
     question_id: int
     image_id: int
@@ -45,6 +46,14 @@ class Example:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def require_single_image(examples, who: str) -> None:
+    """``ValueError`` naming the first question with several images: ``who`` (a model family) reads one."""
+    for e in examples:
+        if isinstance(e.image, (list, tuple)):
+            raise ValueError(f"question {e.question_id} is about {len(e.image)} images, but {who} reads one image "
+                             f"per question; several images per question are for the chat-VLM family (--chat_vlm.*)")
 
 
 def question_type_of(question: str, n_words: int = 3) -> str:

@@ -58,10 +58,16 @@ def infer_answer_type(answers: list[str]) -> str:
 
 
 def _record_to_example(rec: dict, where: str, root: Path, index: int, image_ids: dict[str, int]) -> Example:
+    images = rec.get("image")
+    if isinstance(images, list):  # several images for one question (the chat-VLM family reads them)
+        if not images or not all(isinstance(i, str) and i.strip() for i in images):
+            raise ValueError(f"{where}: field 'image' is a list but not of non-empty paths (got {images!r})")
     for key in ("image", "question"):
+        if key == "image" and isinstance(images, list):
+            continue
         if not isinstance(rec.get(key), str) or not rec[key].strip():
             raise ValueError(f"{where}: missing or empty field {key!r} (got {rec.get(key)!r}); each record needs "
-                             "'image', 'question' and 'answer' or 'answers'")
+                             "'image' (a path, or a list of paths), 'question' and 'answer' or 'answers'")
     if rec.get("answers") not in (None, ""):
         answers = rec["answers"]
         if isinstance(answers, str):
@@ -75,8 +81,11 @@ def _record_to_example(rec: dict, where: str, root: Path, index: int, image_ids:
         answers = [str(rec["answer"])] * 10  # one answer: repeated, so the official metric reads it as unanimous
     else:
         answers = []
-    image = Path(rec["image"]).expanduser()
-    image = image if image.is_absolute() else root / image
+    def resolve(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else root / p)
+
+    image = [resolve(i) for i in images] if isinstance(images, list) else resolve(images)
     image_id = rec.get("image_id")
     image_id = int(image_id) if image_id not in (None, "") else image_ids.setdefault(str(image), len(image_ids))
     qid = rec.get("question_id")
@@ -85,7 +94,7 @@ def _record_to_example(rec: dict, where: str, root: Path, index: int, image_ids:
         raise ValueError(f"{where}: answer_type={answer_type!r} is not one of {ANSWER_TYPES}")
     try:
         return Example(
-            image=str(image),
+            image=image,
             question=rec["question"],
             question_id=int(qid) if qid not in (None, "") else index,
             image_id=image_id,
@@ -169,8 +178,8 @@ def load_image_json(split: str, root: str | Path | None = None) -> list[Example]
                     raise ValueError(f"{path}: list entries should be objects, got {part!r}")
                 merged.update(part)
             data = merged
-        if not isinstance(data, dict) or not isinstance(data.get("path"), str):
-            raise ValueError(f"{path}: missing key 'path' (the image file); expected "
+        if not isinstance(data, dict) or not isinstance(data.get("path"), (str, list)):
+            raise ValueError(f"{path}: missing key 'path' (the image file, or a list of them); expected "
                              '{"path": "images/1.jpg", "questions": [{"question": ..., "answer": ...}]}')
         qas = data.get("questions")
         if not isinstance(qas, list):

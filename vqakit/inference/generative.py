@@ -22,7 +22,7 @@ from vqakit.data.images import DEFAULT_MAX_PIXELS, load_image
 from vqakit.inference.predict import Prediction, VQAPredictor, checkpoint_model_type, questions_per_image
 from vqakit.towers.processor import VQAProcessor
 
-GENERATIVE_TYPES = ("gru_decoder", "llm_prefix", "vlm")
+GENERATIVE_TYPES = ("gru_decoder", "llm_prefix", "vlm", "chat_vlm")
 
 
 def load_predictor(checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto", **kwargs):
@@ -37,6 +37,7 @@ class GenerativePredictor:
 
     generative = True
     backend = "torch"
+    multi_image = False  # examples with several images (ChatVLMPredictor)
 
     def __init__(self, model, processor, device: str = "cpu"):
         self.model = model.eval().to(device)
@@ -135,6 +136,10 @@ class GenerativePredictor:
     def predict_examples(self, examples, batch_size: int = 64, use_cache: bool = True, cache_dir=None,
                          top_k: int = 1, progress: bool = True) -> list[Prediction]:
         """Answer a whole split, batched; frozen towers' outputs come through the feature cache."""
+        if not self.multi_image:
+            from vqakit.data.example import require_single_image
+
+            require_single_image(examples, f"a {checkpoint_kind(self.model)} checkpoint")
         inputs_of = self.model.batch_inputs(self.processor, examples, use_cache=use_cache, cache_dir=cache_dir,
                                             progress=progress)
         results = []
@@ -144,3 +149,51 @@ class GenerativePredictor:
             for e, (a, s) in zip(examples[start:end], self.model.generate(**inputs)):
                 results.append(Prediction(e.question, a, s, [(a, s)]))
         return results
+
+
+def checkpoint_kind(model) -> str:
+    return type(model).__name__.removesuffix("ForQuestionAnswering")
+
+
+class ChatVLMPredictor(GenerativePredictor):
+    """A chat-VLM checkpoint (:mod:`vqakit.models.chat_vlm`): ``prepare_image`` gives the resized PIL image (the
+    processor makes a variable number of image tokens per image), and ``predict`` also takes a list of images
+    for one question set where the architecture supports several images."""
+
+    multi_image = True
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto",
+                        threads: int | None = None, quantize: str | None = None, question_cache: int = 0,
+                        **kwargs) -> "ChatVLMPredictor":
+        from vqakit.models.chat_vlm import ChatVLMForQuestionAnswering
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend={backend!r}: chat_vlm checkpoints are served with PyTorch (backend='torch')")
+        if quantize is not None:
+            raise ValueError(f"quantize={quantize!r}: INT8 serving is for classifier and llm_prefix checkpoints, "
+                             f"not chat_vlm")
+        if threads:
+            torch.set_num_threads(threads)
+        model = ChatVLMForQuestionAnswering.from_pretrained(checkpoint_dir, device=device, **kwargs)
+        return cls(model, model.processor, device)
+
+    def prepare_image(self, image, max_pixels: int = DEFAULT_MAX_PIXELS):
+        """Decode one image (path, bytes, PIL or numpy) -> the PIL image resized within the checkpoint's
+        ``max_pixels``. Raises ``ImageLoadError`` (a ``ValueError``), e.g. more than ``max_pixels`` pixels."""
+        return self.processor.image(load_image(image, max_pixels=max_pixels))
+
+    @torch.inference_mode()
+    def predict_prepared(self, pixel_values: Sequence, questions: Sequence[str | Sequence[str]],
+                         top_k: int = 1, output_attentions: bool = False) -> list[list[Prediction]]:
+        """``predict_batch`` over images already through ``prepare_image``; one left-padded generation batch."""
+        if output_attentions:
+            raise ValueError("heatmap: attention heatmaps come from classifier checkpoints; a generative "
+                             "checkpoint has none")
+        if not pixel_values:
+            return []
+        per_image = questions_per_image(pixel_values, questions)
+        answers = self.model.answer_images(self.processor, list(pixel_values), per_image, device=self.device)
+        return [[Prediction(q, a, s, [(a, s)]) for q, (a, s) in zip(qs, image_answers)]
+                for qs, image_answers in zip(per_image, answers)]

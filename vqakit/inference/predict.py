@@ -59,6 +59,7 @@ PREDICTOR_CLASSES: dict[str, str] = {
     "gru_decoder": "vqakit.inference.generative:GenerativePredictor",
     "llm_prefix": "vqakit.inference.generative:GenerativePredictor",
     "vlm": "vqakit.inference.generative:GenerativePredictor",
+    "chat_vlm": "vqakit.inference.generative:ChatVLMPredictor",
 }
 
 
@@ -311,6 +312,9 @@ class VQAPredictor:
         """Answer a whole split. With ``use_cache`` the towers' outputs go through the feature cache, so a
         checkpoint whose towers were frozen in training reuses the features computed then (not for a quantized
         model, whose towers differ from the cached ones)."""
+        from vqakit.data.example import require_single_image
+
+        require_single_image(examples, "a two-tower classifier checkpoint")
         use_cache = use_cache and not self.quantize
         questions = [e.question for e in examples]
         paths = [e.image for e in examples]

@@ -56,11 +56,13 @@ class GenerativeCollator(VQACollator):
 
 
 class GenerativeDataModule(VQADataModule):
-    def __init__(self, train_set, val_set, batch_size, num_workers=0, eval_batch_size=256, seed=0):
+    def __init__(self, train_set, val_set, batch_size, num_workers=0, eval_batch_size=256, seed=0, collate_fn=None):
+        """``collate_fn``: the family's own collator for both splits (the chat VLMs build whole conversations)."""
         super().__init__(train_set, val_set, batch_size, num_workers, eval_batch_size, seed)
-        self.collate = GenerativeCollator(train_set.processor, [majority_answer(e.answers) for e in train_set.examples])
-        self.val_collate = None
-        if val_set:
+        self.collate = collate_fn or GenerativeCollator(train_set.processor,
+                                                        [majority_answer(e.answers) for e in train_set.examples])
+        self.val_collate = collate_fn
+        if val_set and collate_fn is None:
             self.val_collate = GenerativeCollator(val_set.processor, [majority_answer(e.answers) for e in val_set.examples])
 
     def val_dataloader(self):
@@ -84,6 +86,8 @@ class GenerativeSystem(L.LightningModule):
         self.skipped_nonfinite = 0  # batches skipped for a NaN/inf loss (--train.on_nonfinite_loss skip)
 
     def forward(self, batch: dict):
+        if "chat_inputs" in batch:  # the chat VLMs' collator gives the processor's tensors with their labels
+            return self.model(**batch["chat_inputs"])
         return self.model(answers=batch["answers"], **model_inputs(batch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
@@ -148,6 +152,12 @@ def _family(model_cfg):
         from vqakit.train import vlm_family
 
         return vlm_family
+    from vqakit.models.chat_vlm import ChatVLMConfig
+
+    if isinstance(model_cfg, ChatVLMConfig):
+        from vqakit.train import chat_vlm_family
+
+        return chat_vlm_family
     raise ValueError(f"no generative family for {type(model_cfg).__name__}")
 
 
@@ -163,6 +173,10 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     L.seed_everything(train.seed, workers=True, verbose=False)
 
     examples, skipped = _load_train_examples(data, train.progress)
+    if not getattr(family, "MULTI_IMAGE", False):
+        from vqakit.data.example import require_single_image
+
+        require_single_image(examples, f"the {family.KEY} family")
     train_examples, val_examples = split_validation(examples, data.val_fraction, data.seed)
     vocab = AnswerVocab.build([e.answers for e in train_examples], top_k=data.top_k_answers)
     net, processor = family.build(model_cfg, train_examples, train)
@@ -175,8 +189,9 @@ def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bo
     plan = make_plan(len(train_set), train.batch_size, train.epochs, train.max_steps)
     logger.info("%s", plan.describe())
     system = GenerativeSystem(net, train, total_steps=plan.steps)
+    collate = family.collator(processor) if hasattr(family, "collator") else None
     datamodule = GenerativeDataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
-                                      seed=train.seed)
+                                      seed=train.seed, collate_fn=collate)
     resume_state = ResumeState()
     trainer = _trainer(train, out, [*_checkpoint_callbacks(out, val_set), resume_state, PlanTimer(plan)],
                        train.precision, plan)

@@ -47,7 +47,17 @@ def peak_rss_mib() -> float:
 def _load_train_examples(data: DataConfig, progress: bool):
     examples = load_split(data, data.train_split)
     skipped = []
-    if data.scan_images:
+    if data.scan_images and any(isinstance(e.image, list) for e in examples):
+        # several images per question: scan every distinct path, drop the questions with a broken one
+        paths = list(dict.fromkeys(p for e in examples for p in (e.image if isinstance(e.image, list) else [e.image])))
+        report = scan_images(dict(enumerate(paths)), progress=progress)
+        bad = {path for _, path, _ in report.bad}
+        skipped = sorted({e.image_id for e in examples
+                          if bad & set(e.image if isinstance(e.image, list) else [e.image])})
+        examples = [e for e in examples if e.image_id not in skipped]
+        if skipped:
+            logger.warning("skipped the questions of %d image sets with broken images: %s", len(skipped), sorted(bad))
+    elif data.scan_images:
         report = scan_images({e.image_id: e.image for e in examples}, progress=progress)
         examples = filter_examples(examples, report)
         skipped = [b[0] for b in report.bad]
@@ -194,6 +204,9 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     L.seed_everything(train.seed, workers=True, verbose=False)
 
     examples, skipped = _load_train_examples(data, train.progress)
+    from vqakit.data.example import require_single_image
+
+    require_single_image(examples, "the two-tower classifier")
     if data.train_image_fraction < 1.0:  # record exactly which images the sample kept
         sample = {"dataset": data.dataset, "split": data.train_split, "fraction": data.train_image_fraction,
                   "seed": data.seed, "image_ids": sorted({e.image_id for e in examples})}
