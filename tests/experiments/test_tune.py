@@ -36,7 +36,7 @@ def _preset(name: str) -> dict:
 
     from vqakit.experiments.tune import parse_config
 
-    cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "vqakit" / "configs" / f"{name}.yaml").read_text())
     model, data, train = parse_config(cfg)
     return {"model": asdict(model), "data": asdict(data), "train": asdict(train)}
 
