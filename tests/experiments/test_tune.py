@@ -244,3 +244,15 @@ def test_bad_searches_are_clear_errors(tiny_model_args, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["tune", *tiny_model_args, "--out_dir", str(tmp_path), *extra])
         assert message in capsys.readouterr().err
+
+
+def test_recipe_auto_is_the_base_of_a_search(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # --print_config: the resolved base, then exit 0
+        main(["tune", "--recipe", "auto", "--data.limit", "60", "--out_dir", str(tmp_path / "tune"), "--trials", "2",
+              "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    recipe = yaml.safe_load((tmp_path / "tune" / "recipe.yaml").read_text())
+    resolved = yaml.safe_load(printed[printed.index("model:"):])
+    assert resolved["model"]["fusion"] == recipe["model"]["fusion"] and resolved["trials"] == 2
+    assert resolved["train"]["max_steps"] == recipe["train"]["max_steps"]
