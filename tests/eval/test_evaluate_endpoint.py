@@ -36,7 +36,7 @@ from vqakit.serve.config import ServeConfig  # noqa: E402
 LIMIT = "30"  # questions of easy-VQA's test split (whole images, seeded)
 # what may differ between a checkpoint's and its endpoint's metrics.json: time, and where the answers came from
 RUN_FIELDS = {"predict_seconds", "questions_per_second", "checkpoint", "endpoint", "endpoint_model",
-              "prompt_template", "system_prompt", "endpoint_requests", "out_dir"}
+              "prompt_template", "system_prompt", "endpoint_requests", "out_dir", "results_file", "resumed_questions"}
 
 
 def same_metrics(a: dict, b: dict) -> None:
