@@ -11,6 +11,7 @@
     vqakit serve    --checkpoint runs/easy-vqa/checkpoint --host 127.0.0.1 --port 8000   # REST API + /ui
     vqakit demo     --checkpoint runs/easy-vqa/checkpoint          # the web UI
     vqakit compare  --config easy-vqa --data.limit 4000 --strategies frozen,lora,full,two-stage
+    vqakit tune     --config shapes-rel --budget_minutes 30   # Optuna search -> best_config.yaml
     vqakit report   runs/compare   # IEEE paper (LaTeX -> PDF), HTML and markdown of compare/train runs
 
 Every subcommand takes ``--config NAME`` (a packaged preset: ``vqakit list_models``) or ``--config FILE.yaml``, and
@@ -516,6 +517,56 @@ def compare(
     return rows
 
 
+def tune(
+    model: TwoTowerConfig = TwoTowerConfig(),
+    data: DataConfig = DataConfig(),
+    train: TrainConfig = TrainConfig(),
+    trials: int | None = None,
+    budget_minutes: float | None = None,
+    seed: int = 0,
+    space: str | None = None,
+    out_dir: str = "runs/tune",
+    storage: str | None = None,
+    study_name: str = "tune",
+    reports_per_trial: int = 4,
+    pruner: str = "median",
+    startup_trials: int = 5,
+) -> dict:
+    """Search hyperparameters around a base recipe (``--config`` preset + dotted overrides) with Optuna: TPE
+    sampling, median pruning on the validation VQA accuracy of a split held out of the training data
+    (``data.val_fraction``; the evaluation split is never used), SQLite storage so a killed search resumes.
+    Writes ``best_config.yaml`` (train it with ``vqakit train --config``), ``trials.csv``, ``trials.md``,
+    ``tune.png``, ``space.yaml`` and ``study.db`` into ``out_dir``.
+
+        vqakit tune --config configs/shapes-rel.yaml --budget_minutes 30
+        vqakit tune --config configs/easy-vqa.yaml --trials 20 --space my_space.yaml --out_dir runs/tune-easy
+
+    Args:
+        model: the base model (two-tower classifier).
+        data: the data; ``data.val_fraction`` of the training images are held out for selection.
+        train: the base training settings; training length is searched as a multiple of their plan.
+        trials: stop when the study has this many complete + pruned trials (counted over resumed sessions).
+        budget_minutes: wall time of the whole search (over resumed sessions); a trial starts only when the
+            mean duration of the last completed trials still fits.
+        seed: seed of the TPE sampler (trials train with ``train.seed``).
+        space: YAML file of knobs, ``{train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}, model.hidden_size:
+            {choices: [64, 128]}, steps_multiplier: {low: 0.5, high: 2}}`` (default: the base config's main knobs).
+        out_dir: where the study, the trial runs and the outputs go; rerun with the same one to resume.
+        storage: Optuna storage URL (default ``sqlite:///{out_dir}/study.db``).
+        study_name: the study's name in the storage.
+        reports_per_trial: validations per trial reported to the pruner.
+        pruner: ``median`` (stop a trial whose validation accuracy is below the median of earlier trials at the
+            same point of their schedule) or ``none``.
+        startup_trials: trials sampled at random before TPE models the results (the base config is trial 0).
+    """
+    from vqakit.experiments.tune import run_search
+
+    base = {"model": asdict(model), "data": asdict(data), "train": asdict(train)}
+    return run_search(base, out_dir=out_dir, space=space, trials=trials, budget_minutes=budget_minutes, seed=seed,
+                      storage=storage, study_name=study_name, reports_per_trial=reports_per_trial, pruner=pruner,
+                      startup_trials=startup_trials)
+
+
 def serve(
     checkpoint: str,
     host: str = "127.0.0.1",
@@ -699,7 +750,7 @@ def _apply_recipe(argv: list[str]) -> list[str]:
     parser.add_function_arguments(command, as_group=False, as_positional=False)
     cfg = parser.parse_args([a for a in rest[1:] if a != "--print_config"])
     data = DataConfig(**cfg.data.as_dict())
-    out_dir = Path(cfg.train.out_dir if "train" in cfg else cfg.get("out_dir", "runs/auto"))
+    out_dir = Path(cfg.out_dir if rest[0] == "tune" or "train" not in cfg else cfg.train.out_dir)
     kwargs = {} if budget is None else {"budget_minutes": budget}
     auto = auto_recipe(data, **kwargs)
     path = auto.write(out_dir)
@@ -728,7 +779,7 @@ def main(argv: list[str] | None = None) -> None:
         CLI(
             [
                 prepare, train, evaluate, score, predict, visualize, serve, demo, export,  # data -> model -> serving
-                compare, report, bench,  # experiments
+                compare, tune, report, bench,  # experiments
                 convert, generate, mini_vqa, stats, list_models,  # datasets and catalogue
             ],
             args=_apply_recipe(args),

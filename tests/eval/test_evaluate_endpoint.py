@@ -36,7 +36,7 @@ from vqakit.serve.config import ServeConfig  # noqa: E402
 LIMIT = "30"  # questions of easy-VQA's test split (whole images, seeded)
 # what may differ between a checkpoint's and its endpoint's metrics.json: time, and where the answers came from
 RUN_FIELDS = {"predict_seconds", "questions_per_second", "checkpoint", "endpoint", "endpoint_model",
-              "prompt_template", "system_prompt", "endpoint_requests", "out_dir"}
+              "prompt_template", "system_prompt", "endpoint_requests", "out_dir", "results_file", "resumed_questions"}
 
 
 def same_metrics(a: dict, b: dict) -> None:
@@ -263,3 +263,28 @@ def test_cli_arguments(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_generative_checkpoint_through_the_endpoint(tiny_vision_tower, tiny_text_tower, data, tmp_path):
+    """A (random) GRU-decoder checkpoint: free-text answers normalised and scored as `evaluate --checkpoint` does,
+    with the generative metrics and the checkpoint's decoding settings."""
+    import torch
+
+    from vqakit.eval.evaluate import evaluate_checkpoint
+    from vqakit.inference.generative import GenerativePredictor
+    from vqakit.models.gru_decoder import GRUDecoderConfig, GRUDecoderForQuestionAnswering, build_word_vocab
+    from vqakit.towers.text import load_tokenizer
+
+    torch.manual_seed(0)
+    model = GRUDecoderForQuestionAnswering(GRUDecoderConfig(
+        vision_tower=tiny_vision_tower, text_tower=tiny_text_tower, image_size=32, hidden_size=32, num_heads=4,
+        word_embed_dim=16, max_question_length=16, vision_multiscale=False,
+        vocab=build_word_vocab(["red", "blue", "circle", "triangle", "yes", "no", "2"])))
+    checkpoint = tmp_path / "gru" / "checkpoint"
+    model.save_pretrained(checkpoint, tokenizer=load_tokenizer(tiny_text_tower))
+    local = evaluate_checkpoint(checkpoint, data, out_dir=tmp_path / "local", progress=False)
+    predictor = GenerativePredictor.from_pretrained(checkpoint, device="cpu")
+    with serving(predictor, checkpoint) as (url, app):
+        remote = evaluate_endpoint(url, "tiny", data, out_dir=tmp_path / "remote", progress=False)
+    assert "generative" in remote and remote["decoding"] == local["decoding"]
+    same_metrics(local, remote)

