@@ -13,7 +13,7 @@ from vqakit.data.config import DataConfig
 from vqakit.eval.evaluate import evaluate_checkpoint
 from vqakit.eval.journal import JOURNAL_NAME, PredictionJournal
 
-TIMINGS = ("predict_seconds", "questions_per_second", "resumed_questions", "out_dir", "results_file")  # the run, not the model
+TIMINGS = ("predict_seconds", "questions_per_second", "resumed_questions", "out_dir", "results_file")
 
 CHILD = """
 import sys
