@@ -9,11 +9,22 @@ on 2 cores); ONNX Runtime's fused kernels run them in ~3-4 ms (benchmarks/latenc
 The head is exported for questions padded to ``max_question_length``: the legacy exporter bakes the
 sequence length into ``nn.MultiheadAttention``'s reshapes, and padded tokens are masked out, so the
 logits are unchanged (verified below).
+
+``ensure_onnx`` is what ``VQAPredictor.from_pretrained(backend="auto")`` calls: it reuses an export whose
+``export.json`` records the SHA-256 of the checkpoint's weights and config (a retrained checkpoint never serves a
+stale graph), and otherwise exports and verifies again. Exports are written to a temporary sibling directory and
+renamed into place, under an exclusive file lock, so two processes loading the same checkpoint at once (two server
+workers) export once and never see a half-written directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +36,74 @@ from vqakit.models.two_tower import TwoTowerForQuestionAnswering
 from vqakit.towers.processor import VQAProcessor
 
 ONNX_DIR = "onnx"
+INT8_DIR = "int8"
 OPSET = 17
+# what the exported graphs are a function of: the weights (full model, LoRA adapters) and the architecture
+DIGEST_PATTERNS = ("config.json", "*.safetensors")
+
+
+def weights_digest(checkpoint_dir: str | Path) -> str:
+    """SHA-256 over the checkpoint's ``config.json`` and ``*.safetensors`` files (names and bytes)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    files = sorted({f for pattern in DIGEST_PATTERNS for f in checkpoint_dir.glob(pattern) if f.is_file()})
+    if not files:
+        raise FileNotFoundError(f"no config.json / *.safetensors in {checkpoint_dir}: not a checkpoint directory")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def _stat_key(checkpoint_dir: Path) -> list:
+    """(name, size, mtime_ns) of the digested files: when unchanged since the export, the digest is not recomputed."""
+    files = sorted({f for pattern in DIGEST_PATTERNS for f in checkpoint_dir.glob(pattern) if f.is_file()})
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def export_is_current(checkpoint_dir: str | Path, onnx_dir: str | Path | None = None) -> bool:
+    """Whether ``onnx_dir`` (default ``<checkpoint>/onnx``) holds a verified export of these very weights."""
+    checkpoint_dir = Path(checkpoint_dir)
+    info_path = Path(onnx_dir) if onnx_dir is not None else checkpoint_dir / ONNX_DIR
+    info_path = info_path / "export.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if "weights_sha256" not in info:  # exported before exports were tied to the weights
+        return False
+    if info.get("weights_stat") == _stat_key(checkpoint_dir):
+        return True
+    return info["weights_sha256"] == weights_digest(checkpoint_dir)
+
+
+@contextmanager
+def _export_lock(target: Path):
+    """An exclusive advisory lock (``fcntl.flock``) on ``.<target>.lock`` beside ``target``: concurrent exporters of
+    one checkpoint take turns (the second finds the first's export current and returns). No-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename still keeps readers from half-written files
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` directory to ``target``, replacing an older one (renames on one file system)."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
 
 
 class _Head(nn.Module):
@@ -51,12 +129,53 @@ def _export(module, args, path, input_names, output_names, dynamic_axes):
 
 
 def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path | None = None, atol: float = 1e-4) -> Path:
-    """Export and verify; raises ``RuntimeError`` naming the part whose ONNX output differs from PyTorch."""
-    import onnxruntime as ort
-
+    """Export and verify into ``out_dir`` (default ``<checkpoint>/onnx``), replacing what was there atomically;
+    raises ``RuntimeError`` naming the part whose ONNX output differs from PyTorch (nothing is written then)."""
     checkpoint_dir = Path(checkpoint_dir)
     out = Path(out_dir) if out_dir is not None else checkpoint_dir / ONNX_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _export_lock(out):
+        return _export_locked(checkpoint_dir, out, atol)
+
+
+def ensure_onnx(checkpoint_dir: str | Path, quantize: str | None = None) -> Path:
+    """The directory of a current, verified export of this checkpoint (``<checkpoint>/onnx``, or its ``int8/``
+    for ``quantize="int8"``), exporting (and quantizing) first when it is missing or of other weights.
+
+    Raises ``OSError`` when the checkpoint directory is not writable and has no current export, ``RuntimeError``
+    when the export fails verification."""
+    checkpoint_dir = Path(checkpoint_dir)
+    out = checkpoint_dir / ONNX_DIR
+    want = out / INT8_DIR if quantize == "int8" else out
+    if export_is_current(checkpoint_dir, want):  # the common case: no lock, no write
+        return want
+    with _export_lock(out):  # another process may have exported while we waited: check again
+        if not export_is_current(checkpoint_dir, out):
+            _export_locked(checkpoint_dir, out, 1e-4)
+        if quantize == "int8" and not export_is_current(checkpoint_dir, want):
+            quantize_onnx(out)
+    return want
+
+
+def _export_locked(checkpoint_dir: Path, out: Path, atol: float) -> Path:
+    import onnxruntime as ort
+
+    digest, stat = weights_digest(checkpoint_dir), _stat_key(checkpoint_dir)
+    final, out = out, Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _export_verified(checkpoint_dir, out, atol, ort)
+        info = json.loads((out / "export.json").read_text())
+        info.update(weights_sha256=digest, weights_stat=stat)
+        (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        _replace_dir(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return final
+
+
+def _export_verified(checkpoint_dir: Path, out: Path, atol: float, ort) -> None:
+    """Write the three parts and ``export.json`` into ``out`` (a fresh directory), verified against PyTorch."""
     model = TwoTowerForQuestionAnswering.from_pretrained(checkpoint_dir)
     processor = VQAProcessor.from_config(model.config, tokenizer_dir=checkpoint_dir / "text_tower")
     cfg, bb = model.config, model.backbone
@@ -109,8 +228,6 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path | None = None, a
         "opset": OPSET, "max_question_length": T, "max_abs_diff": diffs, "atol": atol,
         "torch": torch.__version__, "onnxruntime": ort.__version__,
     }, indent=2) + "\n")
-    return out
-
 
 
 def quantize_onnx(onnx_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -127,12 +244,18 @@ def quantize_onnx(onnx_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     info_path = onnx_dir / "export.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: run `vqakit export` first")
-    out = Path(out_dir) if out_dir is not None else onnx_dir / "int8"
-    out.mkdir(parents=True, exist_ok=True)
-    for part in ("vision", "text", "head"):
-        quantize_dynamic(onnx_dir / f"{part}.onnx", out / f"{part}.onnx", weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"])
-    info = json.loads(info_path.read_text())
-    info.update(quantization="dynamic int8 (MatMul, Gemm weights)", float_model=str(onnx_dir))
-    (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out
+    final = Path(out_dir) if out_dir is not None else onnx_dir / INT8_DIR
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        for part in ("vision", "text", "head"):
+            quantize_dynamic(onnx_dir / f"{part}.onnx", out / f"{part}.onnx", weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm"])
+        info = json.loads(info_path.read_text())  # keeps the float export's weights digest: same weights
+        info.update(quantization="dynamic int8 (MatMul, Gemm weights)", float_model=str(onnx_dir))
+        (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        _replace_dir(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return final

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -35,6 +36,7 @@ from vqakit.inference.onnx_runtime import OnnxParts
 from vqakit.models.two_tower import CONFIG_NAME, TwoTowerForQuestionAnswering
 from vqakit.towers.processor import VQAProcessor
 
+logger = logging.getLogger("vqakit")
 
 @dataclass
 class Prediction:
@@ -93,6 +95,23 @@ def questions_per_image(pixel_values: Sequence, questions: Sequence[str | Sequen
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"question {q!r} for image {i} is not a non-empty string")
     return per_image
+
+
+def _auto_onnx(checkpoint_dir: Path, quantize: str | None, threads: int | None) -> "OnnxParts | None":
+    """``backend="auto"`` on the CPU: ONNX Runtime over a current verified export (made now if needed), or
+    ``None`` (PyTorch) with exactly one warning saying why."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        logger.warning("serving %s with PyTorch: onnxruntime is not installed (pip install onnxruntime for the "
+                       "faster ONNX Runtime backend)", checkpoint_dir)
+        return None
+    from vqakit.inference.export import ensure_onnx
+
+    try:
+        return OnnxParts(ensure_onnx(checkpoint_dir, quantize), threads)
+    except Exception as err:  # noqa: BLE001 - any failure of the fast path leaves the (always correct) torch one
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        logger.warning("serving %s with PyTorch: no usable ONNX export (%s)", checkpoint_dir, reason)
+        return None
 
 
 class QuestionCache:
@@ -158,8 +177,10 @@ class VQAPredictor:
         """Load a checkpoint directory, with the predictor its ``config.json``'s ``model_type`` asks for.
 
         ``backend``: ``torch``; ``onnx`` (ONNX Runtime on CPU over ``<checkpoint>/onnx/``, exported and
-        verified by ``vqakit export`` or on first use); ``auto`` = ``onnx`` when those files exist, the
-        device is the CPU and onnxruntime is installed, else ``torch``.
+        verified by ``vqakit export``, at the end of training, or here on first use); ``auto`` (default) =
+        ``onnx`` on the CPU, exporting and verifying on first load when ``<checkpoint>/onnx/`` is missing or was
+        exported from other weights, else ``torch`` (on a GPU; and with one warning when onnxruntime is not
+        installed, the directory is read-only or the export fails verification).
         ``quantize``: ``None`` (float32) or ``"int8"``: dynamic INT8 quantization of the Linear layers, CPU only
         (torch: ``torch.ao.quantization.quantize_dynamic``; onnx: ``<checkpoint>/onnx/int8/``, made on first use).
         ``question_cache``: keep the text tower's states of this many recent distinct questions (0: none).
@@ -179,21 +200,13 @@ class VQAPredictor:
         checkpoint_dir = Path(checkpoint_dir)
         model = TwoTowerForQuestionAnswering.from_pretrained(checkpoint_dir)
         processor = VQAProcessor.from_config(model.config, tokenizer_dir=checkpoint_dir / "text_tower")
-        onnx_dir = checkpoint_dir / "onnx"
         onnx = None
-        if backend == "onnx" or (backend == "auto" and device == "cpu" and (onnx_dir / "export.json").is_file()
-                                 and importlib.util.find_spec("onnxruntime") is not None):
-            if not (onnx_dir / "export.json").is_file():
-                from vqakit.inference.export import export_onnx
+        if backend == "onnx":
+            from vqakit.inference.export import ensure_onnx
 
-                export_onnx(checkpoint_dir)
-            if quantize == "int8":
-                from vqakit.inference.export import quantize_onnx
-
-                if not (onnx_dir / "int8" / "export.json").is_file():
-                    quantize_onnx(onnx_dir)
-                onnx_dir = onnx_dir / "int8"
-            onnx = OnnxParts(onnx_dir, threads)
+            onnx = OnnxParts(ensure_onnx(checkpoint_dir, quantize), threads)  # errors are the caller's to see
+        elif backend == "auto" and device == "cpu":
+            onnx = _auto_onnx(checkpoint_dir, quantize, threads)
         if quantize == "int8":
             # the torch model also serves attention maps on the onnx backend: quantize it the same way
             model = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
