@@ -29,10 +29,9 @@ test: $(STAMP)
 
 # Needs a trained checkpoint (make demo). Writes benchmarks/results/*.json.
 bench: $(STAMP)
-	$(BIN)/vqakit export --checkpoint runs/easy-vqa/checkpoint
-	$(BIN)/python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint --backend onnx
-	$(BIN)/python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint --backend torch
+	$(BIN)/python benchmarks/latency.py --checkpoint runs/easy-vqa/checkpoint --variants auto,int8,torch --repeats 3
 	$(BIN)/python benchmarks/quantize.py --checkpoint runs/easy-vqa/checkpoint
+	$(BIN)/python benchmarks/load.py --checkpoint runs/easy-vqa/checkpoint --distinct
 	$(BIN)/python benchmarks/load.py --checkpoint runs/easy-vqa/checkpoint
 
 clean:

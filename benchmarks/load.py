@@ -1,6 +1,6 @@
 """Load test of ``vqakit serve`` on loopback: latency of one question, then many concurrent clients.
 
-    python benchmarks/load.py --checkpoint runs/easy-vqa/checkpoint [--clients 16] [--duration 20]
+    python benchmarks/load.py --checkpoint runs/easy-vqa/checkpoint [--clients 16] [--duration 20] [--distinct]
 
 Starts the server as a subprocess on 127.0.0.1 (a free port; never another host), waits for ``/health``,
 then measures:
@@ -12,7 +12,12 @@ then measures:
    latency, questions per second, the server's batch statistics and its RSS at the start, every second and
    at the end (memory must stay flat).
 
-Writes JSON to ``--out`` (default ``benchmarks/results/load-<backend>.json``). The client runs on the same
+``--distinct``: every question of every request is a distinct string (``"<test question> #<k>"``, k counting
+up), so neither the server's question cache nor the de-duplication of a batch's questions can skip the text
+tower; without it the requests cycle through the test set's questions (107 distinct strings), which the cache
+mostly answers. The server runs with its defaults (``vqakit serve``) unless flags below override them.
+
+Writes JSON to ``--out`` (default ``benchmarks/results/load-<backend>[-distinct].json``). The client runs on the same
 machine and competes with the server for the CPU, so the numbers are a lower bound of the server's capacity
 (aiohttp's client costs ~0.3 ms of CPU per request here, httpx's ~2.5 ms: hence aiohttp). On a machine busy
 with other work, ``projected_questions_per_s_all_cores`` (questions per CPU second of server + client, times
@@ -64,31 +69,39 @@ def percentile(sorted_ms: list[float], q: float) -> float:
     return round(sorted_ms[min(len(sorted_ms) - 1, int(q * (len(sorted_ms) - 1)))], 2) if sorted_ms else float("nan")
 
 
-def request_bodies(n: int, questions_per_request: int) -> list[bytes]:
-    """JSON bodies over distinct easy-VQA test images, each image's own questions."""
-    from vqakit.data.sources import load_easy_vqa
+class RequestBodies:
+    """JSON bodies over distinct easy-VQA test images, each image's own questions; ``body(i)`` is request i's.
+    With ``distinct`` each question gets the suffix `` #<k>`` with k unique across all requests."""
 
-    by_image: dict[int, list] = {}
-    for e in load_easy_vqa("test"):
-        by_image.setdefault(e.image_id, []).append(e)
-    bodies = []
-    for examples in list(by_image.values())[:n]:
-        image = base64.b64encode(Path(examples[0].image).read_bytes()).decode()
-        qs = [e.question for e in examples][:questions_per_request]
-        qs += [qs[-1]] * (questions_per_request - len(qs))
-        field = {"question": qs[0]} if questions_per_request == 1 else {"questions": qs}
-        bodies.append(json.dumps({**field, "image_base64": image}).encode())
-    return bodies
+    def __init__(self, n: int, questions_per_request: int, distinct: bool = False):
+        from vqakit.data.sources import load_easy_vqa
+
+        by_image: dict[int, list] = {}
+        for e in load_easy_vqa("test"):
+            by_image.setdefault(e.image_id, []).append(e)
+        self.q, self.distinct = questions_per_request, distinct
+        self.images, self.questions = [], []
+        for examples in list(by_image.values())[:n]:
+            self.images.append(base64.b64encode(Path(examples[0].image).read_bytes()))
+            qs = [e.question for e in examples][:questions_per_request]
+            self.questions.append(qs + [qs[-1]] * (questions_per_request - len(qs)))
+
+    def body(self, i: int) -> bytes:
+        j = i % len(self.images)
+        qs = [f"{q} #{i * self.q + k}" for k, q in enumerate(self.questions[j])] if self.distinct else self.questions[j]
+        field = {"question": qs[0]} if self.q == 1 else {"questions": qs}
+        return json.dumps(field).encode()[:-1] + b', "image_base64": "' + self.images[j] + b'"}'
 
 
-async def single_client(url: str, bodies: list[bytes], warmup: int, n: int) -> list[float]:
+async def single_client(url: str, bodies: RequestBodies, warmup: int, n: int, offset: int = 0) -> list[float]:
     import aiohttp
 
     times = []
     async with aiohttp.ClientSession(headers=JSON) as session:
         for i in range(warmup + n):
+            body = bodies.body(offset + i)
             start = time.perf_counter()
-            async with session.post(url, data=bodies[i % len(bodies)]) as r:
+            async with session.post(url, data=body) as r:
                 text = await r.read()
             elapsed = 1000 * (time.perf_counter() - start)
             if r.status != 200:
@@ -98,7 +111,7 @@ async def single_client(url: str, bodies: list[bytes], warmup: int, n: int) -> l
     return sorted(times)
 
 
-async def load(url: str, bodies: list[bytes], clients: int, duration: float, pid: int) -> dict:
+async def load(url: str, bodies: RequestBodies, clients: int, duration: float, pid: int, offset: int = 0) -> dict:
     import aiohttp
 
     latencies: list[float] = []
@@ -111,7 +124,7 @@ async def load(url: str, bodies: list[bytes], clients: int, duration: float, pid
         nonlocal done
         i = k
         while time.perf_counter() < stop_at:
-            body = bodies[i % len(bodies)]
+            body = bodies.body(offset + i)  # request numbers are unique across clients (distinct questions)
             i += clients
             start = time.perf_counter()
             try:
@@ -147,15 +160,18 @@ async def load(url: str, bodies: list[bytes], clients: int, duration: float, pid
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="runs/easy-vqa/checkpoint")
-    ap.add_argument("--backend", default="onnx", choices=["auto", "torch", "onnx"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     ap.add_argument("--quantize", default=None, choices=["int8"])
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients of the load phase (16-32)")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of the load phase")
     ap.add_argument("--questions_per_request", type=int, default=1)
     ap.add_argument("--latency_requests", type=int, default=200)
-    ap.add_argument("--max_batch_size", type=int, default=32)
-    ap.add_argument("--max_wait_ms", type=float, default=2.0)
-    ap.add_argument("--question_cache", type=int, default=4096, help="server question cache (0: off)")
+    ap.add_argument("--distinct", action="store_true", help="every question string distinct (see above)")
+    ap.add_argument("--max_batch_size", type=int, default=None, help="server setting (default: serve's)")
+    ap.add_argument("--max_wait_ms", type=float, default=None, help="server setting (default: serve's)")
+    ap.add_argument("--question_cache", type=int, default=None, help="server question cache (0: off; "
+                    "default: serve's)")
+    ap.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: serve's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not 1 <= args.clients <= 64 or not 0 < args.duration <= 120:
@@ -163,11 +179,10 @@ def main(argv=None) -> dict:
 
     port = _free_port()
     cmd = [sys.executable, "-m", "vqakit.cli", "serve", "--checkpoint", args.checkpoint, "--host", HOST,
-           "--port", str(port), "--ui", "false", "--server.backend", args.backend,
-           "--server.max_batch_size", str(args.max_batch_size), "--server.max_wait_ms", str(args.max_wait_ms),
-           "--server.question_cache", str(args.question_cache)]
-    if args.quantize:
-        cmd += ["--server.quantize", args.quantize]
+           "--port", str(port), "--ui", "false", "--server.backend", args.backend]
+    for name in ("quantize", "max_batch_size", "max_wait_ms", "question_cache", "threads"):
+        if getattr(args, name) is not None:
+            cmd += [f"--server.{name}", str(getattr(args, name))]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vqakit-load-server-{port}.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://{HOST}:{port}"
@@ -186,11 +201,12 @@ def main(argv=None) -> dict:
                     raise RuntimeError(f"the server did not answer /health within 300 s; see {log.name}") from None
                 time.sleep(0.5)
         url = f"{base}/predict"
-        bodies = request_bodies(args.latency_requests + 50, args.questions_per_request)
+        bodies = RequestBodies(args.latency_requests + 50, args.questions_per_request, args.distinct)
         single = asyncio.run(single_client(url, bodies, warmup=30, n=args.latency_requests))
         rss_before = rss_mib(server.pid)
         server_cpu, client_cpu = cpu_s(server.pid), time.process_time()
-        loaded = asyncio.run(load(url, bodies, args.clients, args.duration, server.pid))
+        loaded = asyncio.run(load(url, bodies, args.clients, args.duration, server.pid,
+                                  offset=30 + args.latency_requests))
         server_cpu, client_cpu = cpu_s(server.pid) - server_cpu, time.process_time() - client_cpu
         health_end = httpx.get(f"{base}/health", timeout=10).json()
         stats = health_end["batching"]
@@ -208,6 +224,7 @@ def main(argv=None) -> dict:
         "backend": health["backend"],
         "quantize": args.quantize,
         "questions_per_request": q,
+        "distinct_questions": args.distinct,
         "single": {"requests": len(single), "p50_ms": percentile(single, 0.5), "p95_ms": percentile(single, 0.95),
                    "p99_ms": percentile(single, 0.99), "mean_ms": round(statistics.fmean(single), 2)},
         "load": {"clients": args.clients, "duration_s": args.duration, **loaded,
@@ -220,15 +237,18 @@ def main(argv=None) -> dict:
                  "projected_questions_per_s_all_cores": round(
                      (os.cpu_count() or 1) * loaded["ok"] * q / max(server_cpu + client_cpu, 1e-9), 1)},
         "batching": stats,
-        "server": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-                   "question_cache": args.question_cache},
+        "server": {"max_batch_size": stats["max_batch_size"], "max_wait_ms": stats["max_wait_ms"],
+                   "question_cache": (health_end.get("question_cache") or {}).get("size", 0),
+                   "threads": args.threads, "command": " ".join(cmd[1:])},
         "question_cache": health_end.get("question_cache"),
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
     }
     print(json.dumps(result, indent=2))
-    suffix = ("-int8" if args.quantize else "") + ("-nocache" if not args.question_cache else "")
+    suffix = (("-int8" if args.quantize else "") + ("-nocache" if args.question_cache == 0 else "")
+              + ("-distinct" if args.distinct else ""))
     out = Path(args.out or f"benchmarks/results/load-{health['backend']}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

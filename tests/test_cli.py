@@ -28,8 +28,11 @@ def test_train_evaluate_predict_on_easy_vqa(tiny_model_args, tmp_path, capsys):
     ckpt = run / "checkpoint"
     assert {p.name for p in ckpt.iterdir()} == {
         "config.json", "model.safetensors", "answer_vocab.json", "training_metadata.json", "text_tower",
-        "vision_tower", "eval-easy-vqa-test", "README.md",
+        "vision_tower", "eval-easy-vqa-test", "README.md", "onnx",
     }  # fmt: skip
+    from vqakit.inference.export import export_is_current
+
+    assert export_is_current(ckpt)  # exported at the end of training: predict / serve start on ONNX Runtime
     assert (ckpt / "text_tower" / "tokenizer.json").is_file()
     assert (run / "config.yaml").is_file() and (run / "logs" / "metrics.csv").is_file()
     meta = json.loads((ckpt / "training_metadata.json").read_text())

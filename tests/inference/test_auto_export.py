@@ -49,7 +49,7 @@ def _image():
 
 def _leftovers(ckpt) -> list[str]:
     """Temporary export directories left in the checkpoint (there must be none)."""
-    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith(".onnx.") and p.name != ".onnx.lock")
+    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("."))
 
 
 def test_auto_exports_on_first_load_then_reuses(ckpt, exports):

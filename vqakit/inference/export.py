@@ -80,19 +80,20 @@ def export_is_current(checkpoint_dir: str | Path, onnx_dir: str | Path | None = 
 
 @contextmanager
 def _export_lock(target: Path):
-    """An exclusive advisory lock (``fcntl.flock``) on ``.<target>.lock`` beside ``target``: concurrent exporters of
-    one checkpoint take turns (the second finds the first's export current and returns). No-op without fcntl."""
+    """An exclusive advisory lock (``fcntl.flock``) on the directory that holds ``target``: concurrent exporters of
+    one checkpoint take turns (the second finds the first's export current and returns). Locking the directory
+    itself leaves no lock file behind. No-op without fcntl (not POSIX)."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: the atomic rename still keeps readers from half-written files
+    except ImportError:  # the atomic rename still keeps readers from half-written files
         yield
         return
-    with open(target.parent / f".{target.name}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

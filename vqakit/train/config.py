@@ -88,6 +88,9 @@ class TrainConfig:
         on_nonfinite_loss: what a NaN/inf training loss does: ``stop`` (raise at once, naming the step, the
             batch's question ids and the last good checkpoint) or ``skip`` (no optimizer step for that batch;
             counted as ``skipped_nonfinite_batches`` in ``training_metadata.json``).
+        export_onnx: export the classifier checkpoint to ONNX at the end (``<checkpoint>/onnx``, verified
+            against PyTorch, tied to the weights), so ``predict`` / ``serve`` start on the fast backend; a failed
+            export only warns (the first load tries again, then serves with PyTorch).
     """
 
     vision: str = "frozen"
@@ -124,6 +127,7 @@ class TrainConfig:
     val_every_n_steps: int = 0
     resume: bool = False
     on_nonfinite_loss: str = "stop"
+    export_onnx: bool = True
 
     def __post_init__(self):
         for flag, value in (("--train.vision", self.vision), ("--train.text", self.text)):

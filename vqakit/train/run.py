@@ -16,6 +16,7 @@ import json
 import logging
 import platform
 import resource
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -259,9 +260,33 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     metadata.update(precision=precision, optimizer=train.optimizer, lora_merged_towers=merged,
                     answer_vocab_size=len(vocab), plan=plan.to_dict(), command=command,
                     skipped_nonfinite_batches=system.skipped_nonfinite)
+    if train.export_onnx:
+        metadata["onnx_export_s"] = _export_onnx(ckpt)
     return finish_run(out, ckpt, metadata, data, train, evaluate, trainer=trainer)
 
 
 def classifier_dataset(examples, vocab, net, processor, train: TrainConfig, data: DataConfig):
     """The classifier's dataset (feature cache for frozen towers), for families with two towers."""
     return _dataset(examples, vocab, net, processor, train, data)
+
+
+def _export_onnx(ckpt: Path) -> float | None:
+    """Export the checkpoint for the ONNX Runtime backend (what ``predict`` / ``serve`` use by default);
+    the seconds it took, or ``None`` with a warning when it cannot be done here."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        logger.warning("not exporting %s to ONNX: onnxruntime is not installed", ckpt)
+        return None
+    from vqakit.inference.export import ensure_onnx
+
+    start = time.perf_counter()
+    try:
+        ensure_onnx(ckpt)
+    except Exception as err:  # noqa: BLE001 - the checkpoint is saved; serving falls back to PyTorch
+        logger.warning("ONNX export of %s failed (%s: %s); it will be served with PyTorch", ckpt,
+                       type(err).__name__, str(err).splitlines()[0])
+        return None
+    seconds = round(time.perf_counter() - start, 1)
+    logger.info("exported %s/onnx in %.1f s (verified against PyTorch)", ckpt, seconds)
+    return seconds
