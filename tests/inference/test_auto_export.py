@@ -175,3 +175,16 @@ def test_int8_export_is_tied_to_the_same_weights(ckpt):
     save_file({k: v + 0.0 * torch.ones_like(v) for k, v in weights.items()}, str(ckpt / "model.safetensors"),
               metadata={"format": "pt", "retrained": "yes"})  # same tensors, other bytes: another file
     assert not export_is_current(ckpt, ckpt / "onnx" / "int8")
+
+
+def test_parallel_towers_answer_like_sequential(ckpt):
+    from vqakit.inference.onnx_runtime import OnnxParts
+
+    predictor = VQAPredictor.from_pretrained(ckpt)
+    images = [predictor.prepare_image(_image()), predictor.prepare_image(_image()[::-1].copy())]
+    questions = [QUESTIONS, [QUESTIONS[1] + " #7"]]
+    sequential = predictor.predict_prepared(images, questions)
+    predictor.onnx = OnnxParts(ensure_onnx(ckpt), parallel_towers=True)
+    parallel = predictor.predict_prepared(images, questions)
+    for a, b in zip(sum(sequential, []), sum(parallel, [])):
+        assert a.question == b.question and a.answer == b.answer and a.score == pytest.approx(b.score, abs=1e-6)

@@ -251,10 +251,12 @@ class VQAPredictor:
         image_index = torch.tensor([i for i, qs in enumerate(per_image) for _ in qs])  # (Q,)
         pixels = torch.stack(list(pixel_values))  # (B, 3, S, S)
         use_onnx = self.onnx is not None and not output_attentions  # attention maps come from the torch model
+        if use_onnx:  # (B, N, D), once per image; on its own thread with parallel_towers, while the text runs
+            tokens = self.onnx.encode_image_async(pixels.numpy())
         states, mask = self._question_states(flat, use_onnx)  # (Q, T, D), (Q, T)
         attention = None
         if use_onnx:
-            tokens = self.onnx.encode_image(pixels.numpy())  # (B, N, D), once per image
+            tokens = tokens.result()
             logits = torch.from_numpy(self.onnx.head(tokens[image_index.numpy()], states, mask))
         else:
             image_features = self.model.backbone.encode_image(pixels.to(self.device))  # (B, N, D), once per image
