@@ -23,8 +23,7 @@ USER_DOCS = [d for d in DOCS if d.name != "LOG.md"]
 
 # Docs that other work in progress adds; README links to them already. Remove a name once its file has landed
 # (test_pending_docs_are_still_pending fails as a reminder).
-PENDING_DOCS = {"docs/own-data.md", "docs/tuning.md", "docs/performance.md", "docs/reliability.md",
-                "docs/ecosystem.md", "docs/chat-vlm.md"}
+PENDING_DOCS = {"docs/tuning.md", "docs/performance.md", "docs/reliability.md", "docs/chat-vlm.md"}
 # Subcommands and flags of the same work in progress, named in README's "Your own data" section.
 PENDING_SUBCOMMANDS = {"tune"}
 PENDING_FLAGS = {("train", "--recipe")}
@@ -90,7 +89,7 @@ def test_repository_paths_exist(doc):
     # files run or read by a command: python benchmarks/x.py, --config configs/x.yaml
     for span in _code_spans(_text(doc)):
         for token in re.findall(r"(?:python |--config |--suite )(\S+\.(?:py|yaml))", span):
-            if not _is_placeholder(token) and not _exists(token, doc):
+            if token.startswith(REPO_PREFIXES) and not _is_placeholder(token) and not _exists(token, doc):
                 missing.append(token)
     assert not missing, f"{_rel(doc)} names paths that do not exist: {sorted(set(missing))}"
 
