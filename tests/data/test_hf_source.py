@@ -56,7 +56,7 @@ def test_a_dataset_dict_with_pil_images_loads_by_split(tmp_path):
     assert Path(examples[1].image).stem == hashlib.sha1(data).hexdigest() and examples[1].image.endswith(".png")
     assert Image.open(examples[1].image).getpixel((0, 0)) == (0, 0, 255)
     assert len(load_hf("validation", root=str(root), cache_dir=str(tmp_path / "cache"))) == 2
-    with pytest.raises(ValueError, match=r"hf split 'test' not found in .*available splits = \['train', 'validation'\]"):
+    with pytest.raises(ValueError, match=r"hf split 'test' not found in .*splits = \['train', 'validation'\]"):
         load_hf("test", root=str(root))
 
 
@@ -103,9 +103,9 @@ def test_answers_as_a_list_of_strings_and_the_cli_trains_on_it(tmp_path, tiny_mo
 def test_bad_mappings_and_options_are_clear_errors(tmp_path):
     root = tmp_path / "hf"
     datasets.Dataset.from_dict({"picture": ["a.png"], "text": ["q?"], "ans": ["x"], "n": [3]}).save_to_disk(str(root))
-    with pytest.raises(ValueError, match=r"no column for \['question', 'answers or answer'\] \(columns = \['picture', "):
+    with pytest.raises(ValueError, match=r"no column for \['question', 'answers or answer'\] \(columns = \['pic"):
         load_hf("train", root=str(root))
-    with pytest.raises(ValueError, match=r"question='nope': no such column; columns = \['picture', 'text', 'ans', 'n'\]"):
+    with pytest.raises(ValueError, match=r"question='nope': no such column; columns = \['picture', 'text', 'ans', "):
         load_hf("train", root=str(root), question="nope", answer="ans")
     with pytest.raises(ValueError, match=r"\['colour'\], not options of the hf source"):
         load_split(DataConfig(dataset="hf", root=str(root), source_options={"colour": "x"}), "train")

@@ -21,7 +21,7 @@ def _closed_port() -> int:
 
 def _train(model_args, tmp_path, *extra):
     main(["train", *model_args, "--data.limit", "24", "--data.cache_dir", str(tmp_path / "cache"),
-          "--train.out_dir", str(tmp_path / "run"), "--train.epochs", "1", "--train.batch_size", "2",  # 12 steps: one log line
+          "--train.out_dir", str(tmp_path / "run"), "--train.epochs", "1", "--train.batch_size", "2",  # 12 steps
           "--train.progress", "false", *extra])  # fmt: skip
 
 

@@ -106,7 +106,8 @@ def resolve_columns(column_names: list[str], options: dict) -> dict[str, str]:
         missing.append("answers or answer")
     if missing:
         raise ValueError(f"hf dataset: no column for {missing} (columns = {column_names}); map them with "
-                         "--data.source_options '{\"image\": \"<col>\", \"question\": \"<col>\", \"answers\": \"<col>\"}'")
+                         "--data.source_options '{\"image\": \"<col>\", \"question\": \"<col>\", "
+                         "\"answers\": \"<col>\"}'")
     return columns
 
 
@@ -164,7 +165,8 @@ def load_hf(split: str, root: str | Path | None = None, **options: Any) -> list[
         raise ValueError("dataset 'hf' needs root=<directory written by save_to_disk, or a Hub dataset id>")
     unknown = sorted(set(options) - set(HF_OPTIONS))
     if unknown:
-        raise ValueError(f"--data.source_options has {unknown}, not options of the hf source; known = {list(HF_OPTIONS)}")
+        raise ValueError(f"--data.source_options has {unknown}, not options of the hf source; "
+                         f"known = {list(HF_OPTIONS)}")
     datasets = _datasets()
     ds, base = _open(str(root), split, options.get("name"), options.get("revision"))
     columns = resolve_columns(list(ds.column_names), options)
@@ -189,7 +191,10 @@ def load_hf(split: str, root: str | Path | None = None, **options: Any) -> list[
         if qid in seen:
             raise ValueError(f"{where}: question_id {qid} also on row {seen[qid]}; question ids must be unique")
         seen[qid] = i
-        image_id = int(row[columns["image_id"]]) if "image_id" in columns else image_ids.setdefault(image, len(image_ids))
+        if "image_id" in columns:
+            image_id = int(row[columns["image_id"]])
+        else:  # one id per distinct image file (encoded images: per distinct content)
+            image_id = image_ids.setdefault(image, len(image_ids))
         answer_type = row[columns["answer_type"]] if "answer_type" in columns else infer_answer_type(answers)
         if answer_type not in ANSWER_TYPES:
             raise ValueError(f"{where}: answer_type {answer_type!r} is not one of {ANSWER_TYPES}")

@@ -80,20 +80,25 @@ def check_results(results: list[Any], question_ids: list[int], where: str = "res
     >>> check_results([{"question_id": 1, "answer": "yes"}], [1])
     {1: 'yes'}
     >>> check_results([{"question_id": 1, "answer": 2}, {"question_id": 9, "answer": "no"}], [1, 3])
+    ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
         ...
-    ValueError: results: rejected, nothing was scored: 1 non-string answers (question ids [1]); 1 question ids not in the annotations: [9]; 1 questions have no result: [3]
+    ValueError: results: rejected, nothing was scored: 1 non-string answers (question ids [1]); 1 question ids ...
     """
     problems = []
-    not_objects = [i for i, r in enumerate(results) if not isinstance(r, dict) or not {"question_id", "answer"} <= set(r)]
+    keys = {"question_id", "answer"}
+    not_objects = [i for i, r in enumerate(results) if not isinstance(r, dict) or not keys <= set(r)]
     if not_objects:
         problems.append(f"{len(not_objects)} entries are not {{\"question_id\", \"answer\"}} objects (entries "
                         f"{_first(not_objects)}, e.g. {str(results[not_objects[0]])[:80]})")
     rows = [r for i, r in enumerate(results) if not not_objects or i not in set(not_objects)]
-    bad_ids = [r["question_id"] for r in rows if isinstance(r["question_id"], bool) or not isinstance(r["question_id"], int)]
+    def integer(q) -> bool:
+        return isinstance(q, int) and not isinstance(q, bool)
+
+    bad_ids = [r["question_id"] for r in rows if not integer(r["question_id"])]
     if bad_ids:
         problems.append(f"{len(bad_ids)} question ids are not integers: {_first(bad_ids)}")
-    rows = [r for r in rows if isinstance(r["question_id"], int) and not isinstance(r["question_id"], bool)]
+    rows = [r for r in rows if integer(r["question_id"])]
     non_string = [r["question_id"] for r in rows if not isinstance(r["answer"], str)]
     if non_string:
         problems.append(f"{len(non_string)} non-string answers (question ids {_first(non_string)})")

@@ -64,7 +64,8 @@ def card_metadata(ckpt: str | Path, metrics: dict | None = None) -> dict:
     config = _read_json(ckpt / "config.json")
     model_type = config.get("model_type", "two_tower")
     evals = _evaluations(ckpt, metrics)
-    bases = [v for k in ("vision_tower", "text_tower", "language_model", "model") if isinstance(v := config.get(k), str)]
+    keys = ("vision_tower", "text_tower", "language_model", "model")
+    bases = [v for k in keys if isinstance(v := config.get(k), str)]
     datasets = sorted({str(m["dataset"]) for m in evals if m.get("dataset")} | set(_run_datasets(ckpt)))
     meta = {
         "library_name": "vqakit",
@@ -139,7 +140,8 @@ def render_model_card(ckpt: str | Path, metrics: dict | None = None) -> str:
             ("validation questions", training.get("num_val_questions")),
             ("data fingerprint", training.get("data_fingerprint")),
             ("precision", training.get("precision")),
-            ("torch / lightning", f"{training['torch']} / {training.get('lightning')}" if "torch" in training else None),
+            ("torch / lightning",
+             f"{training['torch']} / {training.get('lightning')}" if "torch" in training else None),
         ]
         lines += ["", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows if v is not None]]
     else:
