@@ -40,6 +40,8 @@ from vqakit.data.config import DataConfig, load_split
 # measured forward+backward cost (100 cells: 1.2x of 64) and linearly in cells beyond. Only the budget cap uses
 # it; every run measures its own s/step and prints the estimate (training plan).
 _SECONDS_PER_STEP = {64: 0.28, 100: 0.34, 144: 0.48, 256: 0.85}
+# Fewest steps the recipe wants before it trades grid cells for steps (large images only).
+_MIN_STEPS = 2400
 
 
 @dataclass
@@ -164,12 +166,20 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     if native <= 96:
         size, stride = _round_up(native, 8), 8
         size_why = f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 8 (no resampling blur)"
-    elif native <= 256:
-        size, stride = _round_up(native, 16), 16
-        size_why = f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 16"
     else:
-        size, stride = 256, 16
-        size_why = f"native {p.image_width}x{p.image_height} px, down to 256 to fit the CPU budget (16x16 cells)"
+        # 16-px cells; as many a side as the native size gives, but no more than lets the schedule run enough
+        # steps in the budget (a finer grid trained for too few steps scored lower than a coarser one)
+        stride, native_side = 16, min(16, _round_up(native, 16) // 16)
+        n_train = int(p.num_questions * (1 - (0.05 if p.num_questions >= 20_000 else 0.1)))
+        need = min(_steps_wanted(n_train, batch_size), _MIN_STEPS)
+        side = native_side
+        while side > 8 and budget_minutes * 60 / _seconds_per_step(side * side) < need:
+            side -= 2
+        size = side * stride
+        size_why = (f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 16"
+                    if side == native_side else
+                    f"native {p.image_width}x{p.image_height} px, down to {size} px: a {side}x{side} grid still "
+                    f"runs {need:,} steps in the {budget_minutes:g}-min budget, {native_side}x{native_side} would not")
     model = {
         "vision_tower": choose("model.vision_tower", "efficientnet-lite0", "packaged ImageNet CNN, offline"),
         "text_tower": choose("model.text_tower", "minilm-l6", "packaged sentence encoder, offline"),
@@ -205,8 +215,7 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     n_train = int(p.num_questions * (1 - data_out["val_fraction"]))
     cells = (size // stride) ** 2
     per_step = _seconds_per_step(cells)
-    epochs_wanted = min(40.0, max(3.0, 640_000 / max(n_train, 1)))
-    steps_wanted = int(epochs_wanted * n_train / batch_size)
+    steps_wanted = _steps_wanted(n_train, batch_size)
     steps_budget = int(budget_minutes * 60 / per_step)
     steps = max(200, min(steps_wanted, steps_budget))
     why = (f"{steps_wanted * batch_size / n_train:.1f} passes over {n_train:,} questions"
@@ -224,9 +233,19 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     return AutoRecipe({"model": model, "data": data_out, "train": train}, reasons, p)
 
 
+def _steps_wanted(n_train: int, batch_size: int) -> int:
+    """Passes enough for small data (up to 40), fewer for large data (at least 3): ~640k questions seen."""
+    epochs = min(40.0, max(3.0, 640_000 / max(n_train, 1)))
+    return int(epochs * n_train / batch_size)
+
+
 def _seconds_per_step(cells: int) -> float:
+    """Linear between the measured grid sizes, proportional to the cells beyond the largest."""
     known = sorted(_SECONDS_PER_STEP)
-    for c in known:
-        if cells <= c:
-            return _SECONDS_PER_STEP[c]
+    if cells <= known[0]:
+        return _SECONDS_PER_STEP[known[0]]
+    for lo, hi in zip(known, known[1:]):
+        if cells <= hi:
+            t = (cells - lo) / (hi - lo)
+            return _SECONDS_PER_STEP[lo] + t * (_SECONDS_PER_STEP[hi] - _SECONDS_PER_STEP[lo])
     return _SECONDS_PER_STEP[known[-1]] * cells / known[-1]
