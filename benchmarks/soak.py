@@ -15,9 +15,10 @@ bounded in time (the script always stops by itself):
    server's RSS; over the run after the first minute (warm-up), the RSS slope (MiB per minute, least squares on
    one sample a second: ~0 means no leak).
 2. ``kill``: the same load for ``--phase_seconds`` (and half of it again once the restarted server is up); the
-   server is SIGKILLed a third of the way in and restarted on the same port at once. Errors must be connection errors, all inside the gap (kill -> first /health of the new
-   server, both read on the clock of the request records); no request may hang (client timeout ``--timeout`` s); the restarted server must answer a fixed probe
-   set exactly as before the kill.
+   server is SIGKILLed a third of the way in and restarted on the same port at once. Errors must be connection
+   errors of requests sent or in flight during the gap (kill -> first /health of the new server, both read on the
+   clock of the request records); no request may hang (client timeout ``--timeout`` s); the restarted server must
+   answer a fixed probe set exactly as before the kill.
 3. ``sigterm``: the same load; SIGTERM in the middle. Requests in flight then must finish with 200, the server
    must finish its graceful shutdown (uvicorn logs "Finished server process", then exits with 0 or re-raises
    the SIGTERM: -15) within ``--timeout`` s; later requests see connection errors only.

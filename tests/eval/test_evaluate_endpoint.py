@@ -1,6 +1,6 @@
 """`vqakit evaluate --endpoint`: the same metrics as `--checkpoint` for the checkpoint behind `vqakit serve`, a
-resumable answer cache (a failed or SIGKILLed run asks only the rest), retries with backoff, timeouts, and free-text scoring of
-a server that does not describe itself."""
+resumable answer cache (a failed or SIGKILLed run asks only the rest), retries with backoff, timeouts, and free-text
+scoring of a server that does not describe itself."""
 
 from __future__ import annotations
 
