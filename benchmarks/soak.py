@@ -132,18 +132,20 @@ def hostile_bodies() -> list[tuple[str, bytes]]:
 class Server:
     """``vqakit serve`` as a subprocess on loopback; ``start`` waits for ``/health``."""
 
-    def __init__(self, checkpoint: str, port: int, log_path: Path, extra: list[str] = ()):
+    def __init__(self, checkpoint: str, port: int, log_path: Path, extra: list[str] = (), start_timeout: float = 300):
         self.cmd = [sys.executable, "-m", "vqakit.cli", "serve", "--checkpoint", str(checkpoint), "--host", HOST,
                     "--port", str(port), "--ui", "false", "--server.backend", "torch", *extra]
         self.base = f"http://{HOST}:{port}"
         self.log_path = log_path
+        self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self.healthy_at: float | None = None  # time.perf_counter() when /health last answered in start()
 
-    def start(self, timeout: float = 300) -> float:
+    def start(self, timeout: float | None = None) -> float:
         """Start and wait until ``/health`` answers; returns the seconds that took (and sets ``healthy_at``)."""
         import httpx
 
+        timeout = self.start_timeout if timeout is None else timeout
         start = time.monotonic()
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -432,6 +434,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--phase_seconds", type=float, default=20.0, help="length of the kill and SIGTERM phases")
     ap.add_argument("--timeout", type=float, default=30.0, help="client timeout per request: a hang is an error")
     ap.add_argument("--max_wait_ms", type=float, default=2.0)
+    ap.add_argument("--start_timeout", type=float, default=900.0,
+                    help="seconds the server may take to answer /health after a start or the restart (a busy machine)")
     ap.add_argument("--out", default="benchmarks/results/soak.json")
     args = ap.parse_args(argv)
     if not 0 < args.minutes <= 60 or not 1 <= args.clients <= 64 or not 2 <= args.phase_seconds <= 120:
@@ -443,7 +447,8 @@ def main(argv=None) -> dict:
         checkpoint = tiny_checkpoint(Path(tmp)) if args.tiny else Path(args.checkpoint)
         port = free_port()
         server = Server(checkpoint, port, Path(tmp) / "server.log",
-                        ["--server.max_wait_ms", str(args.max_wait_ms), "--access_log", "false"])
+                        ["--server.max_wait_ms", str(args.max_wait_ms), "--access_log", "false"],
+                        start_timeout=args.start_timeout)
         bodies = valid_bodies(20_000, args.tiny)
         hostile = hostile_bodies()
         started = time.time()
