@@ -15,9 +15,10 @@ bounded in time (the script always stops by itself):
    server's RSS; over the run after the first minute (warm-up), the RSS slope (MiB per minute, least squares on
    one sample a second: ~0 means no leak).
 2. ``kill``: the same load for ``--phase_seconds`` (and half of it again once the restarted server is up); the
-   server is SIGKILLed a third of the way in and restarted on the same port at once. Errors must be connection errors, all inside the gap (kill -> first /health of the new
-   server); no request may hang (client timeout ``--timeout`` s); the restarted server must answer a fixed probe
-   set exactly as before the kill.
+   server is SIGKILLed a third of the way in and restarted on the same port at once. Errors must be connection
+   errors of requests sent or in flight during the gap (kill -> first /health of the new server, both read on the
+   clock of the request records); no request may hang (client timeout ``--timeout`` s); the restarted server must
+   answer a fixed probe set exactly as before the kill.
 3. ``sigterm``: the same load; SIGTERM in the middle. Requests in flight then must finish with 200, the server
    must finish its graceful shutdown (uvicorn logs "Finished server process", then exits with 0 or re-raises
    the SIGTERM: -15) within ``--timeout`` s; later requests see connection errors only.
@@ -131,17 +132,20 @@ def hostile_bodies() -> list[tuple[str, bytes]]:
 class Server:
     """``vqakit serve`` as a subprocess on loopback; ``start`` waits for ``/health``."""
 
-    def __init__(self, checkpoint: str, port: int, log_path: Path, extra: list[str] = ()):
+    def __init__(self, checkpoint: str, port: int, log_path: Path, extra: list[str] = (), start_timeout: float = 300):
         self.cmd = [sys.executable, "-m", "vqakit.cli", "serve", "--checkpoint", str(checkpoint), "--host", HOST,
                     "--port", str(port), "--ui", "false", "--server.backend", "torch", *extra]
         self.base = f"http://{HOST}:{port}"
         self.log_path = log_path
+        self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
+        self.healthy_at: float | None = None  # time.perf_counter() when /health last answered in start()
 
-    def start(self, timeout: float = 300) -> float:
-        """Start and wait until ``/health`` answers; returns the seconds that took."""
+    def start(self, timeout: float | None = None) -> float:
+        """Start and wait until ``/health`` answers; returns the seconds that took (and sets ``healthy_at``)."""
         import httpx
 
+        timeout = self.start_timeout if timeout is None else timeout
         start = time.monotonic()
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -151,6 +155,7 @@ class Server:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log_path}")
             try:
                 httpx.get(f"{self.base}/health", timeout=2).raise_for_status()
+                self.healthy_at = time.perf_counter()
                 return time.monotonic() - start
             except httpx.HTTPError:
                 if time.monotonic() - start > timeout:
@@ -287,21 +292,34 @@ def soak_phase(server: Server, bodies, hostile, args) -> dict:
             "rss_slope_mib_per_min_after_warmup": slope_per_minute([s for s in rss if s[0] >= min(60, seconds / 2)])}
 
 
+def kill_and_restart(server: Server, gap: dict, more: float):
+    """The kill event of ``run_load``: SIGKILL, reap, restart on the same port, then ``more`` seconds of load.
+
+    ``gap`` gets ``kill_s``, ``reaped_s`` and ``healthy_s`` on the load's clock (seconds since its start, as the
+    request records' ``t`` and ``end``), each read when it happened. ``healthy_s`` is not ``kill_s + restart_s``:
+    reaping the killed process and handing ``start`` to a thread come before ``start`` begins its own clock, and on
+    a loaded machine they take a second or more, which would close the gap before the new server answered."""
+
+    async def event(at: float) -> float:
+        t0 = time.perf_counter() - at  # the load's start, on the perf_counter clock
+        gap["kill_s"] = at
+        server.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(server.proc.wait)
+        gap["reaped_s"] = time.perf_counter() - t0
+        gap["restart_s"] = await asyncio.to_thread(server.start)
+        gap["healthy_s"] = server.healthy_at - t0
+        return more  # load on the restarted server too
+
+    return event
+
+
 def kill_phase(server: Server, bodies, hostile, args) -> dict:
     probes = bodies[:16]
     before = asyncio.run(probe(server, probes))
     gap = {}
-
-    async def kill_and_restart(at: float) -> None:
-        gap["kill_s"] = at
-        server.proc.send_signal(signal.SIGKILL)
-        server.proc.wait()
-        gap["restart_s"] = round(await asyncio.to_thread(server.start), 2)
-        gap["healthy_s"] = at + gap["restart_s"]
-        return args.phase_seconds / 2  # load on the restarted server too
-
     records = asyncio.run(run_load(server, bodies, hostile, args.clients, args.phase_seconds, args.hostile_every,
-                                   args.timeout, events=[(args.phase_seconds / 3, kill_and_restart)]))
+                                   args.timeout, events=[(args.phase_seconds / 3,
+                                                          kill_and_restart(server, gap, args.phase_seconds / 2))]))
     after = asyncio.run(probe(server, probes))
     errors = [r for r in records if is_error(r)]
     lo, hi = gap["kill_s"], gap["healthy_s"]
@@ -416,6 +434,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--phase_seconds", type=float, default=20.0, help="length of the kill and SIGTERM phases")
     ap.add_argument("--timeout", type=float, default=30.0, help="client timeout per request: a hang is an error")
     ap.add_argument("--max_wait_ms", type=float, default=2.0)
+    ap.add_argument("--start_timeout", type=float, default=900.0,
+                    help="seconds the server may take to answer /health after a start or the restart (a busy machine)")
     ap.add_argument("--out", default="benchmarks/results/soak.json")
     args = ap.parse_args(argv)
     if not 0 < args.minutes <= 60 or not 1 <= args.clients <= 64 or not 2 <= args.phase_seconds <= 120:
@@ -427,7 +447,8 @@ def main(argv=None) -> dict:
         checkpoint = tiny_checkpoint(Path(tmp)) if args.tiny else Path(args.checkpoint)
         port = free_port()
         server = Server(checkpoint, port, Path(tmp) / "server.log",
-                        ["--server.max_wait_ms", str(args.max_wait_ms), "--access_log", "false"])
+                        ["--server.max_wait_ms", str(args.max_wait_ms), "--access_log", "false"],
+                        start_timeout=args.start_timeout)
         bodies = valid_bodies(20_000, args.tiny)
         hostile = hostile_bodies()
         started = time.time()

@@ -1,6 +1,6 @@
 """`vqakit evaluate --endpoint`: the same metrics as `--checkpoint` for the checkpoint behind `vqakit serve`, a
-resumable answer cache (a failed run asks only the rest), retries with backoff, timeouts, and free-text scoring of
-a server that does not describe itself."""
+resumable answer cache (a failed or SIGKILLed run asks only the rest), retries with backoff, timeouts, and free-text
+scoring of a server that does not describe itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import asyncio
 import csv
 import json
 import math
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -190,6 +194,40 @@ def test_a_failed_run_resumes_without_asking_again(predictor, tiny_checkpoint, d
         assert body["messages"][1]["content"][1]["text"].startswith("Q: ")
         assert body["messages"][1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
         assert body["temperature"] == 0 and body["logprobs"] is True and body["top_logprobs"] == 5
+
+
+def test_a_killed_run_resumes_and_scores_the_same(predictor, tiny_checkpoint, data, tmp_path):
+    """``vqakit evaluate --endpoint`` SIGKILLed part way (a process, not an exception): the rerun asks only the
+    questions without a cached answer and writes the metrics and predictions of an uninterrupted run."""
+    killed, port = tmp_path / "killed", free_port()  # the same URL after the "restart": the cache is keyed by it
+    url = f"http://127.0.0.1:{port}/v1"
+    cmd = [sys.executable, "-m", "vqakit.cli", "evaluate", "--endpoint", url, "--endpoint_model", "tiny",
+           "--out_dir", str(killed), "--data.limit", LIMIT, "--data.cache_dir", data.cache_dir,
+           "--endpoint_options.concurrency", "1"]
+    answers = killed / "answers.jsonl"
+    # every answer after the 10th takes 0.5 s: the kill lands while the run is asking
+    with serving(predictor, tiny_checkpoint, port=port, stall=set(range(11, 1000)), stall_s=0.5):
+        with open(tmp_path / "child.log", "wb") as log:
+            proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log)
+            deadline = time.time() + 600  # a busy machine: the child may need minutes to import
+            while proc.poll() is None and time.time() < deadline:
+                if answers.is_file() and answers.read_bytes().count(b"\n") >= 10:
+                    break
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    child_log = (tmp_path / "child.log").read_text()[-2000:]
+    assert proc.returncode == -signal.SIGKILL, f"the evaluation ended before it could be killed: {child_log}"
+    assert not (killed / "metrics.json").exists()
+    cached = answers.read_bytes().count(b"\n")
+    with serving(predictor, tiny_checkpoint, port=port) as (url, app):
+        resumed = evaluate_endpoint(url, "tiny", data, out_dir=killed, progress=False)
+        total = resumed["num_questions"]
+        assert 10 <= cached < total and app.count == total - cached
+        assert resumed["endpoint_requests"]["cached"] == cached and resumed["endpoint_requests"]["asked"] == app.count
+        fresh = evaluate_endpoint(url, "tiny", data, out_dir=tmp_path / "fresh", progress=False)
+    same_metrics(resumed, fresh)
+    assert (killed / "predictions.csv").read_text() == (tmp_path / "fresh" / "predictions.csv").read_text()
 
 
 def test_retries_back_off_and_time_out(predictor, tiny_checkpoint, data, tmp_path):

@@ -5,7 +5,9 @@ flight are answered, then a graceful exit), and a short mixed valid/hostile soak
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,39 @@ def test_sigkill_restart_sigterm_and_a_short_soak(soak, tiny_checkpoint, tmp_pat
     assert term["graceful"] and term["timeouts"] == 0, term
     assert term["in_flight_ok"] == term["in_flight_at_sigterm"] and term["errors_before_sigterm"] == 0, term
     assert set(term["errors_after_sigterm"]) <= {"ClientConnectorError", "ServerDisconnectedError"}, term
+
+
+def test_the_gap_ends_when_the_new_server_answers_not_at_kill_plus_restart(soak):
+    """Reaping the killed process and handing ``start`` to a thread take time before ``start``'s own clock runs (a
+    second or more on a loaded machine); ``kill_s + restart_s`` closed the gap that much too early and counted the
+    connection errors of that second as errors outside the gap."""
+
+    class SlowToReap:
+        def send_signal(self, sig):
+            pass
+
+        def wait(self, timeout=None):
+            time.sleep(0.3)
+            return -9
+
+    class FakeServer:
+        proc = SlowToReap()
+        healthy_at = None
+
+        def start(self):
+            time.sleep(0.2)
+            self.healthy_at = time.perf_counter()
+            return 0.2
+
+    async def load():  # the event as run_load calls it: with the load's clock
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.05)
+        await event(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    gap = {}
+    event = soak.kill_and_restart(FakeServer(), gap, more=1.0)
+    done = asyncio.run(load())
+    assert gap["reaped_s"] - gap["kill_s"] >= 0.3
+    assert gap["healthy_s"] - gap["kill_s"] >= 0.5 > gap["restart_s"]
+    assert gap["reaped_s"] < gap["healthy_s"] <= done
