@@ -260,17 +260,15 @@ def train(
     """
     from vqakit.eval.evaluate import format_metrics
 
-    generative = [cfg for cfg in (gru, llm, vlm, chat_vlm) if cfg is not None]
-    if len(generative) > 1:
+    from vqakit.models.registry import MODEL_FAMILIES
+
+    given = {key: cfg for key, cfg in (("gru", gru), ("llm", llm), ("vlm", vlm), ("chat_vlm", chat_vlm))
+             if cfg is not None}
+    if len(given) > 1:
         raise ValueError("give one generative family (--gru, --llm, --vlm, --chat_vlm), not several")
-    if generative:
-        from vqakit.train.generative import fit_generative
-
-        summary = fit_generative(generative[0], data, train, evaluate=evaluate, command=_command())
-    else:
-        from vqakit.train.run import fit
-
-        summary = fit(model, data, train, evaluate=evaluate, command=_command())
+    key, config = next(iter(given.items()), ("model", model))
+    family = next(f for f in MODEL_FAMILIES.values() if f.train_key == key)  # its config's `vqakit train` argument
+    summary = family.fit_function()(config, data, train, evaluate=evaluate, command=_command())
     if "checkpoint" not in summary:  # a DDP rank other than 0
         return summary
     print(f"\ncheckpoint: {summary['checkpoint']}")

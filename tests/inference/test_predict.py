@@ -3,6 +3,7 @@ dispatch on the checkpoint's model_type."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -14,6 +15,7 @@ from PIL import Image
 
 from vqakit.inference import predict as predict_module
 from vqakit.inference.predict import VQAPredictor
+from vqakit.models import registry
 
 QUESTIONS = ["what is the color of the shape?", "is there a red circle?", "how many shapes?"]
 
@@ -162,7 +164,10 @@ def test_dispatch_on_model_type(tiny_checkpoint, tmp_path, monkeypatch):
     (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "other-family"}))
     with pytest.raises(NotImplementedError, match="model_type='other-family'.*two_tower"):
         VQAPredictor.from_pretrained(ckpt)
-    monkeypatch.setitem(predict_module.PREDICTOR_CLASSES, "other-family", f"{__name__}:_OtherFamilyPredictor")
+    family = dataclasses.replace(registry.model_family("two_tower"), model_type="other-family",
+                                 predictor=f"{__name__}:_OtherFamilyPredictor")
+    monkeypatch.setitem(registry._FAMILIES, "other-family", family)
+    assert predict_module.PREDICTOR_CLASSES["other-family"] == family.predictor
     got = VQAPredictor.from_pretrained(ckpt, backend="torch")
     assert type(got).__name__ == "_OtherFamilyPredictor" and got.loaded[1]["backend"] == "torch"
     with pytest.raises(FileNotFoundError, match="not a vqakit checkpoint"):

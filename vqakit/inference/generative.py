@@ -20,14 +20,15 @@ from tqdm.auto import tqdm
 
 from vqakit.data.images import DEFAULT_MAX_PIXELS, load_image
 from vqakit.inference.predict import Prediction, VQAPredictor, checkpoint_model_type, questions_per_image
+from vqakit.models.registry import generative_types, model_family
 from vqakit.towers.processor import VQAProcessor
 
-GENERATIVE_TYPES = ("gru_decoder", "llm_prefix", "vlm", "chat_vlm")
+GENERATIVE_TYPES = generative_types()  # the registered families that generate their answers
 
 
 def load_predictor(checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto", **kwargs):
     """The predictor for any vqakit checkpoint directory (``VQAPredictor.from_pretrained`` dispatches on
-    ``model_type`` through ``vqakit.inference.predict.PREDICTOR_CLASSES``)."""
+    ``model_type`` through the registry, ``vqakit.models.registry``)."""
     return VQAPredictor.from_pretrained(checkpoint_dir, device=device, backend=backend, **kwargs)
 
 
@@ -68,25 +69,23 @@ class GenerativePredictor:
             raise ValueError(f"quantize={quantize!r} is dynamic INT8 quantization for the CPU; got device={device!r}")
         if threads:
             torch.set_num_threads(threads)
-        if kind == "gru_decoder":
-            from vqakit.models.gru_decoder import GRUDecoderForQuestionAnswering
-
-            model = GRUDecoderForQuestionAnswering.from_pretrained(checkpoint_dir)
-            processor = VQAProcessor.from_config(model.config, tokenizer_dir=checkpoint_dir / "text_tower")
-            return cls(model, processor, device)
+        if kind not in GENERATIVE_TYPES:
+            raise ValueError(f"{checkpoint_dir}/config.json: model_type={kind!r} is not one of {GENERATIVE_TYPES}")
+        family = model_family(kind)
+        if family.predictor_class() is not cls:  # a family with its own predictor (ChatVLMPredictor)
+            return family.predictor_class().from_pretrained(checkpoint_dir, device=device, backend=backend,
+                                                            threads=threads, quantize=quantize, **kwargs)
+        model_class = family.model_class()
         if kind == "llm_prefix":
-            from vqakit.models.llm_prefix import LLMPrefixForQuestionAnswering
-
-            model = LLMPrefixForQuestionAnswering.from_pretrained(checkpoint_dir, device=device, **kwargs)
+            model = model_class.from_pretrained(checkpoint_dir, device=device, **kwargs)
             if quantize == "int8":
                 model.quantize_int8()
             return cls(model, model.processor, device)
-        if kind == "vlm":
-            from vqakit.models.vlm import VLMForQuestionAnswering
-
-            model = VLMForQuestionAnswering.from_pretrained(checkpoint_dir)
-            return cls(model, model.processor, device)
-        raise ValueError(f"{checkpoint_dir}/config.json: model_type={kind!r} is not one of {GENERATIVE_TYPES}")
+        model = model_class.from_pretrained(checkpoint_dir)
+        if kind == "gru_decoder":  # the two-tower encoder's processor
+            return cls(model, VQAProcessor.from_config(model.config, tokenizer_dir=checkpoint_dir / "text_tower"),
+                       device)
+        return cls(model, model.processor, device)
 
     @property
     def decoding(self) -> dict:

@@ -18,15 +18,17 @@ from pathlib import Path
 
 import yaml
 
+from vqakit.models.registry import MODEL_FAMILIES
+
 logger = logging.getLogger("vqakit")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_FAMILIES = {
-    "two_tower": "two-tower answer classifier (pretrained vision + text towers, fusion, classifier over the answers)",
-    "gru_decoder": "two-tower encoder with a GRU answer decoder (generative)",
-    "llm_prefix": "vision tower + projector prefixed to a causal language model (generative)",
-    "vlm": "fine-tuned pretrained vision-language model (generative)",
-}
+
+
+def _description(model_type: str) -> str:
+    """The registry's one-line description of a family (its ``model_type`` when it is not registered)."""
+    family = MODEL_FAMILIES.get(model_type)
+    return family.description if family is not None else model_type
 
 
 def _read_json(path: Path) -> dict:
@@ -107,7 +109,7 @@ def render_model_card(ckpt: str | Path, metrics: dict | None = None) -> str:
     training = _read_json(ckpt / "training_metadata.json")
     model_type = config.get("model_type", "two_tower")
     name = meta.get("model-index", [{}])[0].get("name") or ckpt.resolve().name
-    lines = [f"# {name}", "", f"A vqakit visual question answering model: {_FAMILIES.get(model_type, model_type)}."]
+    lines = [f"# {name}", "", f"A vqakit visual question answering model: {_description(model_type)}."]
     arch = {k: config[k] for k in ("vision_tower", "text_tower", "language_model", "model", "fusion", "image_size",
                                    "hidden_size") if k in config}
     if config.get("id2label"):

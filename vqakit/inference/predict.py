@@ -8,7 +8,7 @@ the top-k, and optionally the question->image attention over the tower's grid (f
     predictor.predict("circle.png", "what shape is this?")[0].answer   # 'circle'
     predictor.predict_batch(["a.png", b"<png bytes>"], [["what color?", "what shape?"], "is there a circle?"])
 
-``from_pretrained`` dispatches on ``config.json``'s ``model_type`` (``PREDICTOR_CLASSES``), so other model
+``from_pretrained`` dispatches on ``config.json``'s ``model_type`` (``vqakit.models.registry``), so other model
 families (e.g. a generative decoder) serve through the same entry point by registering their predictor.
 ``quantize="int8"`` serves with dynamic INT8 quantization of the Linear layers (PyTorch
 ``quantize_dynamic`` / ONNX Runtime ``quantize_dynamic``; accuracy and latency in benchmarks/quantize.py).
@@ -16,14 +16,13 @@ families (e.g. a generative decoder) serve through the same entry point by regis
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from vqakit.data.images import DEFAULT_MAX_PIXELS, load_image
 from vqakit.inference.onnx_runtime import OnnxParts
+from vqakit.models.registry import MODEL_FAMILIES, model_types
 from vqakit.models.two_tower import CONFIG_NAME, TwoTowerForQuestionAnswering
 from vqakit.towers.processor import VQAProcessor
 
@@ -52,17 +52,29 @@ class Prediction:
 BACKENDS = ("auto", "torch", "onnx")
 QUANTIZATIONS = (None, "int8")
 
-# config.json ``model_type`` -> "module:Class" of its predictor (imported on first use). A class listed here has
+
+class _PredictorClasses(Mapping):
+    """``model_type`` -> ``"module:Class"`` of its predictor: a read-only view of the model-family registry."""
+
+    def __getitem__(self, model_type: str) -> str:
+        return MODEL_FAMILIES[model_type].predictor
+
+    def __iter__(self):
+        return iter(MODEL_FAMILIES)
+
+    def __len__(self) -> int:
+        return len(MODEL_FAMILIES)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+# config.json ``model_type`` -> "module:Class" of its predictor (imported on first use), from
+# ``vqakit.models.registry``, where families are registered. A predictor has
 # ``from_pretrained(dir, device=, backend=, threads=, quantize=, question_cache=)``, VQAPredictor's ``prepare_image`` /
 # ``predict_prepared`` / ``predict`` / ``predict_batch`` methods and its ``backend`` / ``labels`` attributes, which is
 # all the CLI, REST service and web UI use.
-PREDICTOR_CLASSES: dict[str, str] = {
-    "two_tower": "vqakit.inference.predict:VQAPredictor",
-    "gru_decoder": "vqakit.inference.generative:GenerativePredictor",
-    "llm_prefix": "vqakit.inference.generative:GenerativePredictor",
-    "vlm": "vqakit.inference.generative:GenerativePredictor",
-    "chat_vlm": "vqakit.inference.generative:ChatVLMPredictor",
-}
+PREDICTOR_CLASSES: Mapping[str, str] = _PredictorClasses()
 
 
 def checkpoint_model_type(checkpoint_dir: str | Path) -> str:
@@ -73,13 +85,12 @@ def checkpoint_model_type(checkpoint_dir: str | Path) -> str:
 
 
 def predictor_class(model_type: str) -> type:
-    """The predictor class registered for ``model_type`` in ``PREDICTOR_CLASSES``."""
-    if model_type not in PREDICTOR_CLASSES:
+    """The predictor class registered for ``model_type`` in ``vqakit.models.registry``."""
+    if model_type not in MODEL_FAMILIES:
         raise NotImplementedError(
-            f"no predictor for checkpoints of model_type={model_type!r}; available = {sorted(PREDICTOR_CLASSES)}"
+            f"no predictor for checkpoints of model_type={model_type!r}; available = {model_types()}"
         )
-    module, name = PREDICTOR_CLASSES[model_type].split(":")
-    return getattr(importlib.import_module(module), name)
+    return MODEL_FAMILIES[model_type].predictor_class()
 
 
 def questions_per_image(pixel_values: Sequence, questions: Sequence[str | Sequence[str]]) -> list[list[str]]:

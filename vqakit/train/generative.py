@@ -130,35 +130,12 @@ class GenerativeSystem(L.LightningModule):
 
 def _family(model_cfg):
     """The family module of a generative config: ``build``, ``apply_strategies``, ``finalize``."""
-    from vqakit.models.gru_decoder import GRUDecoderConfig
+    from vqakit.models.registry import family_of_config
 
-    if isinstance(model_cfg, GRUDecoderConfig):
-        from vqakit.train import gru_family
-
-        return gru_family
-    try:
-        from vqakit.models.llm_prefix import LLMPrefixConfig
-    except ImportError:  # pragma: no cover
-        LLMPrefixConfig = ()
-    if isinstance(model_cfg, LLMPrefixConfig):
-        from vqakit.train import llm_family
-
-        return llm_family
-    try:
-        from vqakit.models.vlm import VLMConfig
-    except ImportError:  # pragma: no cover
-        VLMConfig = ()
-    if isinstance(model_cfg, VLMConfig):
-        from vqakit.train import vlm_family
-
-        return vlm_family
-    from vqakit.models.chat_vlm import ChatVLMConfig
-
-    if isinstance(model_cfg, ChatVLMConfig):
-        from vqakit.train import chat_vlm_family
-
-        return chat_vlm_family
-    raise ValueError(f"no generative family for {type(model_cfg).__name__}")
+    family = family_of_config(model_cfg)
+    if family.training is None:
+        raise ValueError(f"no generative family for {type(model_cfg).__name__}")
+    return family.training_module()
 
 
 def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bool = True,
