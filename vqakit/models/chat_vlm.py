@@ -27,9 +27,8 @@ fine-tuning always writes it).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,10 +36,10 @@ from torch import nn
 
 from vqakit.data.answers import normalize_answer
 from vqakit.data.images import load_image
+from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin
 
 logger = logging.getLogger("vqakit")
 
-CONFIG_NAME = "config.json"
 ARCHITECTURES = ("auto", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "paligemma", "llava", "llava_next")
 TOO_LONG = ("error", "skip")
 # the module paths of each part inside the HF model (transformers 5.x)
@@ -59,7 +58,7 @@ LM_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
-class ChatVLMConfig:
+class ChatVLMConfig(ConfigMixin):
     """A chat VLM for VQA (saved as ``config.json`` with ``model_type: chat_vlm``).
 
     Args:
@@ -94,6 +93,8 @@ class ChatVLMConfig:
     merge: bool = False
     load_in_4bit: bool = False
 
+    model_type = "chat_vlm"
+
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"--chat_vlm.architecture={self.architecture!r} is not one of {ARCHITECTURES}")
@@ -109,17 +110,6 @@ class ChatVLMConfig:
                              f"must be >= 0")
         if self.prompt and "{question}" not in self.prompt:
             raise ValueError(f"--chat_vlm.prompt={self.prompt!r} has no {{question}} placeholder")
-
-    def to_dict(self) -> dict:
-        return {"model_type": "chat_vlm", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ChatVLMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"model_type", "vqakit_version"}
-        if unknown:
-            raise ValueError(f"config.json has unknown fields {sorted(unknown)}; known fields = {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def detect_architecture(model: str) -> str:
@@ -427,8 +417,7 @@ class ChatVLMForQuestionAnswering(nn.Module):
         else:
             self.model.save_pretrained(save_dir / "model")
         self.processor.save_pretrained(save_dir / "processor")
-        config = {**self.config.to_dict(), "load_in_4bit": False}
-        (save_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        self.config.save_json(save_dir, load_in_4bit=False)
         return save_dir
 
     @classmethod
@@ -437,10 +426,7 @@ class ChatVLMForQuestionAnswering(nn.Module):
         """Load ``model/`` (merged or full weights) or else the base ``model`` + ``adapter/``; ``prefer="adapter"``
         loads base + adapter even when merged weights exist."""
         checkpoint_dir = Path(checkpoint_dir)
-        config_path = checkpoint_dir / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: {checkpoint_dir} is not a vqakit checkpoint directory")
-        config = ChatVLMConfig.from_dict(json.loads(config_path.read_text()))
+        config = ChatVLMConfig.from_json(checkpoint_dir)
         merged, adapter = checkpoint_dir / "model", checkpoint_dir / "adapter"
         use_merged = (merged / CONFIG_NAME).is_file() and not (prefer == "adapter" and adapter.is_dir())
         if not use_merged and not (adapter / "adapter_config.json").is_file():

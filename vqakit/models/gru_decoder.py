@@ -18,28 +18,27 @@ settings are all in ``config.json``, so a checkpoint decodes the same way wherev
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqakit.models.checkpoint_files import load_weights, read_config_json
+from vqakit.models.checkpoint import ConfigMixin
+from vqakit.models.checkpoint_files import load_weights
 from vqakit.data.answers import normalize_answer
 from vqakit.models.two_tower import FUSIONS, TwoTowerConfig, TwoTowerModel
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 DECODINGS = ("greedy", "beam")
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
-class GRUDecoderConfig:
+class GRUDecoderConfig(ConfigMixin):
     """A two-tower encoder and a GRU answer decoder (saved as ``config.json`` with ``model_type: gru_decoder``).
 
     Args:
@@ -90,6 +89,8 @@ class GRUDecoderConfig:
     image_std: list[float] | None = None
     num_image_tokens: int | None = None
 
+    model_type = "gru_decoder"
+
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"--gru.fusion={self.fusion!r} is not one of {FUSIONS}")
@@ -106,17 +107,6 @@ class GRUDecoderConfig:
         """The encoder's settings as a :class:`TwoTowerConfig` (its fusion, towers and sizes)."""
         keep = {f.name for f in fields(TwoTowerConfig)} & {f.name for f in fields(self)}
         return TwoTowerConfig(**{k: getattr(self, k) for k in keep})
-
-    def to_dict(self) -> dict:
-        return {"model_type": "gru_decoder", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GRUDecoderConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"model_type", "vqakit_version"}
-        if unknown:
-            raise ValueError(f"config.json has unknown fields {sorted(unknown)}; known fields = {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def answer_words(answer: str) -> list[str]:
@@ -384,7 +374,7 @@ class GRUDecoderForQuestionAnswering(nn.Module):
 
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        self.config.save_json(save_dir)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(save_dir / WEIGHTS_NAME), metadata={"format": "pt"})
         if hasattr(self.backbone.vision, "config"):
@@ -398,7 +388,7 @@ class GRUDecoderForQuestionAnswering(nn.Module):
     def from_pretrained(cls, checkpoint_dir: str | Path, map_location: str = "cpu") -> "GRUDecoderForQuestionAnswering":
         """Rebuild from a checkpoint directory; needs no training code and downloads nothing."""
         checkpoint_dir = Path(checkpoint_dir)
-        config = GRUDecoderConfig.from_dict(read_config_json(checkpoint_dir / CONFIG_NAME))
+        config = GRUDecoderConfig.from_json(checkpoint_dir)
         model = cls(config, pretrained_towers=False, tower_dir=checkpoint_dir)
         weights = checkpoint_dir / WEIGHTS_NAME
         missing, unexpected = model.load_state_dict(load_weights(weights, device=map_location), strict=False)

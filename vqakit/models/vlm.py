@@ -19,25 +19,24 @@ model with LoRA merged: its own ``config.json`` + ``model.safetensors``, and the
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqakit.models.checkpoint_files import load_weights, read_config_json
+from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin
+from vqakit.models.checkpoint_files import load_weights
 from vqakit.data.answers import normalize_answer
 from vqakit.data.images import load_image
 
 ARCHITECTURES = ("auto", "blip", "vilt")
 DEFAULT_LORA_TARGETS = {"blip": ["query", "value"], "vilt": ["query", "value"]}
-CONFIG_NAME = "config.json"
 
 
 @dataclass
-class VLMConfig:
+class VLMConfig(ConfigMixin):
     """A pretrained VLM for VQA (saved as ``config.json`` with ``model_type: vlm``).
 
     Args:
@@ -60,23 +59,14 @@ class VLMConfig:
     lora_target_modules: list[str] = field(default_factory=list)
     id2label: dict[int, str] = field(default_factory=dict)
 
+    model_type = "vlm"
+
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"--vlm.architecture={self.architecture!r} is not one of {ARCHITECTURES}")
         if self.num_beams < 1:
             raise ValueError(f"--vlm.num_beams={self.num_beams} must be at least 1")
         self.id2label = {int(k): v for k, v in self.id2label.items()}
-
-    def to_dict(self) -> dict:
-        return {"model_type": "vlm", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VLMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"model_type", "vqakit_version"}
-        if unknown:
-            raise ValueError(f"config.json has unknown fields {sorted(unknown)}; known fields = {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def detect_architecture(model: str) -> str:
@@ -245,13 +235,13 @@ class VLMForQuestionAnswering(nn.Module):
             self.model = self.model.merge_and_unload()
         self.model.save_pretrained(save_dir / "vlm")
         self.processor.save_pretrained(save_dir / "vlm")
-        (save_dir / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        self.config.save_json(save_dir)
         return save_dir
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path) -> "VLMForQuestionAnswering":
         checkpoint_dir = Path(checkpoint_dir)
-        config = VLMConfig.from_dict(read_config_json(checkpoint_dir / CONFIG_NAME))
+        config = VLMConfig.from_json(checkpoint_dir)
         if not (checkpoint_dir / "vlm" / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{checkpoint_dir / 'vlm'} has no fine-tuned model (config.json)")
         saved = VLMConfig(**{**asdict(config), "model": str(checkpoint_dir / "vlm")})
