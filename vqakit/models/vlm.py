@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,8 @@ from vqakit.models.checkpoint_files import load_weights
 from vqakit.data.answers import normalize_answer
 from vqakit.data.images import load_image
 
-ARCHITECTURES = ("auto", "blip", "vilt")
+Architecture = Literal["auto", "blip", "vilt"]
+ARCHITECTURES = get_args(Architecture)
 DEFAULT_LORA_TARGETS = {"blip": ["query", "value"], "vilt": ["query", "value"]}
 
 
@@ -51,7 +53,7 @@ class VLMConfig(ConfigMixin):
     """
 
     model: str = "Salesforce/blip-vqa-base"
-    architecture: str = "auto"
+    architecture: Architecture = "auto"
     image_size: int = 0
     max_question_length: int = 32
     max_answer_length: int = 8

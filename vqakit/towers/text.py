@@ -10,7 +10,9 @@ layers that need one vector per question use the pooler, cross-attention uses al
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -39,15 +41,48 @@ def cls_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 POOLERS = {"mean": mean_pool, "cls": cls_pool}
+TextPooler = Literal["mean", "cls"]  # the keys of POOLERS, as a type the CLI shows
+assert get_args(TextPooler) == tuple(POOLERS)
+
+
+@dataclass
+class TextTowerConfig:
+    """A text tower's options, checked here (open_clip's ``CLIPTextCfg``). A model family builds it from its own
+    flat fields (``TwoTowerConfig.text_config()``).
+
+    Args:
+        name: packaged ``minilm-l6``, or any HF BERT-family model id / local directory.
+        max_length: questions are truncated to this many tokens.
+        pooler: how a model that needs one vector per question pools the token states: ``mean`` or ``cls``.
+
+    >>> TextTowerConfig(pooler="max")
+    Traceback (most recent call last):
+        ...
+    ValueError: pooler='max' is not one of ('mean', 'cls')
+    """
+
+    name: str = "minilm-l6"
+    max_length: int = 32
+    pooler: TextPooler = "mean"
+
+    def __post_init__(self):
+        if self.pooler not in POOLERS:
+            raise ValueError(f"pooler={self.pooler!r} is not one of {tuple(POOLERS)}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length} must be at least 1")
 
 
 class HFTextTower(nn.Module):
     """A ``transformers`` encoder: ``(input_ids, attention_mask) -> (B, T, D)`` token states."""
 
-    def __init__(self, name: str = "minilm-l6", pretrained: bool = True, config_dir: str | None = None):
+    def __init__(self, name: str | TextTowerConfig = "minilm-l6", pretrained: bool = True,
+                 config_dir: str | None = None):
+        """``name``: the tower's :class:`TextTowerConfig`, or its ``name`` alone."""
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
+        self.tower_config = name if isinstance(name, TextTowerConfig) else TextTowerConfig(name)
+        name = self.tower_config.name
         path = resolve_text_tower(name)
         try:
             if pretrained:

