@@ -245,12 +245,14 @@ def test_truncate_needs_a_finer_grid_and_the_packaged_tower(tiny_vision_tower):
 
 
 def test_relation_bias_starts_neutral_and_gets_gradients(tiny_config, tiny_batch, tokenizer):
-    """The relation gains start at zero (the model computes what it did without them) and they train."""
+    """The relation gains start at zero and the question layers as the identity (the model computes what it did
+    without them), and they train."""
     torch.manual_seed(0)
     plain = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", dropout=0.0)).eval()
-    biased = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", dropout=0.0, relation_bias=True)).eval()
+    biased = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", dropout=0.0, relation_bias=True,
+                                                      question_layers=1)).eval()
     missing, unexpected = biased.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all("relation_gain" in k for k in missing)
+    assert not unexpected and missing and all("relation_gain" in k or "question_layers" in k for k in missing)
     batch = tiny_batch(tokenizer)
     torch.testing.assert_close(plain(**batch).logits, biased(**batch).logits)
     biased.train()

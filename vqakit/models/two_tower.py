@@ -434,6 +434,10 @@ class RelationalFusion(nn.Module):
                                        norm_first=True)
             for _ in range(cfg.question_layers)
         )
+        for layer in self.question_layers:  # each starts as the identity: the steps first read the tower's states
+            for zeroed in (layer.self_attn.out_proj, layer.linear2):
+                nn.init.zeros_(zeroed.weight)
+                nn.init.zeros_(zeroed.bias)
         self.step_query = nn.Parameter(torch.randn(k_steps, h) * 0.02)
         self.step_from_question = nn.Linear(h, k_steps * h)
         self.order = nn.Parameter(torch.linspace(-order_bias, order_bias, k_steps))
