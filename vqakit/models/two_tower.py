@@ -72,10 +72,6 @@ class TwoTowerConfig:
             multiple of each cell's squared distance to where that step looked and of that step's attention map
             ("nearest to it, not it": near, and away from the earlier find). Off in checkpoints written before
             it existed.
-        question_layers: ``relational``: trainable self-attention layers over the question tokens before the
-            steps read them, so that a token can take the role it has in this question (in "what colour is
-            the object nearest to the blue one?", "blue" names the object to find first and "colour" what to
-            answer; the frozen text tower's states of the two are alike). 0 in checkpoints written before.
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
@@ -104,7 +100,6 @@ class TwoTowerConfig:
     reasoning_steps: int = 3
     position_readout: bool = True
     relation_bias: bool = False
-    question_layers: int = 0
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
@@ -160,7 +155,6 @@ def _patch_missing_keys(d: dict) -> dict:
     d.setdefault("reasoning_steps", 3)
     d.setdefault("position_readout", False)
     d.setdefault("relation_bias", False)
-    d.setdefault("question_layers", 0)
     d.setdefault("vision_truncate", False)
     d.setdefault("vision_color_stats", False)
     d.setdefault("vision_feature_norm", False)
@@ -429,15 +423,6 @@ class RelationalFusion(nn.Module):
         self.ln_v = nn.LayerNorm(h)
         self.token_pos = nn.Parameter(torch.randn(cfg.max_question_length, h) * 0.1)
         self.question_out = mlp(h, 2 * h, h, 0.0)
-        self.question_layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(h, cfg.num_heads, cfg.mlp_ratio * h, cfg.dropout, batch_first=True,
-                                       norm_first=True)
-            for _ in range(cfg.question_layers)
-        )
-        for layer in self.question_layers:  # each starts as the identity: the steps first read the tower's states
-            for zeroed in (layer.self_attn.out_proj, layer.linear2):
-                nn.init.zeros_(zeroed.weight)
-                nn.init.zeros_(zeroed.bias)
         self.step_query = nn.Parameter(torch.randn(k_steps, h) * 0.02)
         self.step_from_question = nn.Linear(h, k_steps * h)
         self.order = nn.Parameter(torch.linspace(-order_bias, order_bias, k_steps))
@@ -474,8 +459,6 @@ class RelationalFusion(nn.Module):
         each step read (B, K), in [-1, 1] from the first token to the last."""
         mask = q_mask.bool()
         t = q + self.token_pos[: q.shape[1]].to(q.dtype)
-        for layer in self.question_layers:
-            t = layer(t, src_key_padding_mask=~mask)
         question = mean_pool(t, mask)
         length = mask.sum(1, keepdim=True).to(q.dtype)
         place = torch.arange(q.shape[1], device=q.device, dtype=q.dtype)[None] / (length - 1).clamp(min=1) * 2 - 1

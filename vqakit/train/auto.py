@@ -196,8 +196,6 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
                          "counting, comparison and relations alike"),
         "relation_bias": choose("model.relation_bias", True, "a step can score cells by their distance to an "
                                 "earlier step's find and away from it: 'the object nearest to the red one'"),
-        "question_layers": choose("model.question_layers", 1, "a trainable self-attention layer over the question "
-                                  "words: the named object and the asked attribute read apart"),
     }
     steps = 4 if p.question_words <= 12 else 5
     model["reasoning_steps"] = choose("model.reasoning_steps", steps,
