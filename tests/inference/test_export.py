@@ -18,7 +18,9 @@ from vqakit.towers.text import load_tokenizer
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(params=[{}, {"fusion": "spatial", "vision_grid_stride": 16}], ids=["cross-attention", "spatial"])
+@pytest.fixture(params=[{}, {"fusion": "spatial", "vision_grid_stride": 16},
+                        {"fusion": "relational", "vision_grid_stride": 16, "relation_bias": True}],
+                ids=["cross-attention", "spatial", "relational"])
 def checkpoint(request, tiny_config, tiny_text_tower, tmp_path):
     torch.manual_seed(0)
     model = TwoTowerForQuestionAnswering(tiny_config(vision_tower="efficientnet-lite0", image_size=64,

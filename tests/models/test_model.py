@@ -242,3 +242,18 @@ def test_truncate_needs_a_finer_grid_and_the_packaged_tower(tiny_vision_tower):
         build_vision_tower("efficientnet-lite0", image_size=64, pretrained=False, truncate=True)
     with pytest.raises(NotImplementedError, match="color_stats=True"):
         build_vision_tower(tiny_vision_tower, image_size=32, color_stats=True)
+
+
+def test_relation_bias_starts_neutral_and_gets_gradients(tiny_config, tiny_batch, tokenizer):
+    """The relation gains start at zero (the model computes what it did without them) and they train."""
+    torch.manual_seed(0)
+    plain = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", dropout=0.0)).eval()
+    biased = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", dropout=0.0, relation_bias=True)).eval()
+    missing, unexpected = biased.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("relation_gain" in k for k in missing)
+    batch = tiny_batch(tokenizer)
+    torch.testing.assert_close(plain(**batch).logits, biased(**batch).logits)
+    biased.train()
+    biased(**batch).logits.logsumexp(-1).sum().backward()
+    grads = [p.grad for n, p in biased.named_parameters() if "relation_gain" in n and n.endswith("weight")]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -70,6 +70,10 @@ class TwoTowerConfig(ConfigMixin):
         position_readout: ``relational``: each step's attended position also enters the answer through its
             sin/cos codes gated by the step's control (where the found object is, read as the question asks:
             "in the left half?", "on which side?"). Off in checkpoints written before it existed.
+        relation_bias: ``relational``: a step's attention scores also get, per earlier step, a question-set
+            multiple of each cell's squared distance to where that step looked and of that step's attention map
+            ("nearest to it, not it": near, and away from the earlier find). Off in checkpoints written before
+            it existed.
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
@@ -97,6 +101,7 @@ class TwoTowerConfig(ConfigMixin):
     num_fusion_layers: int = 3
     reasoning_steps: int = 3
     position_readout: bool = True
+    relation_bias: bool = False
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
@@ -156,6 +161,7 @@ def _patch_missing_keys(d: dict) -> dict:
     d.setdefault("vision_grid_stride", 32)
     d.setdefault("reasoning_steps", 3)
     d.setdefault("position_readout", False)
+    d.setdefault("relation_bias", False)
     d.setdefault("vision_truncate", False)
     d.setdefault("vision_color_stats", False)
     d.setdefault("vision_feature_norm", False)
@@ -444,6 +450,16 @@ class RelationalFusion(nn.Module):
             self.where_codes = nn.Linear(2 + 4 * 3, h)
             self.where_gate = nn.Linear(h, h)
             self.out_dim += k_steps * h
+        if cfg.relation_bias:
+            # step k's gains on the distance to, and the attention map of, each earlier step, from its control and
+            # the question (the relation word, "closest" / "farthest", need not be the words the step reads);
+            # zero at the start: the content path learns first
+            self.relation_gain = nn.ModuleList(nn.Linear(2 * h, 2 * k) for k in range(1, k_steps))
+            for gain in self.relation_gain:
+                nn.init.zeros_(gain.weight)
+                nn.init.zeros_(gain.bias)
+        else:
+            self.relation_gain = None
 
     def controls(self, q, q_mask):
         """(B, T, H) question tokens -> pooled question (B, H), step controls (B, K, H), where in the question
@@ -480,7 +496,13 @@ class RelationalFusion(nn.Module):
             gamma, beta = film[:, None].chunk(2, dim=-1)
             z = torch.relu(pre * (1 + gamma) + beta)
             z = z + torch.relu(self.cell2(z))  # (B, N, H)
-            attn = self.attend(z).squeeze(-1).softmax(-1)  # (B, N)
+            score = self.attend(z).squeeze(-1)  # (B, N)
+            if k and self.relation_gain is not None:
+                gain = self.relation_gain[k - 1](torch.cat([controls[:, k], question], dim=-1))  # (B, 2k)
+                dist2 = torch.stack([o[..., 4] for o in offsets], dim=-1)  # (B, N, k), in [0, 8]
+                found = torch.stack([m / m.amax(-1, keepdim=True) for m in maps], dim=-1)  # (B, N, k), peak 1
+                score = score + (dist2 * gain[:, None, :k]).sum(-1) + (found * gain[:, None, k:]).sum(-1)
+            attn = score.softmax(-1)  # (B, N)
             where = attn @ coords  # (B, 2)
             reads.append(torch.einsum("bn,bnh->bh", attn, v))
             states.append(torch.einsum("bn,bnh->bh", attn, z))  # what the step saw there, its relations included
