@@ -24,9 +24,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import latency_summary, time_ms  # noqa: E402
 
 VARIANTS = {
     "auto": {},
@@ -35,16 +38,6 @@ VARIANTS = {
     "int8": {"quantize": "int8"},
     "torch-int8": {"backend": "torch", "quantize": "int8"},
 }
-
-
-def percentiles(times: list[float]) -> dict:
-    times = sorted(times)
-
-    def at(q):
-        return round(times[min(len(times) - 1, int(q * (len(times) - 1)))], 2)
-
-    return {"calls": len(times), "p50_ms": round(statistics.median(times), 2), "p95_ms": at(0.95),
-            "p99_ms": at(0.99), "mean_ms": round(statistics.fmean(times), 2)}
 
 
 def main(argv=None) -> dict:
@@ -96,12 +89,8 @@ def main(argv=None) -> dict:
     for r in range(args.repeats):
         chunk = pairs[args.warmup + r * args.n: args.warmup + (r + 1) * args.n]
         for name in variants:  # in turns: the same images and load conditions for every variant
-            times = []
-            for image, question in chunk:
-                start = time.perf_counter()
-                predictors[name].predict(image, question)
-                times.append(1000 * (time.perf_counter() - start))
-            rounds[name].append(percentiles(times))
+            times = [time_ms(predictors[name].predict, image, question)[1] for image, question in chunk]
+            rounds[name].append(latency_summary(times))
             print(json.dumps({"variant": name, "round": r, **rounds[name][-1]}), flush=True)
     result = {
         "benchmark": "predict_latency",

@@ -25,10 +25,13 @@ import json
 import os
 import platform
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import time_ms  # noqa: E402
 
 QUESTIONS = ["what is the color of the shape?", "what shape is in the image?", "is there a red shape?",
              "does the image contain a circle?", "is there a blue triangle?", "what color is the background?",
@@ -75,9 +78,8 @@ def main() -> None:
                 run(images[0])  # warm-up
                 per_question = []
                 for image in images[1:]:
-                    start = time.perf_counter()
-                    out = run(image)
-                    per_question.append(1000 * (time.perf_counter() - start) / n)
+                    out, ms = time_ms(run, image)
+                    per_question.append(ms / n)
                 answers[mode] = [a for a, _ in out]
                 results[n][mode] = {"per_question_ms_p50": round(statistics.median(per_question), 2),
                                     "per_question_ms_mean": round(statistics.fmean(per_question), 2)}

@@ -24,11 +24,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import time_ms  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -111,10 +115,9 @@ def main() -> None:
                     per_question, one_pass = [], 0
                     for i, image in enumerate(images):
                         calls.clear()
-                        start = time.perf_counter()
-                        preds = predictor.predict(image, by_image[image][:n])
+                        preds, ms = time_ms(predictor.predict, image, by_image[image][:n])
                         if i >= 2:  # warm-up
-                            per_question.append(1000 * (time.perf_counter() - start) / n)
+                            per_question.append(ms / n)
                             answers[key] += [p.answer for p in preds]
                             one_pass += len(calls) == 1  # the packed prefix + questions pass only
                     results[key][f"{n}_per_image"] = {

@@ -34,39 +34,23 @@ import base64
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"  # loopback only: this benchmark never sends load anywhere else
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import HOST, free_port, percentile, rss_mib  # noqa: E402
+
 JSON = {"content-type": "application/json"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process, from /proc (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+NAN = float("nan")  # the latency percentiles of no requests
 
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds a process has used, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(sorted_ms: list[float], q: float) -> float:
-    return round(sorted_ms[min(len(sorted_ms) - 1, int(q * (len(sorted_ms) - 1)))], 2) if sorted_ms else float("nan")
 
 
 class RequestBodies:
@@ -153,7 +137,8 @@ async def load(url: str, bodies: RequestBodies, clients: int, duration: float, p
     rss_trace.append(rss_mib(pid))
     latencies.sort()
     return {"requests": len(latencies), "ok": done, "errors": sum(errors.values()), "error_kinds": errors,
-            "wall_s": round(wall, 2), "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+            "wall_s": round(wall, 2), "p50_ms": percentile(latencies, 0.5, NAN),
+            "p99_ms": percentile(latencies, 0.99, NAN),
             "requests_per_s": round(done / wall, 1), "rss_mib": rss_trace}
 
 
@@ -177,7 +162,7 @@ def main(argv=None) -> dict:
     if not 1 <= args.clients <= 64 or not 0 < args.duration <= 120:
         ap.error("--clients must lie in 1..64 and --duration in (0, 120] s: this is a bounded test")
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "vqakit.cli", "serve", "--checkpoint", args.checkpoint, "--host", HOST,
            "--port", str(port), "--ui", "false", "--server.backend", args.backend]
     for name in ("quantize", "max_batch_size", "max_wait_ms", "question_cache", "threads"):
@@ -225,8 +210,9 @@ def main(argv=None) -> dict:
         "quantize": args.quantize,
         "questions_per_request": q,
         "distinct_questions": args.distinct,
-        "single": {"requests": len(single), "p50_ms": percentile(single, 0.5), "p95_ms": percentile(single, 0.95),
-                   "p99_ms": percentile(single, 0.99), "mean_ms": round(statistics.fmean(single), 2)},
+        "single": {"requests": len(single), "p50_ms": percentile(single, 0.5, NAN),
+                   "p95_ms": percentile(single, 0.95, NAN), "p99_ms": percentile(single, 0.99, NAN),
+                   "mean_ms": round(statistics.fmean(single), 2)},
         "load": {"clients": args.clients, "duration_s": args.duration, **loaded,
                  "questions_per_s": round(loaded["requests_per_s"] * q, 1),
                  "rss_before_load_mib": rss_before,

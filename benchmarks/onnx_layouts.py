@@ -15,8 +15,12 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import time_ms  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -57,9 +61,8 @@ def main(argv=None) -> dict:
                 for _ in range(100 if B == 1 else max(40, 320 // B)):
                     k += 1
                     idx = [(k * B + j) % len(pixels) for j in range(B)]
-                    start = time.perf_counter()
-                    predictor.predict_prepared([pixels[j] for j in idx], [[f"{questions[j]} #{k}-{j}"] for j in idx])
-                    times.append(1000 * (time.perf_counter() - start))
+                    times.append(time_ms(predictor.predict_prepared, [pixels[j] for j in idx],
+                                         [[f"{questions[j]} #{k}-{j}"] for j in idx])[1])
                 median = round(statistics.median(times), 2)
                 results.setdefault(f"B={B}", {}).setdefault(name, []).append(median)
                 print(json.dumps({"round": r, "B": B, "variant": name, "p50_ms_per_batch": median,

@@ -20,8 +20,12 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import percentile, time_ms  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -72,16 +76,11 @@ def main(argv=None) -> dict:
             predictor.question_cache = None
             for image, question in pairs[: args.warmup]:
                 predictor.predict(image, question)
-            times = []
-            for image, question in pairs[args.warmup:]:
-                t = time.perf_counter()
-                predictor.predict(image, question)
-                times.append(1000 * (time.perf_counter() - t))
-            times.sort()
+            times = sorted(time_ms(predictor.predict, image, question)[1] for image, question in pairs[args.warmup:])
             row = {"backend": backend, "precision": quantize or "float32", "questions": len(answers),
                    "vqa_accuracy": round(accuracy, 2), "answers_changed_vs_float32": changed,
                    "test_pass_s": round(pass_s, 1), "p50_ms": round(statistics.median(times), 2),
-                   "p95_ms": round(times[int(0.95 * (len(times) - 1))], 2)}
+                   "p95_ms": percentile(times, 0.95)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     result = {"benchmark": "int8_dynamic_quantization", "checkpoint": args.checkpoint, "rows": rows,

@@ -35,33 +35,16 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"  # loopback only: this benchmark never sends load anywhere else
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import HOST, free_port, percentile, rss_mib  # noqa: E402
+
 JSON_HEADERS = {"content-type": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process, from /proc (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def percentile(sorted_ms: list[float], q: float) -> float | None:
-    return round(sorted_ms[min(len(sorted_ms) - 1, int(q * (len(sorted_ms) - 1)))], 2) if sorted_ms else None
 
 
 def slope_per_minute(samples: list[tuple[float, float]]) -> float | None:

@@ -139,21 +139,33 @@ def random_scene(rng: random.Random, occlusion: float = 0.15) -> list[SceneObjec
             return objects
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, fill) -> None:
+    """Draw one ``shape`` (``circle``, ``square``, ``triangle``, ``diamond`` or ``cross``) of radius ``r``
+    centred on ``(x, y)``, filled with the RGB ``fill``."""
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape == "square":
+        s = r * 0.85  # a square of the same visual weight as the circle
+        draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + 0.8 * r), (x - r, y + 0.8 * r)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    elif shape == "cross":
+        w = r * 0.35
+        draw.rectangle((x - r, y - w, x + r, y + w), fill=fill)
+        draw.rectangle((x - w, y - r, x + w, y + r), fill=fill)
+    else:
+        raise ValueError(f"shape {shape!r} not known; available = circle, square, triangle, diamond, cross")
+
+
 def draw_scene(objects: list[SceneObject], rng: random.Random) -> Image.Image:
     """Objects in list order (later ones on top) on a light, slightly varying background."""
     bg = tuple(rng.randint(225, 250) for _ in range(3))
     image = Image.new("RGB", (CANVAS, CANVAS), bg)
     draw = ImageDraw.Draw(image)
     for o in objects:
-        box = (o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r)
-        fill = COLORS[o.color]
-        if o.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif o.shape == "square":
-            s = o.r * 0.85  # a square of the same visual weight as the circle
-            draw.rectangle((o.x - s, o.y - s, o.x + s, o.y + s), fill=fill)
-        else:
-            draw.polygon([(o.x, o.y - o.r), (o.x + o.r, o.y + 0.8 * o.r), (o.x - o.r, o.y + 0.8 * o.r)], fill=fill)
+        draw_shape(draw, o.shape, o.x, o.y, o.r, COLORS[o.color])
     return image
 
 

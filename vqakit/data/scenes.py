@@ -48,6 +48,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vqakit.data.procedural import draw_shape
 from vqakit.data.sources import NUM_HUMAN_ANSWERS, vqa_v2_image_path, vqa_v2_paths, vqa_v2_split_name
 
 VERSION = "1"
@@ -185,21 +186,7 @@ def draw_scene(spec: SceneSpec, objects: list[Obj], rng: random.Random) -> Image
         image = Image.blend(image, noise, 0.15)
     draw = ImageDraw.Draw(image)
     for o in objects:
-        fill = tuple(spec.palette[o.color])
-        x, y, r = o.x, o.y, o.r
-        if o.shape == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif o.shape == "square":
-            s = r * 0.85
-            draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(x, y - r), (x + r, y + 0.8 * r), (x - r, y + 0.8 * r)], fill=fill)
-        elif o.shape == "diamond":
-            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
-        else:  # cross
-            w = r * 0.35
-            draw.rectangle((x - r, y - w, x + r, y + w), fill=fill)
-            draw.rectangle((x - w, y - r, x + w, y + r), fill=fill)
+        draw_shape(draw, o.shape, o.x, o.y, o.r, tuple(spec.palette[o.color]))
     return image
 
 

@@ -427,19 +427,14 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             raise ValueError("pass either the prefix's key/value cache or the prefix embeddings")
         B, T = input_ids.shape
         device = input_ids.device
+        counts = row = None
         if prefix is not None:
             prefix_len = prefix.shape[1]
             counts = questions_per_prefix or [1] * prefix.shape[0]
             if len(counts) != prefix.shape[0] or sum(counts) != B or min(counts) < 1:
                 raise ValueError(f"questions_per_prefix={counts} does not match {prefix.shape[0]} prefixes and "
                                  f"{B} questions")
-        lengths = attention_mask.sum(1)
-        ids = torch.full_like(input_ids, self.eos_id)
-        qmask = torch.zeros_like(attention_mask)
-        for i in range(B):  # right padding -> left padding
-            n = int(lengths[i])
-            ids[i, T - n :] = input_ids[i, :n]
-            qmask[i, T - n :] = 1
+        ids, qmask = self._left_pad(input_ids, attention_mask)
         mask = torch.cat([torch.ones(B, prefix_len, dtype=qmask.dtype, device=device), qmask], dim=1)
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P+T)
         next_pos = position_ids[:, -1:] + 1  # (B, 1): the position of the next token fed to the LM
@@ -456,60 +451,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             prefix = None
         n = len(self.draft_tree)
         n = n if draft and 0 < B * n <= self.config.max_draft_tokens and prunable else 0
-        tree = torch.tensor(self.draft_tree.tokens[:n], dtype=torch.long, device=device)
-        depth = torch.tensor(self.draft_tree.depths[:n], dtype=torch.long, device=device)
-        dtype = self.lm.get_input_embeddings().weight.dtype
-        S = T + n  # a question's span: its T (left-padded) tokens, then n draft tokens
-        block = torch.zeros(S, S, dtype=torch.bool, device=device)  # attention within a span
-        block[:T, :T] = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # the question: causal
-        block[T:, :T] = True  # each draft token sees the whole question ...
-        block[T:, T:] = self.draft_tree.ancestors[:n, :n].to(device)  # ... and its own ancestors
-        span_ok = torch.cat([qmask.bool(), torch.ones(B, n, dtype=torch.bool, device=device)], dim=1)  # (B, S)
-        if prefix is None:  # rows = questions over the cache of their prefix
-            kwargs = dict(use_cache=True, logits_to_keep=torch.arange(T - 1, T + n, device=device))
-            if n:
-                allowed = torch.cat([torch.ones(S, prefix_len, dtype=torch.bool, device=device), block], dim=1)
-                allowed = allowed[None] & torch.cat([mask[:, :prefix_len].bool(), span_ok], dim=1)[:, None, :]
-                allowed[:, torch.arange(S), prefix_len + torch.arange(S)] = True  # pads see themselves
-                kwargs["attention_mask"] = _additive(allowed, dtype)
-            else:
-                kwargs["attention_mask"] = mask
-            positions = torch.cat([position_ids, next_pos + depth[None] - 1], dim=1)[:, prefix_len:]
-            out = self.lm(input_ids=torch.cat([ids, tree[None].expand(B, n)], dim=1), position_ids=positions,
-                          past_key_values=cache, **kwargs)
-            cache, logits = out.past_key_values, out.logits  # (B, 1 + n, V)
-        elif max(counts) == 1 and n == 0:  # one question per prefix, no drafts: one plain causal pass
-            embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)
-            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache, logits = out.past_key_values, out.logits
-        else:  # packed: R rows [prefix][span 1]...[span G], one LM pass; then one cache row per question
-            R, G, P = prefix.shape[0], max(counts), prefix_len
-            slot = torch.tensor([g for c in counts for g in range(c)], device=device)  # (B,)
-            span_ids = torch.full((R, G, S), self.eos_id, dtype=torch.long, device=device)
-            spans_ok = torch.zeros(R, G, S, dtype=torch.bool, device=device)
-            span_pos = torch.zeros(R, G, S, dtype=torch.long, device=device)
-            span_ids[row, slot] = torch.cat([ids, tree[None].expand(B, n)], dim=1)
-            spans_ok[row, slot] = span_ok
-            span_pos[row, slot] = torch.cat([position_ids[:, P:], next_pos + depth[None] - 1], dim=1)
-            L = P + G * S
-            allowed = torch.zeros(L, L, dtype=torch.bool, device=device)
-            allowed[:P, :P] = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-            allowed[P:, :P] = True
-            allowed[P:, P:] = torch.block_diag(*[block] * G)  # a question sees the prefix and its own span only
-            keys_ok = torch.cat([torch.ones(R, P, dtype=torch.bool, device=device), spans_ok.reshape(R, G * S)], 1)
-            allowed = (allowed[None] & keys_ok[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
-            positions = torch.cat([torch.arange(P, device=device).expand(R, P), span_pos.reshape(R, G * S)], 1)
-            embeds = torch.cat([prefix, self._embed(span_ids.reshape(R, G * S)).to(prefix.dtype)], dim=1)
-            starts = P + torch.arange(G, device=device)[:, None] * S  # (G, 1): each span's first index
-            keep = (starts + T - 1 + torch.arange(n + 1, device=device)).reshape(-1)  # question end + drafts
-            out = self.lm(inputs_embeds=embeds, attention_mask=_additive(allowed, dtype), position_ids=positions,
-                          past_key_values=cache, use_cache=True, logits_to_keep=keep)
-            cache = out.past_key_values
-            logits = out.logits.reshape(R, G, n + 1, -1)[row, slot]  # (B, 1 + n, V)
-            entries = torch.cat([torch.arange(P, device=device).expand(B, P),
-                                 P + slot[:, None] * S + torch.arange(S, device=device)], dim=1)  # (B, P + S)
-            _keep_cache_entries(cache, entries, rows=row)
+        cache, logits = self._prefill(ids, qmask, mask, position_ids, n, cache=cache, prefix=prefix, counts=counts,
+                                      row=row)
         node_logits = logits[:, 1:] if n else None  # (B, n, V): the next token after each draft token
         logits = logits[:, 0 if n else -1].float()
         node = [-1] * B  # each row's tree node (-1: the root, right after the question)
@@ -526,32 +469,152 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             if bool(done.all()) or step == self.config.max_new_tokens - 1:
                 break
             if in_tree:
-                tokens, finished = nxt.tolist(), done.tolist()
-                children = [-1 if finished[b] else self.draft_tree.child(node[b], tokens[b], n) for b in range(B)]
-                if all(c >= 0 for b, c in enumerate(children) if not finished[b]):  # all in the tree: no LM call
-                    for b, c in enumerate(children):
-                        if c >= 0:
-                            node[b] = c
-                            accepted[b].append(c)
-                    rows = torch.arange(B, device=device)
-                    picked = torch.tensor([max(c, 0) for c in node], device=device)
-                    logits = torch.where(done[:, None], logits, node_logits[rows, picked].float())
-                    next_pos = next_pos + 1
+                drafted = self._draft_step(nxt, done, logits, node_logits, node, accepted)
+                if drafted is not None:  # all in the tree: no LM call
+                    logits, next_pos = drafted, next_pos + 1
                     continue
-                # leave the tree: each row keeps prompt + its accepted path; other draft entries are dropped
-                k = max(map(len, accepted))
-                index = torch.zeros(B, base + k, dtype=torch.long, device=device)
-                index[:, :base] = torch.arange(base, device=device)
-                mask = torch.cat([mask, torch.zeros(B, k, dtype=mask.dtype, device=device)], dim=1)
-                for b, path in enumerate(accepted):
-                    index[b, base : base + len(path)] = base + torch.tensor(path, dtype=torch.long, device=device)
-                    mask[b, base : base + len(path)] = 1
-                _keep_cache_entries(cache, index)
+                mask = self._leave_tree(cache, mask, accepted, base)
                 in_tree = False
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-            out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                          use_cache=True, logits_to_keep=1)
-            cache, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1].float()
+            mask, next_pos, cache, logits = self._greedy_step(nxt, mask, next_pos, cache)
+        return self._answers(generated, logp)
+
+    def _left_pad(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move right-padded questions (B, T) to the right end: their ids (pads: ``<eos>``) and mask."""
+        B, T = input_ids.shape
+        lengths = attention_mask.sum(1)
+        ids = torch.full_like(input_ids, self.eos_id)
+        qmask = torch.zeros_like(attention_mask)
+        for i in range(B):
+            n = int(lengths[i])
+            ids[i, T - n :] = input_ids[i, :n]
+            qmask[i, T - n :] = 1
+        return ids, qmask
+
+    def _prefill(self, ids, qmask, mask, position_ids, n: int, cache=None, prefix: torch.Tensor | None = None,
+                 counts: list[int] | None = None, row: torch.Tensor | None = None):
+        """The questions' pass (see :meth:`_decode`): each left-padded question ``ids`` (B, T), followed by the
+        first ``n`` draft tree tokens, over the cache of its prefix (``prefix`` None) or packed after its
+        ``prefix`` embeddings; ``row`` (B,) is each question's prefix, ``counts`` the questions per prefix.
+        Returns the cache, one row ``[prefix][question][drafts]`` per question, and the logits (B, 1 + n, V)
+        after the question and after each draft token."""
+        B, T = ids.shape
+        device = ids.device
+        if prefix is not None and max(counts) == 1 and n == 0:  # one question per prefix, no drafts: one plain
+            embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)  # causal pass
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return out.past_key_values, out.logits
+        P = mask.shape[1] - T
+        tree = torch.tensor(self.draft_tree.tokens[:n], dtype=torch.long, device=device)
+        depth = torch.tensor(self.draft_tree.depths[:n], dtype=torch.long, device=device)
+        S = T + n  # a question's span: its T (left-padded) tokens, then n draft tokens
+        block = torch.zeros(S, S, dtype=torch.bool, device=device)  # attention within a span
+        block[:T, :T] = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # the question: causal
+        block[T:, :T] = True  # each draft token sees the whole question ...
+        block[T:, T:] = self.draft_tree.ancestors[:n, :n].to(device)  # ... and its own ancestors
+        span_ids = torch.cat([ids, tree[None].expand(B, n)], dim=1)  # (B, S)
+        span_ok = torch.cat([qmask.bool(), torch.ones(B, n, dtype=torch.bool, device=device)], dim=1)  # (B, S)
+        next_pos = position_ids[:, -1:] + 1
+        span_pos = torch.cat([position_ids[:, P:], next_pos + depth[None] - 1], dim=1)  # (B, S)
+        if prefix is None:
+            return self._prefill_on_cache(span_ids, span_pos, span_ok, block, mask, cache, n)
+        return self._prefill_packed(prefix, span_ids, span_pos, span_ok, block, counts, row, cache, n)
+
+    def _prefill_on_cache(self, span_ids, span_pos, span_ok, block, mask, cache, n: int):
+        """The questions' spans (B, S) over the cache (batch B) of their prefix: causal, or with ``n`` drafts a
+        tree attention mask built from the span's ``block`` pattern (S, S)."""
+        B, S = span_ids.shape
+        T, P = S - n, mask.shape[1] - (S - n)
+        device = span_ids.device
+        kwargs = dict(use_cache=True, logits_to_keep=torch.arange(T - 1, T + n, device=device))
+        if n:
+            dtype = self.lm.get_input_embeddings().weight.dtype
+            allowed = torch.cat([torch.ones(S, P, dtype=torch.bool, device=device), block], dim=1)
+            allowed = allowed[None] & torch.cat([mask[:, :P].bool(), span_ok], dim=1)[:, None, :]
+            allowed[:, torch.arange(S), P + torch.arange(S)] = True  # pads see themselves
+            kwargs["attention_mask"] = _additive(allowed, dtype)
+        else:
+            kwargs["attention_mask"] = mask
+        out = self.lm(input_ids=span_ids, position_ids=span_pos, past_key_values=cache, **kwargs)
+        return out.past_key_values, out.logits  # (B, 1 + n, V)
+
+    def _prefill_packed(self, prefix, span_ids, span_pos, span_ok, block, counts, row, cache, n: int):
+        """R rows ``[prefix][span 1]...[span G]`` in one LM pass, each span seeing the prefix and itself only
+        (``block`` within a span); then the cache is split into one row ``[prefix][span]`` per question."""
+        B, S = span_ids.shape
+        T = S - n
+        device = span_ids.device
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        R, G, P = prefix.shape[0], max(counts), prefix.shape[1]
+        slot = torch.tensor([g for c in counts for g in range(c)], device=device)  # (B,)
+        packed_ids = torch.full((R, G, S), self.eos_id, dtype=torch.long, device=device)
+        packed_ok = torch.zeros(R, G, S, dtype=torch.bool, device=device)
+        packed_pos = torch.zeros(R, G, S, dtype=torch.long, device=device)
+        packed_ids[row, slot] = span_ids
+        packed_ok[row, slot] = span_ok
+        packed_pos[row, slot] = span_pos
+        L = P + G * S
+        allowed = torch.zeros(L, L, dtype=torch.bool, device=device)
+        allowed[:P, :P] = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        allowed[P:, :P] = True
+        allowed[P:, P:] = torch.block_diag(*[block] * G)  # a question sees the prefix and its own span only
+        keys_ok = torch.cat([torch.ones(R, P, dtype=torch.bool, device=device), packed_ok.reshape(R, G * S)], 1)
+        allowed = (allowed[None] & keys_ok[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
+        positions = torch.cat([torch.arange(P, device=device).expand(R, P), packed_pos.reshape(R, G * S)], 1)
+        embeds = torch.cat([prefix, self._embed(packed_ids.reshape(R, G * S)).to(prefix.dtype)], dim=1)
+        starts = P + torch.arange(G, device=device)[:, None] * S  # (G, 1): each span's first index
+        keep = (starts + T - 1 + torch.arange(n + 1, device=device)).reshape(-1)  # question end + drafts
+        out = self.lm(inputs_embeds=embeds, attention_mask=_additive(allowed, dtype), position_ids=positions,
+                      past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        cache = out.past_key_values
+        logits = out.logits.reshape(R, G, n + 1, -1)[row, slot]  # (B, 1 + n, V)
+        entries = torch.cat([torch.arange(P, device=device).expand(B, P),
+                             P + slot[:, None] * S + torch.arange(S, device=device)], dim=1)  # (B, P + S)
+        _keep_cache_entries(cache, entries, rows=row)
+        return cache, logits
+
+    def _draft_step(self, nxt, done, logits, node_logits, node: list[int], accepted: list[list[int]]):
+        """Follow each unfinished row's greedy token ``nxt`` (B,) down the draft tree. When all of them are
+        children of their row's ``node``, advance ``node`` and ``accepted`` (in place) and return the next logits
+        (B, V), those after the new nodes (finished rows keep ``logits``), with no LM call; else None."""
+        B, n = node_logits.shape[:2]
+        tokens, finished = nxt.tolist(), done.tolist()
+        children = [-1 if finished[b] else self.draft_tree.child(node[b], tokens[b], n) for b in range(B)]
+        if not all(c >= 0 for b, c in enumerate(children) if not finished[b]):
+            return None
+        for b, c in enumerate(children):
+            if c >= 0:
+                node[b] = c
+                accepted[b].append(c)
+        rows = torch.arange(B, device=nxt.device)
+        picked = torch.tensor([max(c, 0) for c in node], device=nxt.device)
+        return torch.where(done[:, None], logits, node_logits[rows, picked].float())
+
+    def _leave_tree(self, cache, mask, accepted: list[list[int]], base: int):
+        """Leave the draft tree: each row's cache keeps its first ``base`` entries (prompt) and its accepted
+        path; the other draft entries are dropped. Returns the attention mask over the kept entries."""
+        B = mask.shape[0]
+        device = mask.device
+        k = max(map(len, accepted))
+        index = torch.zeros(B, base + k, dtype=torch.long, device=device)
+        index[:, :base] = torch.arange(base, device=device)
+        mask = torch.cat([mask, torch.zeros(B, k, dtype=mask.dtype, device=device)], dim=1)
+        for b, path in enumerate(accepted):
+            index[b, base : base + len(path)] = base + torch.tensor(path, dtype=torch.long, device=device)
+            mask[b, base : base + len(path)] = 1
+        _keep_cache_entries(cache, index)
+        return mask
+
+    def _greedy_step(self, nxt, mask, next_pos, cache):
+        """One LM pass over each row's last token ``nxt`` (B,): the grown mask, the next position, the cache and
+        the next logits (B, V) in float32."""
+        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+        return mask, next_pos + 1, out.past_key_values, out.logits[:, -1].float()
+
+    def _answers(self, generated: list[torch.Tensor], logp: torch.Tensor) -> list[tuple[str, float]]:
+        """Each row's tokens up to ``<eos>`` as text, with its sequence probability."""
         seqs = torch.stack(generated, 1).tolist()
         results = []
         for seq, p in zip(seqs, logp.exp().tolist()):

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from vqakit.data.answers import majority_answer
 from vqakit.models.chat_vlm import ChatVLMConfig, ChatVLMForQuestionAnswering, example_images
-from vqakit.train.recipes import count_parameters
+from vqakit.train.recipes import count_parameters, wrap_lora
 
 KEY = "chat_vlm"
 MULTI_IMAGE = True  # examples may name several images; each architecture's limit is checked in ``dataset``
@@ -96,13 +96,6 @@ def collator(processor):
     return ChatVLMCollator(processor)
 
 
-def _lora_config(train_lora, targets, **kwargs):
-    from peft import LoraConfig
-
-    return LoraConfig(r=train_lora.rank, lora_alpha=train_lora.alpha, lora_dropout=train_lora.dropout,
-                      target_modules=targets, **kwargs)
-
-
 def apply_strategies(net: ChatVLMForQuestionAnswering, train):
     text, vision, projector = train.text, train.vision, net.config.projector
     if text not in ("lora", "qlora", "full", "frozen"):
@@ -135,7 +128,7 @@ def apply_strategies(net: ChatVLMForQuestionAnswering, train):
     if projector == "lora":
         targets.append(rf"(.*\.)?{re.escape(prefixes['projector'])}\..*")
     if targets:
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
 
         if text == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -145,8 +138,8 @@ def apply_strategies(net: ChatVLMForQuestionAnswering, train):
             full.append("lm_head")
         pattern = "|".join(f"(?:{t})" for t in targets)
         try:
-            model = get_peft_model(model, _lora_config(train.lora_text, pattern,
-                                                       modules_to_save=[f.rsplit(".", 1)[-1] for f in full] or None))
+            model = wrap_lora(model, train.lora_text, pattern,
+                              modules_to_save=[f.rsplit(".", 1)[-1] for f in full] or None)
         except ValueError as err:
             raise ValueError(f"LoRA target modules {pattern!r} do not match {type(model).__name__} "
                              f"(--train.lora_text.target_modules / --chat_vlm.lora_target_modules): {err}") from err

@@ -13,7 +13,6 @@ and ``trainable_report()``-free PyTorch parameters, nothing else. Checkpoints go
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from vqakit.train.run import (
     start_tracking,
     training_plan,
 )
+from vqakit.train.schedule import warmup_cosine_schedule
 from vqakit.train.tracking import check_trackers
 
 logger = logging.getLogger("vqakit")
@@ -117,14 +117,7 @@ class GenerativeSystem(L.LightningModule):
         lr = {"new": self.cfg.lr, "tower": self.cfg.tower_lr, "lora": self.cfg.lora_lr}
         optimizer = torch.optim.AdamW([{"params": ps, "lr": lr[part], "weight_decay": self.cfg.weight_decay if decay
                                         else 0.0} for (part, decay), ps in groups.items()])
-        total, warmup = self.total_steps, int(self.cfg.warmup_ratio * self.total_steps)
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = warmup_cosine_schedule(optimizer, self.total_steps, self.cfg.warmup_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from vqakit.data.answers import majority_answer
 from vqakit.models.llm_prefix import NUM_DRAFT_ANSWERS, LLMPrefixConfig, LLMPrefixForQuestionAnswering
 from vqakit.train.datamodule import VQADataset
-from vqakit.train.recipes import count_parameters
+from vqakit.train.recipes import count_parameters, wrap_lora
 
 KEY = "llm"
 
@@ -73,14 +73,9 @@ def apply_strategies(net, train):
     net.vision.requires_grad_(train.vision == "full")
     net.lm.requires_grad_(False)
     if train.text == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = train.lora_text
-        targets = lora.target_modules or ["q_proj", "v_proj"]
-        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                            task_type="CAUSAL_LM")
+        targets = train.lora_text.target_modules or ["q_proj", "v_proj"]
         try:
-            net.lm = get_peft_model(net.lm, config)
+            net.lm = wrap_lora(net.lm, train.lora_text, targets, task_type="CAUSAL_LM")
         except ValueError as err:
             raise ValueError(f"--train.lora_text.target_modules={targets} do not match the LM "
                              f"{type(net.lm).__name__}: {err}") from err

@@ -178,6 +178,17 @@ def last_layers_targets(tower: nn.Module, targets: list[str], n: int, flag: str 
     return [name for hits in layers[-n:] for name in hits]
 
 
+def wrap_lora(module: nn.Module, lora: LoraSettings, targets, **extra) -> nn.Module:
+    """``module`` wrapped by PEFT with LoRA adapters of ``lora``'s rank, alpha and dropout on ``targets`` (module
+    names or one regex); ``extra`` goes to ``LoraConfig`` (``modules_to_save``, ``task_type``, ...). PEFT raises
+    a ``ValueError`` when no module matches ``targets``."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        **extra)
+    return get_peft_model(module, config)
+
+
 def add_lora(tower: nn.Module, lora: LoraSettings, flag: str = "--train.lora_*") -> None:
     """Wrap ``tower.model`` with LoRA adapters; only they train.
 
@@ -186,15 +197,12 @@ def add_lora(tower: nn.Module, lora: LoraSettings, flag: str = "--train.lora_*")
     ``no_grad`` and the backward pass stops at the lowest adapted layer (what makes LoRA cheaper than a
     full fine-tune in time, not just in optimizer state).
     """
-    from peft import LoraConfig, get_peft_model
-
     targets = lora.target_modules or default_lora_targets(tower)
     if lora.layers:
         targets = last_layers_targets(tower, targets, lora.layers, flag)
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
     tower.requires_grad_(False)
     try:
-        tower.model = get_peft_model(tower.model, config)
+        tower.model = wrap_lora(tower.model, lora, targets)
     except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
         names = sorted({n.split(".")[-1] for n, m in tower.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
         raise ValueError(f"LoRA target_modules={targets} ({flag}.target_modules) do not match {type(tower).__name__}; "

@@ -6,8 +6,6 @@ configure_optimizers.
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
@@ -17,6 +15,7 @@ from vqakit.models.two_tower import vqa_loss
 from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import model_inputs
 from vqakit.train.nonfinite import checked_loss
+from vqakit.train.schedule import warmup_cosine_schedule
 
 
 class VQASystem(L.LightningModule):
@@ -109,13 +108,5 @@ class VQASystem(L.LightningModule):
             optimizer = bnb.optim.AdamW8bit(param_groups)
         else:
             optimizer = torch.optim.AdamW(param_groups)
-        total = self.total_steps
-        warmup = int(self.cfg.warmup_ratio * total)
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = warmup_cosine_schedule(optimizer, self.total_steps, self.cfg.warmup_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

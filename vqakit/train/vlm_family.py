@@ -11,7 +11,7 @@ from __future__ import annotations
 from vqakit.data.answers import AnswerVocab
 from vqakit.models.vlm import VLMConfig, VLMForQuestionAnswering
 from vqakit.train.datamodule import VQADataset
-from vqakit.train.recipes import count_parameters
+from vqakit.train.recipes import count_parameters, wrap_lora
 
 KEY = "vlm"
 
@@ -36,14 +36,10 @@ def apply_strategies(net, train):
     if net.arch == "vilt":
         net.model.classifier.requires_grad_(True)
     if strategy == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = train.lora_text
-        targets = lora.target_modules or net.default_lora_targets()
-        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                            modules_to_save=["classifier"] if net.arch == "vilt" else None)
+        targets = train.lora_text.target_modules or net.default_lora_targets()
         try:
-            net.model = get_peft_model(net.model, config)
+            net.model = wrap_lora(net.model, train.lora_text, targets,
+                                  modules_to_save=["classifier"] if net.arch == "vilt" else None)
         except ValueError as err:
             raise ValueError(f"LoRA target modules {targets} do not match {type(net.model).__name__} "
                              f"(--vlm.lora_target_modules): {err}") from err
