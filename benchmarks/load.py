@@ -157,6 +157,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--question_cache", type=int, default=None, help="server question cache (0: off; "
                     "default: serve's)")
     ap.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: serve's)")
+    ap.add_argument("--workers", type=int, default=None, help="server batches at once (default: serve's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not 1 <= args.clients <= 64 or not 0 < args.duration <= 120:
@@ -165,7 +166,7 @@ def main(argv=None) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "vqakit.cli", "serve", "--checkpoint", args.checkpoint, "--host", HOST,
            "--port", str(port), "--ui", "false", "--server.backend", args.backend]
-    for name in ("quantize", "max_batch_size", "max_wait_ms", "question_cache", "threads"):
+    for name in ("quantize", "max_batch_size", "max_wait_ms", "question_cache", "threads", "workers"):
         if getattr(args, name) is not None:
             cmd += [f"--server.{name}", str(getattr(args, name))]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vqakit-load-server-{port}.log", "w")

@@ -328,6 +328,28 @@ def test_concurrent_requests_share_a_forward_pass():
     assert batcher.stats["requests"] == 20 and batcher.stats["questions"] == 20
 
 
+def test_workers_run_batches_at_once_and_answer_every_caller():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def run(images, questions, top_k, heatmap):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return [[type("P", (), {"top_k": [("a", 1.0)], "q": q})() for q in qs] for qs in questions]
+
+    batcher = MicroBatcher(run, max_batch_size=2, max_wait_ms=0, workers=2)
+    futures = [batcher.submit(i, [f"q{i}"]) for i in range(12)]
+    assert [f.result(timeout=10)[0].q for f in futures] == [f"q{i}" for i in range(12)]
+    batcher.close()
+    assert peak[0] == 2 and batcher.workers == 2  # two batches ran at the same time
+    assert batcher.stats["requests"] == 12 and batcher.stats["questions"] == 12
+    with pytest.raises(ValueError, match="workers=0"):
+        MicroBatcher(run, workers=0)
+
+
 def test_batcher_waits_for_announced_requests_only():
     log = []
     batcher = MicroBatcher(_slow_run(log), max_batch_size=8, max_wait_ms=500)

@@ -60,8 +60,10 @@ class VQAService:
         self.predictor = predictor
         self.config = config or ServeConfig()
         self.checkpoint = checkpoint
+        # concurrent batches only where the runtime allows concurrent calls (ONNX Runtime sessions)
+        workers = self.config.workers if getattr(predictor, "backend", None) == "onnx" else 1
         self.batcher = MicroBatcher(predictor.predict_prepared, self.config.max_batch_size, self.config.max_wait_ms,
-                                    self.config.max_queue)
+                                    self.config.max_queue, workers=workers)
         self.started = time.time()
         # attention heatmaps come from the classifier's fusion layers; generative checkpoints have none
         self.heatmaps = not getattr(predictor, "generative", False)
@@ -136,7 +138,8 @@ class VQAService:
             "quantize": getattr(self.predictor, "quantize", None), "generative": not self.heatmaps,
             "answers": len(self.predictor.labels) if self.predictor.labels is not None else None,
             "uptime_s": round(time.time() - self.started, 1),
-            "batching": {"max_batch_size": cfg.max_batch_size, "max_wait_ms": cfg.max_wait_ms, **stats},
+            "batching": {"max_batch_size": cfg.max_batch_size, "max_wait_ms": cfg.max_wait_ms,
+                         "workers": self.batcher.workers, **stats},
             "question_cache": _cache_stats(getattr(self.predictor, "question_cache", None)),
             "sources": {"image_base64": True, "image_path": cfg.image_root is not None,
                         "image_url": bool(cfg.allowed_url_hosts)},

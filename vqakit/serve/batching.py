@@ -1,8 +1,10 @@
 """Micro-batching: requests that arrive together are answered in one forward pass.
 
-One worker thread owns the model. While it runs a batch, new requests queue up; when it is free it takes
+A worker thread runs the model. While it runs a batch, new requests queue up; when it is free it takes
 everything waiting (up to ``max_batch_size`` questions) at once, so batches grow with the load and a lone
-request is never delayed. Requests still being received and decoded announce themselves (``expect``),
+request is never delayed. With ``workers`` > 1, that many threads take batches in turn, so one batch's text
+tower runs while another's vision tower or head does: the cores stay busy when one batch's parts would leave one
+idle (the predictor must allow concurrent calls, as ONNX Runtime sessions do). Requests still being received and decoded announce themselves (``expect``),
 and the worker waits for them up to ``max_wait_ms``; with nothing announced it does not wait at all.
 This is the dynamic batching of inference servers (Triton's ``max_queue_delay_microseconds``, TorchServe's
 ``maxBatchDelay``) with the delay only paid when it can help.
@@ -50,11 +52,15 @@ RunFn = Callable[[Sequence[object], Sequence[list[str]], int, bool], list]
 
 
 class MicroBatcher:
-    """Groups concurrent jobs into batches of at most ``max_batch_size`` questions and runs them on one thread."""
+    """Groups concurrent jobs into batches of at most ``max_batch_size`` questions and runs them on ``workers``
+    threads."""
 
-    def __init__(self, run: RunFn, max_batch_size: int = 32, max_wait_ms: float = 2.0, max_queue: int = 256):
+    def __init__(self, run: RunFn, max_batch_size: int = 32, max_wait_ms: float = 2.0, max_queue: int = 256,
+                 workers: int = 1):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be at least 1")
         self.run = run
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -64,8 +70,15 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self.stats = {"batches": 0, "requests": 0, "questions": 0, "largest_batch": 0, "failed_batches": 0}
-        self._thread = threading.Thread(target=self._loop, name="vqakit-batcher", daemon=True)
-        self._thread.start()
+        self._stats_lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, name=f"vqakit-batcher-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
 
     # -- callers ---------------------------------------------------------------------------------------------------
 
@@ -105,11 +118,13 @@ class MicroBatcher:
             self._cond.notify_all()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Answer what is queued, then stop the worker."""
+        """Answer what is queued, then stop the workers."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
 
     # -- the worker ------------------------------------------------------------------------------------------------
 
@@ -147,7 +162,8 @@ class MicroBatcher:
         try:
             results = self._call(live)
         except Exception as err:  # noqa: BLE001 - the worker must survive anything the model raises
-            self.stats["failed_batches"] += 1
+            with self._stats_lock:
+                self.stats["failed_batches"] += 1
             if len(live) == 1:
                 logger.exception("batch of 1 request failed")
                 live[0].future.set_exception(err)
@@ -165,10 +181,11 @@ class MicroBatcher:
         top_k = max(j.top_k for j in jobs)
         results = self.run([j.image for j in jobs], [j.questions for j in jobs], top_k, jobs[0].heatmap)
         questions = sum(len(j.questions) for j in jobs)
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(jobs)
-        self.stats["questions"] += questions
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], questions)
+        with self._stats_lock:
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(jobs)
+            self.stats["questions"] += questions
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], questions)
         for job, preds in zip(jobs, results):  # each request gets the top-k it asked for
             for p in preds:
                 p.top_k = p.top_k[: job.top_k]

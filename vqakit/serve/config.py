@@ -24,6 +24,8 @@ class ServeConfig:
             question skips the text tower (0: off).
         max_batch_size: most questions answered in one forward pass; concurrent requests are grouped up to this.
         max_wait_ms: how long a batch waits for requests that are already being received (0: never wait).
+        workers: batches run at once, each on its own thread (ONNX Runtime backend; the PyTorch and generative
+            backends always run one).
         max_queue: most requests waiting for the model; more get 503 (the server is overloaded).
         image_root: ``image_path`` requests may read images inside this directory only (no ``..``, no symlink
             out of it). Unset (default): ``image_path`` is disabled.
@@ -47,6 +49,7 @@ class ServeConfig:
     question_cache: int = 4096
     max_batch_size: int = 32
     max_wait_ms: float = 2.0
+    workers: int = 1
     max_queue: int = 256
     image_root: str | None = None
     allowed_url_hosts: list[str] = field(default_factory=list)
@@ -65,7 +68,7 @@ class ServeConfig:
             raise ValueError(f"--server.backend={self.backend!r} is not one of {BACKENDS}")
         if self.quantize not in QUANTIZATIONS:
             raise ValueError(f"--server.quantize={self.quantize!r} is not one of {QUANTIZATIONS}")
-        positive = ("max_batch_size", "max_queue", "max_upload_bytes", "max_pixels", "max_question_chars",
+        positive = ("max_batch_size", "workers", "max_queue", "max_upload_bytes", "max_pixels", "max_question_chars",
                     "max_questions", "max_top_k", "url_timeout_s")
         for name in positive:
             if not getattr(self, name) > 0:
