@@ -49,7 +49,7 @@ class ServeConfig:
     question_cache: int = 4096
     max_batch_size: int = 32
     max_wait_ms: float = 2.0
-    workers: int = 1
+    workers: int = 2
     max_queue: int = 256
     image_root: str | None = None
     allowed_url_hosts: list[str] = field(default_factory=list)
