@@ -408,7 +408,8 @@ class RelationalFusion(nn.Module):
        colours on their own; a run could finish with left_of at chance (seed 1 of the recipe before).
        With ``relation_bias`` a step's attention scores also get, per earlier step, a gain from its control and
        the question on each cell's squared distance to that step's position and on that step's attention map:
-       "nearest to the red one, not the red one" as two numbers (transfer-dots64: relational 79.6 -> 87.8).
+       "nearest to the red one, not the red one" as two numbers (transfer-dots64: relational 79.6 -> 87.8;
+       on transfer-sort75 the position questions scored lower with them, so they are off by default).
     4. Out: the question, where in the question each step read, every step's read (the image content and the
        step's own cell states, which carry the offsets to earlier steps) and position, the pairwise
        differences of the positions (also widened by an MLP: left of / above), and max/mean pools of the last

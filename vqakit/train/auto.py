@@ -194,8 +194,6 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         "vision_feature_norm": True,
         "fusion": choose("model.fusion", "relational", "find / relate / read steps: attribute, position, "
                          "counting, comparison and relations alike"),
-        "relation_bias": choose("model.relation_bias", True, "a step can score cells by their distance to an "
-                                "earlier step's find and away from it: 'the object nearest to the red one'"),
     }
     steps = 4 if p.question_words <= 12 else 5
     model["reasoning_steps"] = choose("model.reasoning_steps", steps,
