@@ -491,7 +491,7 @@ class RelationalFusion(nn.Module):
             v, cells = v[image_index], cells[image_index]  # (B, N, H)
         question, controls, read_at = self.controls(q, q_mask)
         films = self.film(controls)  # (B, K, 2H): the shared FiLM, all steps at once
-        reads, states, wheres, offsets, maps = [], [], [], [], []
+        reads, states, wheres, offsets, maps, dists, founds = [], [], [], [], [], [], []
         for k in range(self.steps):
             film, pre = films[:, k], cells
             if k:
@@ -503,8 +503,7 @@ class RelationalFusion(nn.Module):
             score = self.attend(z).squeeze(-1)  # (B, N)
             if k and self.relation_gain is not None:
                 gain = self.relation_gain[k - 1](torch.cat([controls[:, k], question], dim=-1))  # (B, 2k)
-                dist2 = torch.stack([o[..., 4] for o in offsets], dim=-1)  # (B, N, k), in [0, 8]
-                found = torch.stack([m / m.amax(-1, keepdim=True) for m in maps], dim=-1)  # (B, N, k), peak 1
+                dist2, found = torch.stack(dists, dim=-1), torch.stack(founds, dim=-1)  # (B, N, k) each
                 score = score + (dist2 * gain[:, None, :k]).sum(-1) + (found * gain[:, None, k:]).sum(-1)
             attn = score.softmax(-1)  # (B, N)
             where = attn @ coords  # (B, 2)
@@ -514,6 +513,9 @@ class RelationalFusion(nn.Module):
             rel = coords[None] - where[:, None]  # (B, N, 2): every cell's offset from where this step looked
             offsets.append(torch.cat([rel, rel.abs(), (rel**2).sum(-1, keepdim=True)], dim=-1))
             maps.append(attn)
+            if self.relation_gain is not None:  # what the later steps' gains multiply, computed once per step
+                dists.append(offsets[-1][..., 4])  # (B, N) squared distance to where this step looked, in [0, 8]
+                founds.append(attn / attn.amax(-1, keepdim=True))  # (B, N) this step's map, peak 1
         diffs = [wheres[i] - wheres[j] for i in range(self.steps) for j in range(i + 1, self.steps)]
         geometry = self.geometry(torch.cat([*wheres, *diffs], dim=-1))
         parts = [self.question_out(question), read_at, *states,

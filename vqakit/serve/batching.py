@@ -4,8 +4,9 @@ A worker thread runs the model. While it runs a batch, new requests queue up; wh
 everything waiting (up to ``max_batch_size`` questions) at once, so batches grow with the load and a lone
 request is never delayed. With ``workers`` > 1, that many threads take batches in turn, so one batch's text
 tower runs while another's vision tower or head does: the cores stay busy when one batch's parts would leave one
-idle (the predictor must allow concurrent calls, as ONNX Runtime sessions do). Requests still being received and decoded announce themselves (``expect``),
-and the worker waits for them up to ``max_wait_ms``; with nothing announced it does not wait at all.
+idle (the predictor must allow concurrent calls, as ONNX Runtime sessions do). Requests still being received and
+decoded announce themselves (``expect``), and a worker waits for them up to ``max_wait_ms``; with nothing announced
+it does not wait at all.
 This is the dynamic batching of inference servers (Triton's ``max_queue_delay_microseconds``, TorchServe's
 ``maxBatchDelay``) with the delay only paid when it can help.
 
