@@ -203,6 +203,12 @@ async def run_load(server: Server, bodies: list[bytes], hostile: list[tuple[str,
     return records
 
 
+# what a client sees when the server process is gone or going: the connect is refused (ClientConnectorError), the
+# server closes a kept-alive connection (ServerDisconnectedError), or the kernel resets a connection that the dying
+# listener had accepted but never served (ClientOSError: "Connection reset by peer")
+CONNECTION_ERRORS = frozenset({"ClientConnectorError", "ServerDisconnectedError", "ClientOSError"})
+
+
 def is_error(r: dict) -> bool:
     if r["kind"] == "valid":
         return r["status"] != 200
@@ -315,6 +321,7 @@ def kill_phase(server: Server, bodies, hostile, args) -> dict:
             seen.add(r["client"])
             stale.append(r)
     outside = [r for r in errors if r not in inside and r not in stale]
+    # a SIGKILL can also cut a response short (ClientPayloadError): any aiohttp error is a connection error here
     not_connection = [r for r in errors if isinstance(r["status"], int) or r["status"] == "timeout"]
     return {"seconds": args.phase_seconds, "requests": len(records), "errors": len(errors),
             "error_kinds": _kinds(errors), "errors_outside_gap": len(outside),
@@ -376,6 +383,10 @@ def verdict(result: dict) -> list[str]:
         problems.append("kill: the restarted server answers differently")
     if k["ok_after_restart"] == 0:
         problems.append("kill: no request succeeded after the restart")
+    if set(t["errors_after_sigterm"]) - CONNECTION_ERRORS:
+        problems.append(f"sigterm: errors that are not connection errors after the SIGTERM: {t['errors_after_sigterm']}")
+    if t["errors_before_sigterm"]:
+        problems.append(f"sigterm: {t['errors_before_sigterm']} requests failed before the SIGTERM")
     if not t["graceful"] or t["in_flight_ok"] != t["in_flight_at_sigterm"] or t["timeouts"]:
         problems.append(f"sigterm: exit code {t['exit_code']} (graceful: {t['graceful']}), {t['in_flight_ok']}/"
                         f"{t['in_flight_at_sigterm']} in-flight requests answered, {t['timeouts']} timeouts")
