@@ -19,8 +19,7 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(params=[{}, {"fusion": "spatial", "vision_grid_stride": 16},
-                        {"fusion": "relational", "vision_grid_stride": 16, "relation_bias": True,
-                         "control_heads": 2}],
+                        {"fusion": "relational", "vision_grid_stride": 16, "relation_bias": True}],
                 ids=["cross-attention", "spatial", "relational"])
 def checkpoint(request, tiny_config, tiny_text_tower, tmp_path):
     torch.manual_seed(0)

@@ -257,26 +257,3 @@ def test_relation_bias_starts_neutral_and_gets_gradients(tiny_config, tiny_batch
     biased(**batch).logits.logsumexp(-1).sum().backward()
     grads = [p.grad for n, p in biased.named_parameters() if "relation_gain" in n and n.endswith("weight")]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
-
-
-def test_two_control_heads_read_the_question_twice_per_step(tiny_config, tiny_batch, tokenizer):
-    """Each step's control is made of two readings of the question, the second starting out at the other end (the
-    order bias reversed); both readings train, and the answer sees where each one read."""
-    torch.manual_seed(0)
-    model = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", dropout=0.0, control_heads=2))
-    fusion = model.backbone.fusion
-    steps = fusion.steps
-    order = fusion.order.detach().view(steps, 2)
-    torch.testing.assert_close(order[:, 1], -order[:, 0])
-    assert order[0, 0] < 0 < order[0, 1]  # step 1: the first reading prefers the first words, the second the last
-    batch = tiny_batch(tokenizer)
-    question, controls, read_at = fusion.controls(
-        model.backbone.text_proj(model.backbone.encode_text(batch["input_ids"], batch["attention_mask"])),
-        batch["attention_mask"])
-    assert controls.shape == (batch["input_ids"].shape[0], steps, fusion.step_query.shape[1])
-    assert read_at.shape == (batch["input_ids"].shape[0], steps * 2)
-    model(**batch).logits.logsumexp(-1).sum().backward()
-    assert fusion.step_query.grad.view(steps, 2, -1).abs().sum(-1).min() > 0  # every reading of every step
-    assert fusion.order.grad.abs().min() > 0
-    with pytest.raises(ValueError, match="control_heads=0"):
-        tiny_config(fusion="relational", control_heads=0)

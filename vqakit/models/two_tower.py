@@ -74,9 +74,6 @@ class TwoTowerConfig(ConfigMixin):
             multiple of each cell's squared distance to where that step looked and of that step's attention map
             ("nearest to it, not it": near, and away from the earlier find). Off in checkpoints written before
             it existed.
-        control_heads: ``relational``: how many readings of the question make a step's control, each its own
-            attention over the question tokens; the second one starts out preferring the other end of the
-            question. One reading per step in checkpoints written before it existed.
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
@@ -105,7 +102,6 @@ class TwoTowerConfig(ConfigMixin):
     reasoning_steps: int = 3
     position_readout: bool = True
     relation_bias: bool = False
-    control_heads: int = 1
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
@@ -130,8 +126,6 @@ class TwoTowerConfig(ConfigMixin):
             raise ValueError(
                 f"--model.hidden_size={self.hidden_size} must be divisible by --model.num_heads={self.num_heads}"
             )
-        if self.control_heads < 1:
-            raise ValueError(f"--model.control_heads={self.control_heads} must be at least 1")
         if self.reasoning_steps < 1:
             raise ValueError(f"--model.reasoning_steps={self.reasoning_steps} must be at least 1")
         if self.vision_grid_stride not in GRID_STRIDES:
@@ -168,7 +162,6 @@ def _patch_missing_keys(d: dict) -> dict:
     d.setdefault("reasoning_steps", 3)
     d.setdefault("position_readout", False)
     d.setdefault("relation_bias", False)
-    d.setdefault("control_heads", 1)
     d.setdefault("vision_truncate", False)
     d.setdefault("vision_color_stats", False)
     d.setdefault("vision_feature_norm", False)
@@ -405,8 +398,6 @@ class RelationalFusion(nn.Module):
        words, the last step the last ones (``order_bias``, then learned). Without it the
        steps of "is the red object left of the blue object?" read both colours alike and find the same place:
        comparisons of two objects stayed at chance in our runs; with it they are learned.
-       With ``control_heads`` > 1 a control is made of that many readings, the second with the order bias
-       reversed (see ``controls``).
     3. Steps: the control and what the earlier steps read FiLM-modulate every cell; the cells also see their
        offset (dx, dy, |dx|, |dy|, distance^2) to every earlier step's attended position. One attention over
        the cells gives the step's read (the cells' content) and position. "The object closest to the red
@@ -443,12 +434,10 @@ class RelationalFusion(nn.Module):
         self.ln_v = nn.LayerNorm(h)
         self.token_pos = nn.Parameter(torch.randn(cfg.max_question_length, h) * 0.1)
         self.question_out = mlp(h, 2 * h, h, 0.0)
-        self.heads = heads = cfg.control_heads  # readings of the question per step, row k * heads + j
-        self.step_query = nn.Parameter(torch.randn(k_steps * heads, h) * 0.02)
-        self.step_from_question = nn.Linear(h, k_steps * heads * h)
-        order = torch.linspace(-order_bias, order_bias, k_steps)
-        self.order = nn.Parameter(torch.stack([order if j % 2 == 0 else -order for j in range(heads)], 1).flatten())
-        self.step_out = mlp((heads + 1) * h, 2 * h, h, 0.0)
+        self.step_query = nn.Parameter(torch.randn(k_steps, h) * 0.02)
+        self.step_from_question = nn.Linear(h, k_steps * h)
+        self.order = nn.Parameter(torch.linspace(-order_bias, order_bias, k_steps))
+        self.step_out = mlp(2 * h, 2 * h, h, 0.0)
         read = h + 2  # a step's read: content and position
         self.cell, self.cell2, self.attend = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, 1)  # shared by the steps
         self.film = nn.Linear(h, 2 * h)  # from the step's control, shared
@@ -456,7 +445,7 @@ class RelationalFusion(nn.Module):
         self.relate = nn.ModuleList(nn.Linear(5 * k, h) for k in range(1, k_steps))  # offsets to earlier steps
         pairs = k_steps * (k_steps - 1) // 2
         self.geometry = mlp(2 * k_steps + 2 * pairs, 2 * h, h, 0.0)  # positions and their differences, widened
-        self.out_dim = h + k_steps * heads + k_steps * h + k_steps * read + 2 * pairs + h + 2 * h
+        self.out_dim = h + k_steps + k_steps * h + k_steps * read + 2 * pairs + h + 2 * h
         self.position_readout = cfg.position_readout
         if cfg.position_readout:
             # absolute position as the question asks for it: codes(where_k) (.) gate(control_k), per step. The
@@ -478,23 +467,17 @@ class RelationalFusion(nn.Module):
 
     def controls(self, q, q_mask):
         """(B, T, H) question tokens -> pooled question (B, H), step controls (B, K, H), where in the question
-        each reading of each step was (B, K * heads), in [-1, 1] from the first token to the last.
-
-        With ``control_heads`` 2, "what colour is the object nearest to the red one?" can be read as "colour" and
-        "red" by the first step: with one reading, the first step of our runs took the attribute word ("colour",
-        close to the colour names it had learned to look for) and the named object was found only at the last
-        step, too late to relate to."""
+        each step read (B, K), in [-1, 1] from the first token to the last."""
         mask = q_mask.bool()
         t = q + self.token_pos[: q.shape[1]].to(q.dtype)
         question = mean_pool(t, mask)
         length = mask.sum(1, keepdim=True).to(q.dtype)
         place = torch.arange(q.shape[1], device=q.device, dtype=q.dtype)[None] / (length - 1).clamp(min=1) * 2 - 1
-        queries = self.step_query + self.step_from_question(question).unflatten(-1, (self.step_query.shape[0], -1))
-        scores = queries @ t.transpose(1, 2) / math.sqrt(t.shape[-1])  # (B, K * heads, T)
+        queries = self.step_query + self.step_from_question(question).unflatten(-1, (self.steps, -1))  # (B, K, H)
+        scores = queries @ t.transpose(1, 2) / math.sqrt(t.shape[-1])  # (B, K, T)
         scores = scores + self.order[:, None] * place[:, None]
         weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-        readings = (weights @ t).unflatten(1, (self.steps, self.heads)).flatten(2)  # (B, K, heads * H)
-        controls = self.step_out(torch.cat([readings, question[:, None].expand(-1, self.steps, -1)], dim=-1))
+        controls = self.step_out(torch.cat([weights @ t, question[:, None].expand(-1, self.steps, -1)], dim=-1))
         return question, controls, (weights * place[:, None]).sum(-1)
 
     def forward(self, v, q, q_mask, output_attentions=False, image_index=None):
