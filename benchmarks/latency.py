@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.p
 from _common import latency_summary, time_ms  # noqa: E402
 
 VARIANTS = {
-    "auto": {},
-    "torch": {"backend": "torch"},
-    "onnx": {"backend": "onnx"},
+    "auto": {},  # the default path: INT8 where the checkpoint's INT8 check passed, else float32
+    "float32": {"quantize": None},  # the default backend, forced to float32
+    "torch": {"backend": "torch", "quantize": None},
+    "onnx": {"backend": "onnx", "quantize": None},
     "int8": {"quantize": "int8"},
     "torch-int8": {"backend": "torch", "quantize": "int8"},
 }

@@ -146,7 +146,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="runs/easy-vqa/checkpoint")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
-    ap.add_argument("--quantize", default=None, choices=["int8"])
+    ap.add_argument("--quantize", default=None, choices=["int8", "none"],
+                    help="default: serve's (INT8 where the checkpoint's INT8 check passed); none: float32")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients of the load phase (16-32)")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of the load phase")
     ap.add_argument("--questions_per_request", type=int, default=1)
@@ -168,7 +169,8 @@ def main(argv=None) -> dict:
            "--port", str(port), "--ui", "false", "--server.backend", args.backend]
     for name in ("quantize", "max_batch_size", "max_wait_ms", "question_cache", "threads", "workers"):
         if getattr(args, name) is not None:
-            cmd += [f"--server.{name}", str(getattr(args, name))]
+            value = str(getattr(args, name))
+            cmd += [f"--server.{name}", "null" if value == "none" else value]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vqakit-load-server-{port}.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://{HOST}:{port}"
@@ -208,7 +210,8 @@ def main(argv=None) -> dict:
         "benchmark": "http_load",
         "checkpoint": args.checkpoint,
         "backend": health["backend"],
-        "quantize": args.quantize,
+        "quantize": health.get("quantize"),  # what the server chose
+        "quantize_asked": args.quantize,
         "questions_per_request": q,
         "distinct_questions": args.distinct,
         "single": {"requests": len(single), "p50_ms": percentile(single, 0.5, NAN),
@@ -234,8 +237,8 @@ def main(argv=None) -> dict:
         "machine": platform.machine(),
     }
     print(json.dumps(result, indent=2))
-    suffix = (("-int8" if args.quantize else "") + ("-nocache" if args.question_cache == 0 else "")
-              + ("-distinct" if args.distinct else ""))
+    suffix = ({"int8": "-int8", "none": "-float32"}.get(args.quantize, "")
+              + ("-nocache" if args.question_cache == 0 else "") + ("-distinct" if args.distinct else ""))
     out = Path(args.out or f"benchmarks/results/load-{health['backend']}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

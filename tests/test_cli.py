@@ -33,6 +33,10 @@ def test_train_evaluate_predict_on_easy_vqa(tiny_model_args, tmp_path, capsys):
     from vqakit.inference.export import export_is_current
 
     assert export_is_current(ckpt)  # exported at the end of training: predict / serve start on ONNX Runtime
+    from vqakit.inference.export import int8_verdict
+
+    check = json.loads((ckpt / "training_metadata.json").read_text())["int8_check"]  # on the validation questions
+    assert check["questions"] >= 1 and check == {k: int8_verdict(ckpt)[k] for k in check}
     assert (ckpt / "text_tower" / "tokenizer.json").is_file()
     assert (run / "config.yaml").is_file() and (run / "logs" / "metrics.csv").is_file()
     meta = json.loads((ckpt / "training_metadata.json").read_text())

@@ -368,7 +368,7 @@ def score(questions: str, annotations: str, results: str, out: str | None = None
 
 
 def predict(checkpoint: str, image: str, question: str | list[str], top_k: int = 5, backend: str = "auto",
-            output: str | None = None, quantize: str | None = None) -> list[dict]:
+            output: str | None = None, quantize: str | None = "auto") -> list[dict]:
     """Answer questions about one image; prints the top-k answers with their scores.
 
     Args:
@@ -379,7 +379,8 @@ def predict(checkpoint: str, image: str, question: str | list[str], top_k: int =
         backend: ``torch``, ``onnx`` (ONNX Runtime; exports on first use) or ``auto`` (``onnx`` when exported).
         output: write a PNG here: the image with the question->image attention heatmap of the fusion layers and
             the top-k answers drawn beside it, one row per question.
-        quantize: ``int8``: dynamic INT8 quantization of the Linear layers (CPU).
+        quantize: ``auto`` (default): INT8 where the checkpoint's INT8 check found it keeps accuracy (ONNX Runtime,
+            CPU), else float32; ``int8``: dynamic INT8 quantization of the Linear layers (CPU); ``null``: float32.
     """
     from vqakit.inference.generative import load_predictor
 
@@ -629,19 +630,39 @@ def _ui_examples() -> list[list[str]]:
     return [[str(images / f"{i}.png"), q] for i, q in enumerate(questions) if (images / f"{i}.png").is_file()]
 
 
-def export(checkpoint: str, out_dir: str | None = None) -> None:
+def export(checkpoint: str, out_dir: str | None = None, verify_int8: bool = False, data: DataConfig = DataConfig(),
+           split: str | None = None, limit: int = 2000, max_drop: float = 0.2) -> dict:
     """Export a checkpoint to ONNX (vision tower, text tower, fusion + head) for fast CPU serving, verified
     against PyTorch on fresh inputs. ``predict`` then uses it automatically (``--backend auto``).
 
     Args:
         checkpoint: checkpoint directory.
         out_dir: where the .onnx files go (default ``<checkpoint>/onnx``).
+        verify_int8: also check INT8 against float32 on questions of ``--data`` (split ``--split``, default
+            ``data.eval_split``) and record it: ``predict`` / ``serve`` serve INT8 by default where it keeps
+            accuracy (training runs this check on its validation questions).
+        split: the split to check INT8 on.
+        limit: at most this many questions of it (a seeded sample).
+        max_drop: official accuracy points INT8 may lose and still be served by default.
     """
     from vqakit.inference.export import export_onnx
 
+    if verify_int8 and out_dir is not None:
+        raise ValueError("--verify_int8 checks the export that serving loads, <checkpoint>/onnx: drop --out_dir")
     out = export_onnx(checkpoint, out_dir)
     info = json.loads((out / "export.json").read_text())
     print(f"wrote {out}: max |onnx - torch| = {info['max_abs_diff']}")
+    result = {"onnx_dir": str(out), "max_abs_diff": info["max_abs_diff"]}
+    if verify_int8:
+        from vqakit.data.config import load_split
+        from vqakit.eval.int8 import verify_int8 as check
+
+        split = split or data.eval_split
+        examples = load_split(data, split)
+        if not any(e.answers for e in examples):
+            raise ValueError(f"split {split!r} of {data.dataset} has no questions with human answers to check INT8 on")
+        result["int8_check"] = check(checkpoint, examples, max_drop=max_drop, limit=limit)  # logs the verdict
+    return result
 
 
 def report(run_dirs: list[str], out_dir: str | None = None, title: str | None = None, pdf: str = "auto") -> dict:

@@ -55,7 +55,7 @@ def evaluate_checkpoint(
     if predictor is None:
         from vqakit.inference.generative import load_predictor  # a classifier or a generative checkpoint, by config.json
 
-        predictor = load_predictor(checkpoint)
+        predictor = load_predictor(checkpoint, quantize=None)  # the model as trained; INT8 when asked for
     generative = getattr(predictor, "generative", False)
     examples, skipped = load_examples(data, split, progress)
     out = Path(out_dir) if out_dir is not None else Path(checkpoint) / f"eval-{data.dataset}-{split}"

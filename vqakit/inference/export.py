@@ -37,6 +37,7 @@ from vqakit.towers.processor import VQAProcessor
 
 ONNX_DIR = "onnx"
 INT8_DIR = "int8"
+INT8_ACCURACY = "accuracy.json"  # in the INT8 export: its accuracy against float32's (``vqakit.eval.int8``)
 OPSET = 17
 # what the exported graphs are a function of: the weights (full model, LoRA adapters) and the architecture
 DIGEST_PATTERNS = ("config.json", "*.safetensors")
@@ -231,6 +232,25 @@ def _export_verified(checkpoint_dir: Path, out: Path, atol: float, ort) -> None:
     }, indent=2) + "\n")
 
 
+@contextmanager
+def _no_root_logging_setup():
+    """ONNX Runtime's quantizer warns through the root logger ("consider pre-processing"), and ``logging.warning``
+    on a root logger without handlers installs one (``basicConfig``): from then on every vqakit log line printed
+    twice. Root keeps a do-nothing handler meanwhile, so that advice is dropped and nothing is installed."""
+    import logging
+
+    root = logging.getLogger()
+    if root.handlers:
+        yield
+        return
+    handler = logging.NullHandler()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
 def quantize_onnx(onnx_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Dynamic INT8 quantization of the exported parts' MatMul/Gemm weights (the Linear layers), with ONNX
     Runtime's ``quantize_dynamic``: weights stored as int8, activations quantized on the fly per batch.
@@ -250,8 +270,9 @@ def quantize_onnx(onnx_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         for part in ("vision", "text", "head"):
-            quantize_dynamic(onnx_dir / f"{part}.onnx", out / f"{part}.onnx", weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm"])
+            with _no_root_logging_setup():
+                quantize_dynamic(onnx_dir / f"{part}.onnx", out / f"{part}.onnx", weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=["MatMul", "Gemm"])
         info = json.loads(info_path.read_text())  # keeps the float export's weights digest: same weights
         info.update(quantization="dynamic int8 (MatMul, Gemm weights)", float_model=str(onnx_dir))
         (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -260,3 +281,29 @@ def quantize_onnx(onnx_dir: str | Path, out_dir: str | Path | None = None) -> Pa
         shutil.rmtree(out, ignore_errors=True)
         raise
     return final
+
+
+def int8_verdict(checkpoint_dir: str | Path) -> dict | None:
+    """The accuracy check of this checkpoint's INT8 export (``<checkpoint>/onnx/int8/accuracy.json``, written by
+    ``vqakit.eval.int8.verify_int8``): float32 and INT8 accuracy on held-out questions and whether INT8 keeps
+    it (``keeps_accuracy``). ``None`` when there is no check, or it was made for other weights."""
+    int8_dir = Path(checkpoint_dir) / ONNX_DIR / INT8_DIR
+    if not export_is_current(checkpoint_dir, int8_dir):
+        return None
+    try:
+        record = json.loads((int8_dir / INT8_ACCURACY).read_text())
+        info = json.loads((int8_dir / "export.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if record.get("weights_sha256") == info.get("weights_sha256") else None
+
+
+def write_int8_verdict(checkpoint_dir: str | Path, record: dict) -> Path:
+    """Record an accuracy check of the (current) INT8 export, tied to the weights it was made from."""
+    int8_dir = Path(checkpoint_dir) / ONNX_DIR / INT8_DIR
+    info = json.loads((int8_dir / "export.json").read_text())
+    path = int8_dir / INT8_ACCURACY
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**record, "weights_sha256": info["weights_sha256"]}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -11,7 +11,9 @@ the top-k, and optionally the question->image attention over the tower's grid (f
 ``from_pretrained`` dispatches on ``config.json``'s ``model_type`` (``vqakit.models.registry``), so other model
 families (e.g. a generative decoder) serve through the same entry point by registering their predictor.
 ``quantize="int8"`` serves with dynamic INT8 quantization of the Linear layers (PyTorch
-``quantize_dynamic`` / ONNX Runtime ``quantize_dynamic``; accuracy and latency in benchmarks/quantize.py).
+``quantize_dynamic`` / ONNX Runtime ``quantize_dynamic``; accuracy and latency in benchmarks/quantize.py);
+``quantize="auto"`` (the default) does so on the ONNX Runtime backend where the checkpoint's INT8 check
+(``vqakit.eval.int8``, run at the end of training) found that INT8 keeps its accuracy.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Prediction:
 
 
 BACKENDS = ("auto", "torch", "onnx")
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "auto")
 
 
 class _PredictorClasses(Mapping):
@@ -106,6 +108,27 @@ def questions_per_image(pixel_values: Sequence, questions: Sequence[str | Sequen
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"question {q!r} for image {i} is not a non-empty string")
     return per_image
+
+
+def _auto_quantize(checkpoint_dir: Path, backend: str, device: str) -> str | None:
+    """``quantize="auto"``: ``"int8"`` on the CPU's ONNX Runtime backend where the checkpoint's INT8 check found
+    that INT8 keeps its accuracy (``<checkpoint>/onnx/int8/accuracy.json``, of these weights), else float32."""
+    if device != "cpu" or backend == "torch" or importlib.util.find_spec("onnxruntime") is None:
+        return None
+    from vqakit.inference.export import int8_verdict
+
+    verdict = int8_verdict(checkpoint_dir)
+    if verdict is None:
+        logger.debug("serving %s in float32: no INT8 accuracy check of these weights (`vqakit export "
+                    "--verify_int8`, or `--quantize int8` to serve INT8 anyway)", checkpoint_dir)
+        return None
+    if not verdict.get("keeps_accuracy"):
+        logger.info("serving %s in float32: INT8 scored %.2f against %.2f on %d held-out questions",
+                    checkpoint_dir, verdict["int8_accuracy"], verdict["float32_accuracy"], verdict["questions"])
+        return None
+    logger.info("serving %s in INT8: it scored %.2f against float32's %.2f on %d held-out questions",
+                checkpoint_dir, verdict["int8_accuracy"], verdict["float32_accuracy"], verdict["questions"])
+    return "int8"
 
 
 def _auto_onnx(checkpoint_dir: Path, quantize: str | None, threads: int | None) -> "OnnxParts | None":
@@ -183,7 +206,7 @@ class VQAPredictor:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str | None = None, backend: str = "auto",
-                        threads: int | None = None, quantize: str | None = None, question_cache: int = 0
+                        threads: int | None = None, quantize: str | None = "auto", question_cache: int = 0
                         ) -> "VQAPredictor":
         """Load a checkpoint directory, with the predictor its ``config.json``'s ``model_type`` asks for.
 
@@ -193,7 +216,10 @@ class VQAPredictor:
         exported from other weights, else ``torch`` (on a GPU; and with one warning when onnxruntime is not
         installed, the directory is read-only or the export fails verification).
         ``quantize``: ``None`` (float32) or ``"int8"``: dynamic INT8 quantization of the Linear layers, CPU only
-        (torch: ``torch.ao.quantization.quantize_dynamic``; onnx: ``<checkpoint>/onnx/int8/``, made on first use).
+        (torch: ``torch.ao.quantization.quantize_dynamic``; onnx: ``<checkpoint>/onnx/int8/``, made on first use);
+        ``"auto"`` (default): ``"int8"`` on the CPU's ONNX Runtime backend when the checkpoint's INT8 accuracy check
+        (run at the end of training, or by ``vqakit export --verify_int8``) found it keeps accuracy, else float32
+        (always float32 for the other model families). ``predictor.quantize`` says which was chosen.
         ``question_cache``: keep the text tower's states of this many recent distinct questions (0: none).
         """
         if backend not in BACKENDS:
@@ -204,8 +230,12 @@ class VQAPredictor:
         impl = predictor_class(model_type)
         if not issubclass(cls, impl):  # another model family's predictor
             return impl.from_pretrained(checkpoint_dir, device=device, backend=backend, threads=threads,
-                                        quantize=quantize, question_cache=question_cache)
+                                        quantize=None if quantize == "auto" else quantize,
+                                        question_cache=question_cache)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        auto_int8 = quantize == "auto"
+        if auto_int8:
+            quantize = _auto_quantize(Path(checkpoint_dir), backend, device)
         if quantize and device != "cpu":
             raise ValueError(f"quantize={quantize!r} is dynamic INT8 quantization for the CPU; got device={device!r}")
         checkpoint_dir = Path(checkpoint_dir)
@@ -218,6 +248,8 @@ class VQAPredictor:
             onnx = OnnxParts(ensure_onnx(checkpoint_dir, quantize), threads)  # errors are the caller's to see
         elif backend == "auto" and device == "cpu":
             onnx = _auto_onnx(checkpoint_dir, quantize, threads)
+            if onnx is None and auto_int8:
+                quantize = None  # the INT8 check was of the ONNX graphs: PyTorch serves float32
         if quantize == "int8":
             # the torch model also serves attention maps on the onnx backend: quantize it the same way
             model = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)

@@ -18,7 +18,9 @@ class ServeConfig:
 
     Args:
         backend: ``auto``, ``torch`` or ``onnx`` (as for ``vqakit predict``).
-        quantize: ``int8``: dynamic INT8 quantization of the Linear layers (CPU).
+        quantize: ``auto`` (default): INT8 on the CPU's ONNX Runtime backend where the checkpoint's INT8 check found
+            it keeps accuracy, else float32; ``int8``: dynamic INT8 quantization of the Linear layers (CPU) always;
+            ``null``: float32.
         threads: intra-op threads of the model (default: the runtime's).
         question_cache: keep the text tower's states of this many recent distinct questions, so a repeated
             question skips the text tower (0: off).
@@ -44,7 +46,7 @@ class ServeConfig:
     """
 
     backend: str = "auto"
-    quantize: str | None = None
+    quantize: str | None = "auto"
     threads: int | None = None
     question_cache: int = 4096
     max_batch_size: int = 32

@@ -91,6 +91,11 @@ class TrainConfig:
         export_onnx: export the classifier checkpoint to ONNX at the end (``<checkpoint>/onnx``, verified
             against PyTorch, tied to the weights), so ``predict`` / ``serve`` start on the fast backend; a failed
             export only warns (the first load tries again, then serves with PyTorch).
+        verify_int8: after the export, answer up to 2,000 of the validation questions with the float32 and the
+            INT8 exports and record both accuracies (``<checkpoint>/onnx/int8/accuracy.json``): ``predict`` /
+            ``serve`` then serve INT8 by default where it keeps accuracy (``vqakit.eval.int8``).
+        int8_max_drop: official accuracy points INT8 may lose against float32 on those questions and still be
+            served by default.
     """
 
     vision: str = "frozen"
@@ -128,6 +133,8 @@ class TrainConfig:
     resume: bool = False
     on_nonfinite_loss: str = "stop"
     export_onnx: bool = True
+    verify_int8: bool = True
+    int8_max_drop: float = 0.2
 
     def __post_init__(self):
         for flag, value in (("--train.vision", self.vision), ("--train.text", self.text)):

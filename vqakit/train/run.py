@@ -262,12 +262,32 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
                     skipped_nonfinite_batches=system.skipped_nonfinite)
     if train.export_onnx:
         metadata["onnx_export_s"] = _export_onnx(ckpt)
+        if train.verify_int8 and metadata["onnx_export_s"] is not None:
+            metadata["int8_check"] = _verify_int8(ckpt, val_examples, train.int8_max_drop)
     return finish_run(out, ckpt, metadata, data, train, evaluate, trainer=trainer)
 
 
 def classifier_dataset(examples, vocab, net, processor, train: TrainConfig, data: DataConfig):
     """The classifier's dataset (feature cache for frozen towers), for families with two towers."""
     return _dataset(examples, vocab, net, processor, train, data)
+
+
+def _verify_int8(ckpt: Path, val_examples: list, max_drop: float) -> dict | None:
+    """The INT8 accuracy check on the validation questions (``vqakit.eval.int8``), or ``None`` with a warning when
+    there are none or it fails (then float32 is served by default)."""
+    if not val_examples:
+        logger.warning("no INT8 check of %s: no validation questions (--data.val_fraction 0); it serves float32 "
+                       "unless asked for INT8", ckpt)
+        return None
+    from vqakit.eval.int8 import verify_int8
+
+    try:
+        record = verify_int8(ckpt, val_examples, max_drop=max_drop)
+    except Exception as err:  # noqa: BLE001 - the checkpoint is saved; serving falls back to float32
+        logger.warning("INT8 check of %s failed (%s: %s); it serves float32 unless asked for INT8", ckpt,
+                       type(err).__name__, str(err).splitlines()[0])
+        return None
+    return {k: record[k] for k in ("questions", "float32_accuracy", "int8_accuracy", "keeps_accuracy")}
 
 
 def _export_onnx(ckpt: Path) -> float | None:
