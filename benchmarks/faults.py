@@ -190,8 +190,8 @@ def training_checkpoint_faults(root: Path, warnings: _Warnings) -> list[dict]:
 def nan_faults(towers: Path, root: Path) -> list[dict]:
     from vqakit.cli import main
 
-    args = ["train", "--model.vision_tower", str(towers / "vit"), "--model.text_tower", str(towers / "bert"),
-            "--model.image_size", "32", "--model.hidden_size", "32", "--model.num_heads", "4",
+    args = ["train", "--model.vision.name", str(towers / "vit"), "--model.text.name", str(towers / "bert"),
+            "--model.vision.image_size", "32", "--model.hidden_size", "32", "--model.num_heads", "4",
             "--model.num_fusion_layers", "1", "--data.limit", "32", "--data.cache_dir", str(root / "cache"),
             "--train.epochs", "1", "--train.batch_size", "4", "--train.progress", "false", "--evaluate", "false",
             "--train.logger", "none", "--train.lr", "1e30", "--train.warmup_ratio", "0", "--train.grad_clip", "0"]

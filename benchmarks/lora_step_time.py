@@ -69,12 +69,13 @@ def main(argv=None) -> dict:
     from vqakit.train.config import TrainConfig
 
     raw = yaml.safe_load(Path(resolve_config(args.config)).read_text())
-    model_cfg = TwoTowerConfig(**raw["model"], id2label={i: str(i) for i in range(13)})  # easy-VQA: 13 answers
+    model_cfg = TwoTowerConfig(**TwoTowerConfig.upgrade_keys(raw["model"]),
+                               id2label={i: str(i) for i in range(13)})  # easy-VQA: 13 answers
     train_cfg = TrainConfig(**raw.get("train", {}))
     g = torch.Generator().manual_seed(0)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.batch_size)]
-    enc = load_tokenizer(model_cfg.text_tower)(questions, padding=True, return_tensors="pt")
-    size = model_cfg.image_size
+    enc = load_tokenizer(model_cfg.text.name)(questions, padding=True, return_tensors="pt")
+    size = model_cfg.vision.image_size
     batch = {"pixel_values": torch.randn(args.batch_size, 3, size, size, generator=g),
              "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     load_before = os.getloadavg()

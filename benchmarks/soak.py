@@ -410,8 +410,9 @@ def tiny_checkpoint(root: Path) -> Path:
                          intermediate_size=37, max_position_embeddings=64)).save_pretrained(root / "bert")
     ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=37), add_pooling_layer=False).save_pretrained(root / "vit")
-    config = TwoTowerConfig(vision_tower=str(root / "vit"), text_tower=str(root / "bert"), image_size=32,
-                            hidden_size=32, num_heads=4, num_fusion_layers=2, max_question_length=16,
+    config = TwoTowerConfig(vision={"name": str(root / "vit"), "image_size": 32},
+                            text={"name": str(root / "bert"), "max_length": 16}, hidden_size=32, num_heads=4,
+                            num_fusion_layers=2,
                             id2label={i: a for i, a in enumerate(["yes", "no", "red", "circle", "2"])})
     path = root / "checkpoint"
     TwoTowerForQuestionAnswering(config).save_pretrained(path, tokenizer=load_tokenizer(str(root / "bert")))

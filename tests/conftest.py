@@ -50,20 +50,24 @@ def tiny_vision_tower(tmp_path_factory) -> str:
 def tiny_model_args(tiny_vision_tower, tiny_text_tower) -> list[str]:
     """CLI flags of a tiny model over the tiny towers (32px images, 1 fusion layer of width 32)."""
     return [
-        "--model.vision_tower", tiny_vision_tower, "--model.text_tower", tiny_text_tower,
-        "--model.image_size", "32", "--model.hidden_size", "32", "--model.num_heads", "4",
+        "--model.vision.name", tiny_vision_tower, "--model.text.name", tiny_text_tower,
+        "--model.vision.image_size", "32", "--model.hidden_size", "32", "--model.num_heads", "4",
         "--model.num_fusion_layers", "1",
     ]  # fmt: skip
 
 
 @pytest.fixture
 def tiny_config(tiny_vision_tower, tiny_text_tower):
-    """A factory of tiny ``TwoTowerConfig``s (5 answers) over the tiny towers."""
+    """A factory of tiny ``TwoTowerConfig``s (5 answers) over the tiny towers; ``vision`` / ``text``: a dict of the
+    tower options to change (``vision={"grid_stride": 16}``)."""
     from vqakit.models.two_tower import TwoTowerConfig
+    from vqakit.towers.text import TextTowerConfig
+    from vqakit.towers.vision import VisionTowerConfig
 
-    def make(**overrides):
-        kwargs = dict(vision_tower=tiny_vision_tower, text_tower=tiny_text_tower, image_size=32,
-                      hidden_size=32, num_heads=4, num_fusion_layers=2, max_question_length=16,
+    def make(vision: dict | None = None, text: dict | None = None, **overrides):
+        kwargs = dict(vision=VisionTowerConfig(**{"name": tiny_vision_tower, "image_size": 32, **(vision or {})}),
+                      text=TextTowerConfig(**{"name": tiny_text_tower, "max_length": 16, **(text or {})}),
+                      hidden_size=32, num_heads=4, num_fusion_layers=2,
                       id2label={i: a for i, a in enumerate(["yes", "no", "red", "circle", "2"])})
         kwargs.update(overrides)
         return TwoTowerConfig(**kwargs)
@@ -92,11 +96,13 @@ def tiny_checkpoint(tiny_vision_tower, tiny_text_tower, tmp_path_factory):
     import torch
 
     from vqakit.models.two_tower import TwoTowerConfig, TwoTowerForQuestionAnswering
-    from vqakit.towers.text import load_tokenizer
+    from vqakit.towers.text import TextTowerConfig, load_tokenizer
+    from vqakit.towers.vision import VisionTowerConfig
 
     torch.manual_seed(0)
-    config = TwoTowerConfig(vision_tower=tiny_vision_tower, text_tower=tiny_text_tower, image_size=32, hidden_size=32,
-                            num_heads=4, num_fusion_layers=2, max_question_length=16,
+    config = TwoTowerConfig(VisionTowerConfig(tiny_vision_tower, image_size=32),
+                            TextTowerConfig(tiny_text_tower, max_length=16), hidden_size=32, num_heads=4,
+                            num_fusion_layers=2,
                             id2label={i: a for i, a in enumerate(["yes", "no", "red", "circle", "2"])})
     path = tmp_path_factory.mktemp("tiny-checkpoint") / "checkpoint"
     TwoTowerForQuestionAnswering(config).save_pretrained(path, tokenizer=load_tokenizer(tiny_text_tower))

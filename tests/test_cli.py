@@ -131,3 +131,40 @@ def test_same_seed_gives_identical_weights(tiny_model_args, tmp_path):
         weights.append(load_file(str(tmp_path / run / "run" / "checkpoint" / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_recipes_and_flags_of_the_flat_layout_are_read_in_the_nested_names(tmp_path, capsys):
+    """A run's config.yaml / recipe.yaml written before the tower options were nested (``model.vision_grid_stride``)
+    and the flat flags resolve to the same configuration as today's names, saying so on stderr."""
+    import yaml
+
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump({"model": {"vision_tower": "efficientnet-lite0", "image_size": 128,
+                                             "vision_grid_stride": 16, "vision_truncate": True,
+                                             "max_question_length": 24, "text_pooler": "cls", "fusion": "gated"},
+                                   "gru": None}))
+
+    def printed(*args):
+        with pytest.raises(SystemExit) as done:
+            main(["train", *args, "--print_config"])
+        assert done.value.code in (0, None)
+        captured = capsys.readouterr()
+        return yaml.safe_load(captured.out)["model"], captured.err
+
+    model, err = printed("--config", str(old), "--model.vision_color_stats", "true")
+    assert "model.vision_grid_stride -> model.vision.grid_stride" in err
+    assert "--model.vision_color_stats is now --model.vision.color_stats" in err
+    assert model["vision"] == {"name": "efficientnet-lite0", "image_size": 128, "multiscale": False, "grid_stride": 16,
+                               "truncate": True, "color_stats": True, "feature_norm": False}
+    assert model["text"] == {"name": "minilm-l6", "max_length": 24, "pooler": "cls"} and model["fusion"] == "gated"
+    nested, err = printed("--model.vision.image_size", "128", "--model.vision.grid_stride", "16",
+                          "--model.vision.truncate", "true", "--model.vision.color_stats=true",
+                          "--model.text.max_length", "24", "--model.text.pooler", "cls", "--model.fusion", "gated")
+    assert nested == model and not err
+
+
+def test_help_shows_the_nested_tower_flags_with_their_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--model.vision.grid_stride {8,16,32}" in out and "--model.text.pooler {mean,cls}" in out

@@ -219,7 +219,7 @@ def bench(suite: str = "benchmarks/suite.yaml", out_dir: str = "runs/bench", qui
         out_dir: where the runs, their logs, bench.json and bench.md go.
         quick: a few hundred questions and a few steps per entry (a smoke test, not a measurement).
         only: comma-separated entry names to run.
-        extra_args: more ``vqakit train`` flags for every entry, e.g. ``["--model.image_size", "32"]``.
+        extra_args: more ``vqakit train`` flags for every entry, e.g. ``["--model.vision.image_size", "32"]``.
         reuse: take entries already trained and evaluated in ``out_dir`` as they are (prediction is still timed).
         results_dir: also copy bench.json and bench.md here (not in ``--quick`` mode).
     """
@@ -715,16 +715,52 @@ def list_models() -> list[str]:
 
 
 def _resolve_configs(argv: list[str]) -> list[str]:
-    """``--config NAME`` -> the packaged preset's path; a path to an existing file is kept as given."""
+    """``--config NAME`` -> the packaged preset's path; a path to an existing file is kept as given.
+
+    A recipe or run config written by an earlier version (``model: {vision_grid_stride: 16}``) and dotted flags of
+    the earlier names (``--model.vision_grid_stride 16``) are read in today's names (``model.vision.grid_stride``;
+    ``vqakit.models.registry.upgrade_recipe``), saying so on stderr."""
     from vqakit.configs import resolve_config
 
     out = list(argv)
     for i, arg in enumerate(out):
         if arg == "--config" and i + 1 < len(out):
-            out[i + 1] = resolve_config(out[i + 1])
+            out[i + 1] = _upgraded_config(resolve_config(out[i + 1]))
         elif arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+            out[i] = "--config=" + _upgraded_config(resolve_config(arg.split("=", 1)[1]))
+        elif arg.startswith("--") and "." in arg:
+            key, eq, value = arg[2:].partition("=")
+            new = _upgraded_key(key)
+            if new != key:
+                print(f"vqakit: --{key} is now --{new}", file=sys.stderr)
+                out[i] = f"--{new}{eq}{value}"
     return out
+
+
+def _upgraded_key(key: str) -> str:
+    from vqakit.models.registry import upgrade_dotted_key
+
+    return upgrade_dotted_key(key)
+
+
+def _upgraded_config(path: str) -> str:
+    """``path``, or the YAML text of its recipe in today's names when it uses names of an earlier version."""
+    import yaml
+
+    from vqakit.models.registry import upgrade_recipe
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return path  # jsonargparse reports it
+    if not isinstance(recipe, dict):
+        return path
+    recipe, renamed = upgrade_recipe(recipe)
+    if not renamed:
+        return path
+    print(f"vqakit: {path} uses earlier names, read as " + ", ".join(f"{old} -> {new}" for old, new in renamed),
+          file=sys.stderr)
+    return yaml.safe_dump(recipe, sort_keys=False)
 
 
 RECIPE_COMMANDS = ("train", "compare", "prepare", "tune")

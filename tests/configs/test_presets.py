@@ -57,7 +57,7 @@ def test_train_print_config_by_name(capsys):
         cli.main(["train", "--config", "easy-vqa", "--print_config"])
     assert done.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["vision_tower"] == "efficientnet-lite0" and printed["data"]["dataset"] == "easy-vqa"
+    assert printed["model"]["vision"]["name"] == "efficientnet-lite0" and printed["data"]["dataset"] == "easy-vqa"
 
 
 def test_unknown_preset_is_a_clear_cli_error(capsys):

@@ -311,12 +311,13 @@ def test_a_generative_checkpoint_through_the_endpoint(tiny_vision_tower, tiny_te
     from vqakit.eval.evaluate import evaluate_checkpoint
     from vqakit.inference.generative import GenerativePredictor
     from vqakit.models.gru_decoder import GRUDecoderConfig, GRUDecoderForQuestionAnswering, build_word_vocab
-    from vqakit.towers.text import load_tokenizer
+    from vqakit.towers.text import TextTowerConfig, load_tokenizer
+    from vqakit.towers.vision import VisionTowerConfig
 
     torch.manual_seed(0)
     model = GRUDecoderForQuestionAnswering(GRUDecoderConfig(
-        vision_tower=tiny_vision_tower, text_tower=tiny_text_tower, image_size=32, hidden_size=32, num_heads=4,
-        word_embed_dim=16, max_question_length=16, vision_multiscale=False,
+        vision=VisionTowerConfig(tiny_vision_tower, image_size=32),
+        text=TextTowerConfig(tiny_text_tower, max_length=16), hidden_size=32, num_heads=4, word_embed_dim=16,
         vocab=build_word_vocab(["red", "blue", "circle", "triangle", "yes", "no", "2"])))
     checkpoint = tmp_path / "gru" / "checkpoint"
     model.save_pretrained(checkpoint, tokenizer=load_tokenizer(tiny_text_tower))

@@ -21,7 +21,7 @@ def test_bench_quick(tiny_model_args, tmp_path, capsys):
         f"  - name: shapes\n    config: {REPO / 'vqakit' / 'configs' / 'easy-vqa.yaml'}\n"
         f"    args: [--data.dataset, shapes-rel, --data.root, {root}, --data.eval_split, val]\n"
     )
-    extra = [*tiny_model_args, "--model.vision_multiscale", "false", "--data.cache_dir", str(tmp_path / "cache"),
+    extra = [*tiny_model_args, "--model.vision.multiscale", "false", "--data.cache_dir", str(tmp_path / "cache"),
              "--train.batch_size", "16"]
     main(["bench", "--suite", str(suite), "--out_dir", str(tmp_path / "out"), "--quick", "true",
           "--results_dir", str(tmp_path / "results"), "--extra_args", json.dumps(extra)])

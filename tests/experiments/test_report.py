@@ -15,8 +15,8 @@ from vqakit.experiments.report import latex_engine, lora_findings, write_report
 def compare_dir(tiny_vision_tower, tiny_text_tower, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     out = tmp / "cmp"
-    model = ["--model.vision_tower", tiny_vision_tower, "--model.text_tower", tiny_text_tower,
-             "--model.image_size", "32", "--model.hidden_size", "32", "--model.num_heads", "4",
+    model = ["--model.vision.name", tiny_vision_tower, "--model.text.name", tiny_text_tower,
+             "--model.vision.image_size", "32", "--model.hidden_size", "32", "--model.num_heads", "4",
              "--model.num_fusion_layers", "1"]  # fmt: skip
     main(["compare", *model, "--data.limit", "24", "--data.cache_dir", str(tmp / "cache"), "--train.epochs", "1",
           "--train.batch_size", "8", "--strategies", "frozen,full", "--out_dir", str(out)])

@@ -58,6 +58,20 @@ def test_default_space_follows_the_base_config():
     assert "model.dropout" not in {k.name for k in default_space(easy)}
 
 
+def test_space_and_base_of_the_flat_tower_names_are_read_in_the_nested_names(tmp_path):
+    from dataclasses import asdict
+
+    from vqakit.experiments.tune import parse_config
+
+    flat = yaml.safe_load((ROOT / "vqakit" / "configs" / "easy-vqa.yaml").read_text())
+    flat["model"] = {"image_size": 64, "vision_multiscale": True, "fusion": "cross-attention"}
+    model, _, _ = parse_config(flat)
+    assert (model.vision.image_size, model.vision.multiscale) == (64, True)
+    space = tmp_path / "space.yaml"
+    space.write_text("model.image_size: {choices: [32, 64]}\n")
+    assert [k.name for k in load_space(space, _preset("easy-vqa"))] == ["model.vision.image_size"]
+
+
 def test_space_file_is_validated(tmp_path):
     base = _preset("easy-vqa")
     good = tmp_path / "space.yaml"
@@ -214,9 +228,14 @@ def test_median_pruner_stops_a_hopeless_trial(tiny_model_args, cache_dir, tmp_pa
     from vqakit.models.two_tower import TwoTowerConfig
     from vqakit.train.config import TrainConfig
 
-    flags = dict(zip(tiny_model_args[::2], tiny_model_args[1::2]))
-    model = TwoTowerConfig(**{k.removeprefix("--model."): (int(v) if v.isdigit() else v) for k, v in flags.items()},
-                           dropout=0.0)
+    fields: dict = {}
+    for flag, value in zip(tiny_model_args[::2], tiny_model_args[1::2]):  # --model.vision.name X -> {vision: {name}}
+        *parents, name = flag.removeprefix("--model.").split(".")
+        node = fields
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = int(value) if value.isdigit() else value
+    model = TwoTowerConfig(**fields, dropout=0.0)
     base = {"model": asdict(model),
             "data": asdict(DataConfig(limit=160, val_fraction=0.25, cache_dir=cache_dir)),
             "train": asdict(TrainConfig(max_steps=6, batch_size=16, lr=0.03))}

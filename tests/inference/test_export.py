@@ -18,13 +18,15 @@ from vqakit.towers.text import load_tokenizer
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(params=[{}, {"fusion": "spatial", "vision_grid_stride": 16},
-                        {"fusion": "relational", "vision_grid_stride": 16, "relation_bias": True}],
+@pytest.fixture(params=[{}, {"fusion": "spatial", "grid_stride": 16},
+                        {"fusion": "relational", "grid_stride": 16, "relation_bias": True}],
                 ids=["cross-attention", "spatial", "relational"])
 def checkpoint(request, tiny_config, tiny_text_tower, tmp_path):
     torch.manual_seed(0)
-    model = TwoTowerForQuestionAnswering(tiny_config(vision_tower="efficientnet-lite0", image_size=64,
-                                                     vision_multiscale=True, num_fusion_layers=2, **request.param))
+    options = dict(request.param)
+    vision = {"name": "efficientnet-lite0", "image_size": 64, "multiscale": True,
+              **({"grid_stride": options.pop("grid_stride")} if "grid_stride" in options else {})}
+    model = TwoTowerForQuestionAnswering(tiny_config(vision=vision, num_fusion_layers=2, **options))
     model.save_pretrained(tmp_path / "ckpt", tokenizer=load_tokenizer(tiny_text_tower))
     return tmp_path / "ckpt"
 
@@ -48,7 +50,7 @@ def test_onnx_backend_matches_torch(checkpoint, tmp_path):
         assert a.answer == b.answer and abs(a.score - b.score) < 1e-4
         assert [x for x, _ in a.top_k] == [x for x, _ in b.top_k]
     with_maps = fast.predict(tmp_path / "img.png", questions[0], output_attentions=True)[0]
-    side = 64 // json.loads((checkpoint / "config.json").read_text())["vision_grid_stride"]
+    side = 64 // json.loads((checkpoint / "config.json").read_text())["vision"]["grid_stride"]
     assert with_maps.attention.shape == (side, side)  # attention maps come from the torch model
 
 

@@ -10,7 +10,8 @@ import torch
 from vqakit.cli import main
 from vqakit.data.sources import easy_vqa_data_dir
 from vqakit.models.gru_decoder import GRUDecoderConfig, GRUDecoderForQuestionAnswering, build_word_vocab
-from vqakit.towers.text import load_tokenizer
+from vqakit.towers.text import TextTowerConfig, load_tokenizer
+from vqakit.towers.vision import VisionTowerConfig
 
 ANSWERS = ["yes", "no", "red", "red circle", "blue triangle", "2"]
 
@@ -18,9 +19,9 @@ ANSWERS = ["yes", "no", "red", "red circle", "blue triangle", "2"]
 @pytest.fixture
 def tiny_gru(tiny_vision_tower, tiny_text_tower):
     def make(**overrides):
-        kwargs = dict(vision_tower=tiny_vision_tower, text_tower=tiny_text_tower, image_size=32, hidden_size=32,
-                      num_heads=4, word_embed_dim=16, max_question_length=16, vision_multiscale=False,
-                      vocab=build_word_vocab(ANSWERS))
+        kwargs = dict(vision=VisionTowerConfig(tiny_vision_tower, image_size=32),
+                      text=TextTowerConfig(tiny_text_tower, max_length=16), hidden_size=32, num_heads=4,
+                      word_embed_dim=16, vocab=build_word_vocab(ANSWERS))
         kwargs.update(overrides)
         torch.manual_seed(0)
         return GRUDecoderForQuestionAnswering(GRUDecoderConfig(**kwargs))
@@ -91,8 +92,8 @@ def test_save_load_round_trip(tiny_gru, tiny_text_tower, tiny_batch, tmp_path):
 
 
 def test_cli_train_evaluate_predict(tiny_vision_tower, tiny_text_tower, tmp_path, capsys):
-    gru = ["--gru.vision_tower", tiny_vision_tower, "--gru.text_tower", tiny_text_tower, "--gru.image_size", "32",
-           "--gru.hidden_size", "32", "--gru.num_heads", "4", "--gru.vision_multiscale", "false",
+    gru = ["--gru.vision.name", tiny_vision_tower, "--gru.text.name", tiny_text_tower, "--gru.vision.image_size", "32",
+           "--gru.hidden_size", "32", "--gru.num_heads", "4", "--gru.vision.multiscale", "false",
            "--gru.decoding", "beam", "--gru.num_beams", "2"]
     main(["train", *gru, "--data.limit", "40", "--data.cache_dir", str(tmp_path / "cache"),
           "--train.out_dir", str(tmp_path / "run"), "--train.epochs", "1", "--train.batch_size", "16",

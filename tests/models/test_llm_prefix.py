@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vqakit.models.llm_prefix import Int8ShortlistHead, LLMPrefixConfig, LLMPrefixForQuestionAnswering
+from vqakit.towers.vision import VisionTowerConfig
 
 LM_WORDS = ("image question short answer what is the color of shape does contain a there not no present in which "
             "this circle rectangle triangle red green blue yellow black gray teal brown white how many yes : ? ,").split()
@@ -37,7 +38,7 @@ def tiny_llm(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_prefix_model(tiny_vision_tower, tiny_llm):
     def make(**overrides):
-        kwargs = dict(vision_tower=tiny_vision_tower, image_size=32, vision_multiscale=False, language_model=tiny_llm,
+        kwargs = dict(vision=VisionTowerConfig(tiny_vision_tower, image_size=32), language_model=tiny_llm,
                       projector_hidden=32, max_new_tokens=4)
         kwargs.update(overrides)
         torch.manual_seed(0)
@@ -152,7 +153,7 @@ def test_cli_two_stages_evaluate_predict(tiny_vision_tower, tiny_llm, tmp_path, 
     from vqakit.cli import main
     from vqakit.data.sources import easy_vqa_data_dir
 
-    llm = ["--llm.vision_tower", tiny_vision_tower, "--llm.image_size", "32", "--llm.vision_multiscale", "false",
+    llm = ["--llm.vision.name", tiny_vision_tower, "--llm.vision.image_size", "32", "--llm.vision.multiscale", "false",
            "--llm.language_model", tiny_llm, "--llm.projector_hidden", "32", "--llm.max_new_tokens", "3"]
     common = ["--data.limit", "30", "--data.cache_dir", str(tmp_path / "cache"), "--train.epochs", "1",
               "--train.batch_size", "16", "--train.progress", "false"]

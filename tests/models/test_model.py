@@ -116,7 +116,9 @@ def test_unknown_tower_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, flag",
     [({"fusion": "bilinear"}, "--model.fusion"), ({"loss": "mse"}, "--model.loss"),
-     ({"hidden_size": 30, "num_heads": 4}, "--model.hidden_size"), ({"text_pooler": "max"}, "--model.text_pooler")],
+     ({"hidden_size": 30, "num_heads": 4}, "--model.hidden_size"), ({"text": {"pooler": "max"}}, "--model.text.pooler"),
+     ({"vision": {"grid_stride": 4}}, "--model.vision.grid_stride"),
+     ({"vision": {"image_size": 8}}, "--model.vision.image_size")],
 )
 def test_config_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
@@ -213,8 +215,8 @@ def test_finer_efficientnet_grid_carries_every_stage(stride, cells):
 
 
 def test_grid_stride_is_validated(tiny_vision_tower):
-    with pytest.raises(ValueError, match="vision_grid_stride"):
-        TwoTowerConfig(vision_grid_stride=4)
+    with pytest.raises(ValueError, match="vision.grid_stride"):
+        TwoTowerConfig(vision={"grid_stride": 4})
     with pytest.raises(NotImplementedError, match="grid_stride"):
         build_vision_tower(tiny_vision_tower, image_size=32, grid_stride=16)
 

@@ -205,12 +205,13 @@ def test_generative_checkpoint(tiny_vision_tower, tiny_text_tower, tmp_path, ser
     """A (random) GRU-decoder checkpoint behind a real server: the generated answer is the content, its
     sequence probability the one logprob."""
     from vqakit.models.gru_decoder import GRUDecoderConfig, GRUDecoderForQuestionAnswering, build_word_vocab
-    from vqakit.towers.text import load_tokenizer
+    from vqakit.towers.text import TextTowerConfig, load_tokenizer
+    from vqakit.towers.vision import VisionTowerConfig
 
     torch.manual_seed(0)
     model = GRUDecoderForQuestionAnswering(GRUDecoderConfig(
-        vision_tower=tiny_vision_tower, text_tower=tiny_text_tower, image_size=32, hidden_size=32, num_heads=4,
-        word_embed_dim=16, max_question_length=16, vision_multiscale=False,
+        vision=VisionTowerConfig(tiny_vision_tower, image_size=32),
+        text=TextTowerConfig(tiny_text_tower, max_length=16), hidden_size=32, num_heads=4, word_embed_dim=16,
         vocab=build_word_vocab(["red", "blue triangle", "yes", "no", "2"])))
     path = tmp_path / "gru" / "checkpoint"
     model.save_pretrained(path, tokenizer=load_tokenizer(tiny_text_tower))

@@ -20,7 +20,8 @@ from vqakit.models.gru_decoder import GRUDecoderConfig, GRUDecoderForQuestionAns
 from vqakit.towers.processor import VQAProcessor  # noqa: E402
 from vqakit.serve.app import create_app, load_service  # noqa: E402
 from vqakit.serve.config import ServeConfig  # noqa: E402
-from vqakit.towers.text import load_tokenizer  # noqa: E402
+from vqakit.towers.text import TextTowerConfig, load_tokenizer  # noqa: E402
+from vqakit.towers.vision import VisionTowerConfig  # noqa: E402
 
 QUESTIONS = ["what is the color of the shape?", "is there a red circle?", "how many shapes?"]
 # image seed -> the answers the tiny model is trained to give to QUESTIONS about that image
@@ -41,8 +42,9 @@ def gru_checkpoint(tiny_vision_tower, tiny_text_tower, tmp_path_factory):
     answers = [a for targets in TARGETS.values() for a in targets]
     torch.manual_seed(0)
     model = GRUDecoderForQuestionAnswering(GRUDecoderConfig(
-        vision_tower=tiny_vision_tower, text_tower=tiny_text_tower, image_size=32, hidden_size=32, num_heads=4,
-        word_embed_dim=16, max_question_length=16, vision_multiscale=False, vocab=build_word_vocab(answers)))
+        vision=VisionTowerConfig(tiny_vision_tower, image_size=32),
+        text=TextTowerConfig(tiny_text_tower, max_length=16), hidden_size=32, num_heads=4, word_embed_dim=16,
+        vocab=build_word_vocab(answers)))
     processor = VQAProcessor.from_config(model.config, tokenizer_dir=tiny_text_tower)
     batch = {"pixel_values": processor.images([png(seed) for seed in TARGETS for _ in QUESTIONS]),
              **processor.text(QUESTIONS * len(TARGETS))}

@@ -1,5 +1,5 @@
-"""Tower configs own their options: each checks them against its tower, and the models build them from their
-flat fields, so old flat ``config.json`` files keep loading."""
+"""Tower configs own their options: each checks them against its tower; the models hold them as nested fields
+(``vision``, ``text``), and old flat ``config.json`` files keep loading into them."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from vqakit.towers.text import TextTowerConfig
 from vqakit.towers.vision import VisionTowerConfig
 
 
-def test_two_tower_config_builds_its_tower_configs():
-    cfg = TwoTowerConfig(image_size=128, vision_multiscale=True, vision_grid_stride=16, vision_truncate=True,
-                         vision_color_stats=True, vision_feature_norm=True, max_question_length=20, text_pooler="cls")
-    assert cfg.vision_config() == VisionTowerConfig("efficientnet-lite0", 128, multiscale=True, grid_stride=16,
-                                                    truncate=True, color_stats=True, feature_norm=True)
-    assert cfg.text_config() == TextTowerConfig("minilm-l6", max_length=20, pooler="cls")
-    assert "vision_config" not in cfg.to_dict()  # config.json stays flat
+def test_two_tower_config_holds_its_tower_configs():
+    cfg = TwoTowerConfig.from_dict({"image_size": 128, "vision_multiscale": True, "vision_grid_stride": 16,
+                                    "vision_truncate": True, "vision_color_stats": True, "vision_feature_norm": True,
+                                    "max_question_length": 20, "text_pooler": "cls"})  # the flat layout
+    assert cfg.vision == VisionTowerConfig("efficientnet-lite0", 128, multiscale=True, grid_stride=16,
+                                           truncate=True, color_stats=True, feature_norm=True)
+    assert cfg.text == TextTowerConfig("minilm-l6", max_length=20, pooler="cls")
+    assert cfg.to_dict()["vision"]["grid_stride"] == 16 and "vision_grid_stride" not in cfg.to_dict()
+    assert TwoTowerConfig(vision={"grid_stride": 16}).vision == VisionTowerConfig(grid_stride=16)
 
 
 @pytest.mark.parametrize("option, match", [
@@ -30,9 +32,8 @@ def test_two_tower_config_builds_its_tower_configs():
 def test_efficientnet_options_on_a_hugging_face_tower_name_the_option(option, match):
     with pytest.raises(NotImplementedError, match=match):
         VisionTowerConfig("google/vit-base-patch16-224", **option)
-    with pytest.raises(NotImplementedError, match=match):  # from the model's flat fields, when the model is built
-        TwoTowerConfig(vision_tower="google/vit-base-patch16-224",
-                       **{f"vision_{k}": v for k, v in option.items()}).vision_config()
+    with pytest.raises(NotImplementedError, match="--model.vision." + match):  # a model config's, naming the flag
+        TwoTowerConfig(vision={"name": "google/vit-base-patch16-224", **option})
     VisionTowerConfig("google/vit-base-patch16-224", feature_norm=True)  # the model's, for any tower
 
 
@@ -51,6 +52,8 @@ def test_bad_values_name_the_field():
 
 def test_choices_are_literal_types_the_cli_shows():
     hints = typing.get_type_hints(TwoTowerConfig)
-    for name in ("fusion", "loss", "text_pooler", "vision_grid_stride"):
+    for name in ("fusion", "loss"):
         assert typing.get_origin(hints[name]) is typing.Literal, name
-    assert typing.get_args(hints["vision_grid_stride"]) == (8, 16, 32)
+    assert hints["vision"] is VisionTowerConfig and hints["text"] is TextTowerConfig
+    assert typing.get_origin(typing.get_type_hints(TextTowerConfig)["pooler"]) is typing.Literal
+    assert typing.get_args(typing.get_type_hints(VisionTowerConfig)["grid_stride"]) == (8, 16, 32)

@@ -23,14 +23,14 @@ def test_image_size_and_grid_follow_the_native_resolution():
     cases = {(64, 64): (64, 8), (75, 75): (80, 8), (128, 128): (128, 16), (320, 240): (160, 16)}
     for (w, h), (size, stride) in cases.items():
         model = auto_recipe(DataConfig(), profile=_profile(image_width=w, image_height=h)).config["model"]
-        assert (model["image_size"], model["vision_grid_stride"]) == (size, stride), (w, h)
+        assert (model["vision"]["image_size"], model["vision"]["grid_stride"]) == (size, stride), (w, h)
     # large images: the finest grid (16x16 cells of 16 px) when the budget runs enough steps on it, a coarser
     # one when it does not
     roomy = auto_recipe(DataConfig(), profile=_profile(image_width=640, image_height=480), budget_minutes=120)
-    assert roomy.config["model"]["image_size"] == 256
+    assert roomy.config["model"]["vision"]["image_size"] == 256
     tight = auto_recipe(DataConfig(), profile=_profile(image_width=640, image_height=480), budget_minutes=18)
-    assert tight.config["model"]["image_size"] < 256
-    assert any("budget" in why for key, _, why in tight.reasons if key == "model.image_size")
+    assert tight.config["model"]["vision"]["image_size"] < 256
+    assert any("budget" in why for key, _, why in tight.reasons if key == "model.vision.image_size")
 
 
 def test_loss_follows_answer_agreement_and_schedule_follows_size():
@@ -76,14 +76,14 @@ def test_cli_writes_the_recipe_and_options_override_it(scenes, tmp_path, capsys)
               "--train.out_dir", str(out), "--model.hidden_size", "64", "--print_config"])
     assert exit_.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "model.image_size" in printed and "native 75x75 px" in printed
+    assert "model.vision.image_size" in printed and "native 75x75 px" in printed
     resolved = yaml.safe_load(printed[printed.index("model:"):])
     assert resolved["model"]["hidden_size"] == 64  # the command line wins
-    assert resolved["model"]["image_size"] == 80 and resolved["model"]["fusion"] == "relational"
+    assert resolved["model"]["vision"]["image_size"] == 80 and resolved["model"]["fusion"] == "relational"
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["model"]["image_size"] == 80 and recipe["train"]["max_steps"] >= 200
+    assert recipe["model"]["vision"]["image_size"] == 80 and recipe["train"]["max_steps"] >= 200
     reasons = json.loads((out / "recipe_reasons.json").read_text())
-    assert {r["key"] for r in reasons["reasons"]} >= {"model.image_size", "train.max_steps", "model.loss"}
+    assert {r["key"] for r in reasons["reasons"]} >= {"model.vision.image_size", "train.max_steps", "model.loss"}
 
 
 def _write_vqa(root, answers, image_bytes=None):

@@ -76,7 +76,7 @@ def test_merge_is_exact_and_adapter_files_are_written(tiny_config, tiny_batch, t
 
 def test_lora_on_the_efficientnet_tower(tiny_config):
     torch.manual_seed(0)
-    model = TwoTowerForQuestionAnswering(tiny_config(vision_tower="efficientnet-lite0", image_size=32))
+    model = TwoTowerForQuestionAnswering(tiny_config(vision={"name": "efficientnet-lite0", "image_size": 32}))
     add_lora(model.backbone.vision, LoraSettings(rank=2))
     names = [n for n, p in model.backbone.vision.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)

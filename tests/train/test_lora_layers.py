@@ -82,7 +82,8 @@ def test_layers_below_the_adapters_build_no_graph_and_get_no_grad(tiny_config, t
 
 
 def test_efficientnet_last_blocks_only_and_no_graph_below(tiny_config):
-    model = _model(tiny_config, layers=3, text_layers=1, vision_tower="efficientnet-lite0", image_size=32, vision_multiscale=True)
+    model = _model(tiny_config, layers=3, text_layers=1,
+                   vision={"name": "efficientnet-lite0", "image_size": 32, "multiscale": True})
     vision = model.backbone.vision
     adapted = _adapted_groups(vision)  # stem, 16 MBConv blocks, head
     assert adapted == [False] * 14 + [True] * 3 + [False]

@@ -32,6 +32,26 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.rstrip("/").split("/")[-1])[:40]
 
 
+def image_cache_namespace(cfg, vision: nn.Module) -> str:
+    """The cache folder of ``vision``'s features under ``cfg`` (a config with ``vision``, ``image_mean``,
+    ``image_std``): the tower, the input size and a hash of the weights and of the options that change the
+    features. Options at their defaults add nothing, so caches written before an option existed stay valid."""
+    v = cfg.vision
+    return f"vision-{_slug(v.name)}-{v.image_size}-" + tower_fingerprint(
+        vision, v.image_size, cfg.image_mean, cfg.image_std, v.multiscale,
+        *([v.grid_stride] if v.grid_stride != 32 else []),
+        *(["truncate"] if v.truncate else []),
+        *(["color_stats"] if v.color_stats else []),
+    )
+
+
+def text_cache_namespace(cfg, text: nn.Module, tokenizer_name: str) -> str:
+    """The cache folder of ``text``'s question states under ``cfg`` (a config with ``text``): the tower, the
+    padded length and a hash of the weights and the tokenizer."""
+    T = cfg.text.max_length
+    return f"text-{_slug(cfg.text.name)}-{T}-" + tower_fingerprint(text, T, tokenizer_name)
+
+
 @torch.inference_mode()
 def cache_image_features(model, processor, image_paths: list[str], cache_root=None, batch_size: int = 64,
                          progress: bool = True, workers: int = 4,
@@ -45,12 +65,7 @@ def cache_image_features(model, processor, image_paths: list[str], cache_root=No
     pass is needed) and its key is ``None`` if the file could not even be read."""
     cfg = model.config
     vision = model.backbone.vision.eval()
-    namespace = f"vision-{_slug(cfg.vision_tower)}-{cfg.image_size}-" + tower_fingerprint(
-        vision, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.vision_multiscale,
-        *([cfg.vision_grid_stride] if getattr(cfg, "vision_grid_stride", 32) != 32 else []),  # old namespaces kept
-        *(["truncate"] if getattr(cfg, "vision_truncate", False) else []),
-        *(["color_stats"] if getattr(cfg, "vision_color_stats", False) else []),
-    )
+    namespace = image_cache_namespace(cfg, vision)
     cache = FeatureCache(cache_root or default_cache_dir() / "features", namespace)
     unique = list(dict.fromkeys(image_paths))
     digest = dict(zip(unique, file_digests(unique, workers=max(1, workers), missing_ok=on_error is not None)))
@@ -98,11 +113,10 @@ def _load_error(path: str) -> ImageLoadError:
 @torch.inference_mode()
 def cache_text_features(model, processor, questions: list[str], cache_root=None, batch_size: int = 256,
                         progress: bool = True) -> tuple[FeatureCache, list[str]]:
-    """Encode every distinct question with the (frozen) text tower, padded to ``max_question_length``."""
-    cfg = model.config
+    """Encode every distinct question with the (frozen) text tower, padded to ``text.max_length``."""
     text = model.backbone.text.eval()
-    T = cfg.max_question_length
-    namespace = f"text-{_slug(cfg.text_tower)}-{T}-" + tower_fingerprint(text, T, processor.tokenizer.name_or_path)
+    T = model.config.text.max_length
+    namespace = text_cache_namespace(model.config, text, processor.tokenizer.name_or_path)
     cache = FeatureCache(cache_root or default_cache_dir() / "features", namespace)
     keys = [text_digest(q) for q in questions]
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from vqakit.models.checkpoint import nest_tower_keys
+
 # what each strategy of ``vqakit compare`` does, one sentence each (the approach section)
 STRATEGY_TEXT = {
     "frozen": "both towers frozen; their features are computed once and cached, and only the projections, "
@@ -125,6 +127,7 @@ def load_rows(run_dirs: list[str]) -> list[dict]:
     for r in rows:
         last = Path(r["run_dirs"][-1])
         r["config"] = yaml.safe_load((last / "config.yaml").read_text())
+        r["config"]["model"] = nest_tower_keys(r["config"]["model"])  # a run of the flat layout too
         r["metadata"] = [json.loads((Path(s) / "checkpoint" / "training_metadata.json").read_text())
                          for s in r["run_dirs"]]
         r["metrics"] = json.loads(next((last / "checkpoint").glob("eval-*/metrics.json")).read_text())
@@ -173,23 +176,25 @@ def _millions(n: int) -> str:
 
 def diagram_nodes(model: dict, breakdown: dict, strategies: list[str]) -> tuple[list[dict], list[tuple[str, str]]]:
     """Boxes (key, x, y in cm, lines of text, kind) and arrows of the model, from its config.json."""
-    p, h = breakdown["parameters"], model["hidden_size"]
+    model = nest_tower_keys(model)  # a config.json of the flat layout too
+    p, h, vision = breakdown["parameters"], model["hidden_size"], model["vision"]
     fusion = {"cross-attention": f"{model['num_fusion_layers']} co-attention layers, {model['num_heads']} heads",
               "spatial": f"{model['num_fusion_layers']} position-aware attention layers, {model['num_heads']} heads",
               "gated": "gated fusion of pooled vectors", "concat": "concatenation + MLP"}[model["fusion"]]
-    pool = "" if model["fusion"] in ("cross-attention", "spatial") else f", {model['text_pooler']}-pooled question"
+    pool = "" if model["fusion"] in ("cross-attention", "spatial") else f", {model['text']['pooler']}-pooled question"
     n_img = model.get("num_image_tokens") or "N"
     trained = ", ".join(strategies)
     nodes = [
-        dict(key="image", x=0.0, y=0.0, kind="input", lines=[f"image {model['image_size']}x{model['image_size']} px"]),
+        dict(key="image", x=0.0, y=0.0, kind="input",
+             lines=[f"image {vision['image_size']}x{vision['image_size']} px"]),
         dict(key="question", x=4.3, y=0.0, kind="input",
-             lines=[f"question (<= {model['max_question_length']} tokens)"]),
+             lines=[f"question (<= {model['text']['max_length']} tokens)"]),
         dict(key="vision", x=0.0, y=-1.45, kind="tower",
-             lines=[f"vision tower: {_tower_name(model['vision_tower'])}"
-                    + (" (multi-scale)" if model.get("vision_multiscale") else ""),
+             lines=[f"vision tower: {_tower_name(vision['name'])}"
+                    + (" (multi-scale)" if vision.get("multiscale") else ""),
                     f"{_millions(p['vision'])} params -> {n_img} x {breakdown['vision_dim']}", f"[{trained}]"]),
         dict(key="text", x=4.3, y=-1.45, kind="tower",
-             lines=[f"text tower: {_tower_name(model['text_tower'])}",
+             lines=[f"text tower: {_tower_name(model['text']['name'])}",
                     f"{_millions(p['text'])} params -> T x {breakdown['text_dim']}", f"[{trained}]"]),
         dict(key="vproj", x=0.0, y=-2.9, kind="new",
              lines=["linear + LayerNorm", f"+ grid positions -> {n_img} x {h}"]),
@@ -319,8 +324,8 @@ def build_paper(rows: list[dict], figures: dict[str, str], tikz: str, title: str
     title = title or f"Training strategies for a two-tower VQA model on {dataset}: {', '.join(names)}"
 
     abstract = (
-        f"We train one visual question answering model, {_a(_tower_name(model['vision_tower']))} image encoder and a "
-        f"{_tower_name(model['text_tower'])} question encoder joined by {model['fusion']} fusion, under "
+        f"We train one visual question answering model, {_a(_tower_name(model['vision']['name']))} image encoder and a "
+        f"{_tower_name(model['text']['name'])} question encoder joined by {model['fusion']} fusion, under "
         f"{len(rows)} training strategies ({', '.join(names)}) on the same data split and seed, and compare the "
         f"time to train, the trainable parameters, the peak memory, the throughput and the quality of the answers. "
         f"The best VQA accuracy ({best['vqa_accuracy']:.2f}%) is reached by {best['strategy']}; the fastest to train "
@@ -329,9 +334,10 @@ def build_paper(rows: list[dict], figures: dict[str, str], tikz: str, title: str
     loss = ("binary cross-entropy against soft VQA scores" if model["loss"] == "bce"
             else "cross-entropy against the majority answer")
     arch = (
-        f"Fig. @fig:arch shows the model, drawn from its configuration. The image ({model['image_size']} px) goes "
+        f"Fig. @fig:arch shows the model, drawn from its configuration. The image ({model['vision']['image_size']} px) "
+        f"goes "
         f"through the vision tower, whose last feature map gives {ckpt_model.get('num_image_tokens')} tokens; the "
-        f"question (at most {model['max_question_length']} word pieces) goes through the text tower. Both are "
+        f"question (at most {model['text']['max_length']} word pieces) goes through the text tower. Both are "
         f"projected to width {model['hidden_size']}, the image tokens get learned grid positions, and a "
         f"{model['fusion']} fusion module ({model['num_fusion_layers']} layers, {model['num_heads']} heads) lets "
         f"each modality attend to the "
@@ -637,7 +643,7 @@ def write_report(run_dirs: list[str], out_dir: str | Path | None = None, title: 
     figures.mkdir(parents=True, exist_ok=True)
     plot(rows, figures)
     first_ckpt = Path(rows[0]["run_dirs"][-1]) / "checkpoint"
-    model = json.loads((first_ckpt / "config.json").read_text())
+    model = nest_tower_keys(json.loads((first_ckpt / "config.json").read_text()))
     strategies = sorted({s for r in rows for s in r["metadata"][-1]["strategies"].values()}
                         | ({"frozen"} if any(r["strategy"].startswith("two-stage") for r in rows) else set()))
     nodes, edges = diagram_nodes(model, parameter_breakdown(first_ckpt), strategies)

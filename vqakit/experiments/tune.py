@@ -262,9 +262,12 @@ def load_space(path: str | Path, base: dict) -> list[Knob]:
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"--space={path}: expected a mapping of knobs to ranges, e.g. "
                          "'train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}'")
+    from vqakit.models.registry import upgrade_dotted_key
+
     known = {f.name for f in fields(Knob)} - {"name"}
     knobs = []
     for name, entry in spec.items():
+        name = upgrade_dotted_key(name)  # model.image_size (the flat layout) -> model.vision.image_size
         if name != STEPS_MULTIPLIER and not _has(base, name):
             raise ValueError(f"--space={path}: {name!r} is not a key of the base config; valid keys = "
                              f"{[STEPS_MULTIPLIER, *_config_keys(base)]}")
@@ -303,9 +306,11 @@ def parse_config(cfg: dict):
     from jsonargparse import ArgumentParser
 
     from vqakit.data.config import DataConfig
+    from vqakit.models.registry import upgrade_recipe
     from vqakit.models.two_tower import TwoTowerConfig
     from vqakit.train.config import TrainConfig
 
+    cfg = upgrade_recipe(cfg)[0]  # a config of the flat tower layout (model.vision_grid_stride) too
     unknown = sorted(set(cfg) - {"model", "data", "train"})
     if unknown:
         raise ValueError(f"tune searches the two-tower classifier: the config's sections must be model, data and "

@@ -181,9 +181,9 @@ def _export_verified(checkpoint_dir: Path, out: Path, atol: float, ort) -> None:
     model = TwoTowerForQuestionAnswering.from_pretrained(checkpoint_dir)
     processor = VQAProcessor.from_config(model.config, tokenizer_dir=checkpoint_dir / "text_tower")
     cfg, bb = model.config, model.backbone
-    T = cfg.max_question_length
+    T = cfg.text.max_length
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=g)
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
     questions = ["what is the color of the shape?", "is there a circle?"]
     enc = processor.tokenizer(questions, padding="max_length", max_length=T, truncation=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -204,7 +204,7 @@ def _export_verified(checkpoint_dir: Path, out: Path, atol: float, ort) -> None:
     sessions = {p: ort.InferenceSession(str(out / f"{p}.onnx"), providers=["CPUExecutionProvider"])
                 for p in ("vision", "text", "head")}
     model.eval()
-    pix = torch.randn(3, 3, cfg.image_size, cfg.image_size, generator=g)
+    pix = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
     qs = ["what shape is in the image?", "is no red shape present?", "what colour?"]
     short = processor.text(qs)
     with torch.no_grad():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from vqakit.models.checkpoint import FLAT_TOWER_KEYS
 from vqakit.models.registry import MODEL_FAMILIES
 
 logger = logging.getLogger("vqakit")
@@ -66,8 +67,8 @@ def card_metadata(ckpt: str | Path, metrics: dict | None = None) -> dict:
     config = _read_json(ckpt / "config.json")
     model_type = config.get("model_type", "two_tower")
     evals = _evaluations(ckpt, metrics)
-    keys = ("vision_tower", "text_tower", "language_model", "model")
-    bases = [v for k in keys if isinstance(v := config.get(k), str)]
+    bases = [v for k in ("vision.name", "text.name", "language_model", "model")
+             if isinstance(v := _setting(config, k), str)]
     datasets = sorted({str(m["dataset"]) for m in evals if m.get("dataset")} | set(_run_datasets(ckpt)))
     meta = {
         "library_name": "vqakit",
@@ -92,6 +93,20 @@ def card_metadata(ckpt: str | Path, metrics: dict | None = None) -> dict:
     return meta
 
 
+def _setting(config: dict, key: str):
+    """``config``'s value at the dotted ``key`` (``vision.name``), also in a ``config.json`` of the earlier flat
+    layout (``vision_tower``); ``None`` when it has none."""
+    flat = {".".join(path): old for old, path in FLAT_TOWER_KEYS.items()}
+    if flat.get(key) in config:
+        return config[flat[key]]
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def _run_datasets(ckpt: Path) -> list[str]:
     run_config = ckpt.parent / "config.yaml"
     try:
@@ -110,8 +125,8 @@ def render_model_card(ckpt: str | Path, metrics: dict | None = None) -> str:
     model_type = config.get("model_type", "two_tower")
     name = meta.get("model-index", [{}])[0].get("name") or ckpt.resolve().name
     lines = [f"# {name}", "", f"A vqakit visual question answering model: {_description(model_type)}."]
-    arch = {k: config[k] for k in ("vision_tower", "text_tower", "language_model", "model", "fusion", "image_size",
-                                   "hidden_size") if k in config}
+    arch = {k: v for k in ("vision.name", "text.name", "language_model", "model", "fusion", "vision.image_size",
+                           "hidden_size") if (v := _setting(config, k)) is not None}
     if config.get("id2label"):
         arch["answers"] = len(config["id2label"])
     if arch:

@@ -5,7 +5,8 @@ fields, so a config's CLI arguments (jsonargparse builds them from the fields) a
 adds ``to_dict`` / ``from_dict`` (an unknown field fails naming the file and the field) and the
 ``config.json`` I/O of ``save_pretrained`` / ``from_pretrained``. A family whose older checkpoints lack or name
 fields differently overrides :meth:`ConfigMixin.upgrade` (transformers' ``PretrainedConfig`` to/from dict and
-``_patch_missing_keys``, written once).
+``_patch_missing_keys``, written once) and, for renamed fields, :meth:`ConfigMixin.upgrade_keys`, which the CLI
+also applies to the family's section of a YAML recipe written by an earlier version.
 
 >>> from dataclasses import dataclass
 >>> @dataclass
@@ -49,7 +50,13 @@ class ConfigMixin:
     @classmethod
     def upgrade(cls, d: dict) -> dict:
         """``d`` (a copy of a ``config.json``) as the current fields: fill or rename what older checkpoints wrote
-        differently. The default keeps it as is."""
+        differently. The default renames with :meth:`upgrade_keys`."""
+        return cls.upgrade_keys(d)
+
+    @classmethod
+    def upgrade_keys(cls, d: dict) -> dict:
+        """``d``, possibly partial (a YAML recipe's section of this config), with fields that earlier versions
+        named differently renamed; no defaults are filled. The default keeps it as is."""
         return d
 
     @classmethod
@@ -74,3 +81,57 @@ class ConfigMixin:
         """The config in ``checkpoint_dir/config.json`` (errors name the file)."""
         path = Path(checkpoint_dir) / CONFIG_NAME
         return cls.from_dict(read_config_json(path), source=path)
+
+
+# the flat tower fields of the earlier TwoTowerConfig, GRUDecoderConfig and LLMPrefixConfig -> (their nested tower
+# config, its field): ``vision_grid_stride`` is now ``vision.grid_stride``
+FLAT_TOWER_KEYS = {
+    "vision_tower": ("vision", "name"),
+    "image_size": ("vision", "image_size"),
+    "vision_multiscale": ("vision", "multiscale"),
+    "vision_grid_stride": ("vision", "grid_stride"),
+    "vision_truncate": ("vision", "truncate"),
+    "vision_color_stats": ("vision", "color_stats"),
+    "vision_feature_norm": ("vision", "feature_norm"),
+    "text_tower": ("text", "name"),
+    "max_question_length": ("text", "max_length"),
+    "text_pooler": ("text", "pooler"),
+}
+
+
+def nest_tower_keys(d: dict, keys: dict[str, tuple[str, str]] = FLAT_TOWER_KEYS) -> dict:
+    """``d`` (a config dict or a YAML recipe's model section, possibly partial) with the flat tower ``keys``
+    moved into its ``vision`` / ``text`` dicts; ``ValueError`` if a flat key and its nested one disagree.
+
+    >>> nest_tower_keys({"vision_grid_stride": 16, "fusion": "spatial", "vision": {"truncate": True}})
+    {'fusion': 'spatial', 'vision': {'truncate': True, 'grid_stride': 16}}
+    """
+    d = dict(d)
+    for old, (tower, name) in keys.items():
+        if old not in d:
+            continue
+        value = d.pop(old)
+        nested = dict(d.get(tower) or {})
+        if name in nested and nested[name] != value:
+            raise ValueError(f"{old}={value!r} (the earlier name of {tower}.{name}) disagrees with "
+                             f"{tower}.{name}={nested[name]!r}; give {tower}.{name} only")
+        nested[name] = value
+        d[tower] = nested
+    return d
+
+
+def as_config(value, cls, flag: str = ""):
+    """A (nested) config dataclass from itself or from the dict of its fields (``config.json``, a YAML section);
+    the errors of its checks name the option under ``flag`` (``--model.vision``)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"{flag}: expected a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    if set(value) - known:
+        raise ValueError(f"{flag}: {cls.__name__} has no fields {sorted(set(value) - known)}; known fields = "
+                         f"{sorted(known)}")
+    try:
+        return cls(**value)
+    except (ValueError, NotImplementedError) as err:  # "grid_stride=12 is not ..." -> "--model.vision.grid_stride=12"
+        raise type(err)(f"{flag}.{err}" if flag else str(err)) from None

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqakit.models.checkpoint import ConfigMixin
+from vqakit.models.checkpoint import ConfigMixin, as_config, nest_tower_keys
 from vqakit.models.checkpoint_files import load_weights
 from vqakit.data.answers import normalize_answer
 from vqakit.models.two_tower import FUSIONS, Fusion, TwoTowerConfig, TwoTowerModel
-from vqakit.towers.text import TextPooler
+from vqakit.towers.text import TextTowerConfig
+from vqakit.towers.vision import VisionTowerConfig
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -44,19 +45,21 @@ WEIGHTS_NAME = "model.safetensors"
 class GRUDecoderConfig(ConfigMixin):
     """A two-tower encoder and a GRU answer decoder (saved as ``config.json`` with ``model_type: gru_decoder``).
 
+    The encoder is a :class:`~vqakit.models.two_tower.TwoTowerModel` of the same tower configs and fusion settings
+    (:meth:`backbone_config`).
+
     Args:
-        vision_tower: packaged ``efficientnet-lite0``, or any HF vision model id / local directory.
-        text_tower: packaged ``minilm-l6``, or any HF BERT-family model id / local directory.
-        image_size: square input size in pixels.
-        vision_multiscale: append pooled stride-8/16 stage features to each grid token (EfficientNet).
-        max_question_length: questions are truncated to this many tokens.
+        vision: the vision tower and its options, as :class:`~vqakit.models.two_tower.TwoTowerConfig`'s (default
+            here: 64 px, multi-scale features); ``--gru.vision.image_size 64`` on the command line.
+        text: the text tower and its options, as :class:`~vqakit.models.two_tower.TwoTowerConfig`'s
+            (``max_length``: questions are truncated to this many tokens; ``pooler``: how ``concat``/``gated``
+            pool question tokens).
         fusion: how image and question meet: ``gated`` (seed 003), ``concat`` or ``cross-attention``.
         hidden_size: width of the fusion layers and of the GRU.
         num_fusion_layers: co-attention layers (``cross-attention`` only).
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and on the decoder's inputs.
-        text_pooler: how ``concat``/``gated`` pool question tokens: ``mean`` or ``cls``.
         word_embed_dim: size of the answer word embeddings.
         num_decoder_layers: stacked GRU layers.
         max_answer_length: the most words a generated answer has (without ``<eos>``).
@@ -66,21 +69,20 @@ class GRUDecoderConfig(ConfigMixin):
         vocab: answer words, index = word id; the first four are ``<pad> <bos> <eos> <unk>`` (from the data).
         image_mean: per-channel pixel mean (filled from the vision tower).
         image_std: per-channel pixel std (filled from the vision tower).
-        num_image_tokens: tokens the vision tower yields at ``image_size`` (filled when built).
+        num_image_tokens: tokens the vision tower yields at ``vision.image_size`` (filled when built).
+
+    A ``config.json`` or YAML recipe with the earlier flat tower fields (``vision_tower``, ``image_size``,
+    ``vision_multiscale``, ``text_tower``, ``max_question_length``, ``text_pooler``) is read through :meth:`upgrade`.
     """
 
-    vision_tower: str = "efficientnet-lite0"
-    text_tower: str = "minilm-l6"
-    image_size: int = 64
-    vision_multiscale: bool = True
-    max_question_length: int = 32
+    vision: VisionTowerConfig = field(default_factory=lambda: VisionTowerConfig(image_size=64, multiscale=True))
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
     fusion: Fusion = "gated"
     hidden_size: int = 256
     num_fusion_layers: int = 1
     num_heads: int = 4
     mlp_ratio: int = 2
     dropout: float = 0.1
-    text_pooler: TextPooler = "mean"
     word_embed_dim: int = 128
     num_decoder_layers: int = 1
     max_answer_length: int = 6
@@ -95,6 +97,8 @@ class GRUDecoderConfig(ConfigMixin):
     model_type = "gru_decoder"
 
     def __post_init__(self):
+        self.vision = as_config(self.vision, VisionTowerConfig, "--gru.vision")
+        self.text = as_config(self.text, TextTowerConfig, "--gru.text")
         if self.fusion not in FUSIONS:
             raise ValueError(f"--gru.fusion={self.fusion!r} is not one of {FUSIONS}")
         if self.decoding not in DECODINGS:
@@ -107,9 +111,15 @@ class GRUDecoderConfig(ConfigMixin):
             raise ValueError(f"config vocab must start with {list(SPECIALS)}, got {self.vocab[:4]}")
 
     def backbone_config(self) -> TwoTowerConfig:
-        """The encoder's settings as a :class:`TwoTowerConfig` (its fusion, towers and sizes)."""
+        """The encoder's settings as a :class:`TwoTowerConfig` (its towers, fusion and sizes)."""
         keep = {f.name for f in fields(TwoTowerConfig)} & {f.name for f in fields(self)}
         return TwoTowerConfig(**{k: getattr(self, k) for k in keep})
+
+    @classmethod
+    def upgrade_keys(cls, d: dict) -> dict:
+        """The flat tower fields of ``d`` (a ``config.json`` or a YAML recipe's ``gru`` section) moved into
+        ``vision`` / ``text``."""
+        return nest_tower_keys(d)
 
 
 def answer_words(answer: str) -> list[str]:
@@ -144,7 +154,7 @@ class GRUDecoderOutput:
 class GRUDecoderForQuestionAnswering(nn.Module):
     """Encoder (towers + fusion) -> GRU decoder over answer words.
 
-    >>> cfg = GRUDecoderConfig(image_size=64, vocab=build_word_vocab(["yes", "no"]))
+    >>> cfg = GRUDecoderConfig(vocab=build_word_vocab(["yes", "no"]))  # 64 px images
     >>> model = GRUDecoderForQuestionAnswering(cfg).eval()  # the packaged towers, loaded offline
     >>> ids = torch.tensor([[101, 2003, 2009, 2417, 1029, 102]])
     >>> len(model.generate(pixel_values=torch.zeros(1, 3, 64, 64), input_ids=ids,

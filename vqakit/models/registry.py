@@ -149,3 +149,47 @@ def family_of_config(config) -> ModelFamily:
 def generative_types() -> tuple[str, ...]:
     """The ``model_type``s of the families that generate their answers, in registration order."""
     return tuple(t for t, f in _FAMILIES.items() if f.generative)
+
+
+def upgrade_dotted_key(key: str) -> str:
+    """A dotted config key named as an earlier version named it, as it is named now (``ConfigMixin.upgrade_keys``
+    of the family whose ``vqakit train`` argument it is under); any other key as given.
+
+    >>> upgrade_dotted_key("model.vision_grid_stride"), upgrade_dotted_key("llm.image_size")
+    ('model.vision.grid_stride', 'llm.vision.image_size')
+    >>> upgrade_dotted_key("model.hidden_size"), upgrade_dotted_key("vlm.image_size")
+    ('model.hidden_size', 'vlm.image_size')
+    """
+    section, _, field = key.partition(".")
+    family = next((f for f in _FAMILIES.values() if f.train_key == section), None)
+    if family is None or not field or "." in field:
+        return key
+    path, node = [section], family.config_class().upgrade_keys({field: None})
+    while isinstance(node, dict) and len(node) == 1:
+        name, node = next(iter(node.items()))
+        path.append(name)
+    return ".".join(path)
+
+
+def upgrade_recipe(recipe: dict) -> tuple[dict, list[tuple[str, str]]]:
+    """A recipe (``{"model": ..., "data": ..., "train": ...}``, a ``--config`` YAML written by an earlier version)
+    with every model family's section in today's names (``ConfigMixin.upgrade_keys``), and the ``(old, new)``
+    dotted names it renamed.
+
+    >>> recipe, renamed = upgrade_recipe({"model": {"vision_grid_stride": 16, "fusion": "spatial"}, "data": {}})
+    >>> recipe
+    {'model': {'fusion': 'spatial', 'vision': {'grid_stride': 16}}, 'data': {}}
+    >>> renamed
+    [('model.vision_grid_stride', 'model.vision.grid_stride')]
+    """
+    out, renamed = dict(recipe), []
+    for family in _FAMILIES.values():
+        section = out.get(family.train_key)
+        if not isinstance(section, dict):
+            continue
+        new = family.config_class().upgrade_keys(dict(section))
+        gone = [key for key in section if key not in new]
+        if gone:
+            out[family.train_key] = new
+            renamed += [(f"{family.train_key}.{key}", upgrade_dotted_key(f"{family.train_key}.{key}")) for key in gone]
+    return out, renamed

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin
+from vqakit.models.checkpoint import CONFIG_NAME, ConfigMixin, as_config, nest_tower_keys
 from vqakit.models.checkpoint_files import load_weights
-from vqakit.towers.text import POOLERS, HFTextTower, TextPooler, TextTowerConfig, mean_pool
-from vqakit.towers.vision import GRID_STRIDES, GridStride, VisionTowerConfig, build_vision_tower
+from vqakit.towers.text import POOLERS, HFTextTower, TextTowerConfig, mean_pool
+from vqakit.towers.vision import VisionTowerConfig, build_vision_tower
 
 Fusion = Literal["concat", "gated", "cross-attention", "spatial", "relational"]
 Loss = Literal["bce", "ce"]
@@ -48,19 +48,12 @@ class TwoTowerConfig(ConfigMixin):
     """Architecture of a two-tower VQA classifier (saved as ``config.json`` in the checkpoint).
 
     Args:
-        vision_tower: packaged ``efficientnet-lite0``, or any HF vision model id / local directory.
-        text_tower: packaged ``minilm-l6``, or any HF BERT-family model id / local directory.
-        image_size: square input size in pixels the image is resized to.
-        vision_multiscale: append pooled stride-8/16 stage features to each grid token (EfficientNet).
-        vision_grid_stride: stride of the token grid in pixels (EfficientNet: 32, the last feature map, or 16 / 8
-            for a finer grid whose cells carry that stage's features plus the coarser maps' features above them).
-        vision_truncate: stop the EfficientNet after the ``vision_grid_stride`` stage (16 or 8): its mid-level
-            features only, at a fraction of the cost (see ``EfficientNetLiteTower``).
-        vision_color_stats: append per-cell mean/max/min of the input pixels' colour channels (EfficientNet).
-        vision_feature_norm: standardise every vision feature channel (mean 0, std 1 over the training cells;
-            a ``BatchNorm1d`` without affine weights, its statistics averaged over all of training) before the
-            projection, so that channels of small scale (colour statistics next to CNN activations) count.
-        max_question_length: questions are truncated to this many tokens.
+        vision: the vision tower and its options (:class:`~vqakit.towers.vision.VisionTowerConfig`: ``name``,
+            ``image_size``, ``multiscale``, ``grid_stride``, ``truncate``, ``color_stats``, ``feature_norm``), each
+            checked there against the tower; ``--model.vision.grid_stride 16`` on the command line.
+        text: the text tower and its options (:class:`~vqakit.towers.text.TextTowerConfig`: ``name``,
+            ``max_length`` (questions are truncated to this many tokens), ``pooler`` (how ``concat``/``gated``
+            pool question tokens)).
         fusion: how the modalities meet: ``concat``, ``gated``, ``cross-attention``, ``spatial`` (question tokens
             attend by content and position) or ``relational`` (find/relate/read steps, ``RelationalFusion``).
         hidden_size: width of the fusion layers.
@@ -77,25 +70,24 @@ class TwoTowerConfig(ConfigMixin):
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
-        text_pooler: how ``concat``/``gated`` pool question tokens: ``mean`` or ``cls``.
         loss: ``bce`` against VQA soft scores (standard) or ``ce`` against the majority answer.
         gradient_checkpointing: recompute activations in backward to save memory: per fusion layer, per
             tower layer (transformers' own) and per EfficientNet block.
         id2label: answer vocabulary, class id -> answer (filled from the training data).
         image_mean: per-channel mean used to normalise pixels (filled from the vision tower).
         image_std: per-channel std used to normalise pixels (filled from the vision tower).
-        num_image_tokens: tokens the vision tower yields at ``image_size`` (filled when built).
+        num_image_tokens: tokens the vision tower yields at ``vision.image_size`` (filled when built).
+
+    Checkpoints and YAML recipes written with the earlier flat fields (``vision_tower``, ``image_size``,
+    ``vision_grid_stride``, ..., ``max_question_length``, ``text_pooler``) are read through :meth:`upgrade`
+    (:data:`~vqakit.models.checkpoint.FLAT_TOWER_KEYS`).
+
+    >>> TwoTowerConfig.from_dict({"vision_grid_stride": 16, "text_pooler": "cls"}).vision.grid_stride
+    16
     """
 
-    vision_tower: str = "efficientnet-lite0"
-    text_tower: str = "minilm-l6"
-    image_size: int = 224
-    vision_multiscale: bool = False
-    vision_grid_stride: GridStride = 32
-    vision_truncate: bool = False
-    vision_color_stats: bool = False
-    vision_feature_norm: bool = False
-    max_question_length: int = 32
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
     fusion: Fusion = "cross-attention"
     hidden_size: int = 256
     num_fusion_layers: int = 3
@@ -105,7 +97,6 @@ class TwoTowerConfig(ConfigMixin):
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
-    text_pooler: TextPooler = "mean"
     loss: Loss = "bce"
     gradient_checkpointing: bool = False
     id2label: dict[int, str] = field(default_factory=dict)
@@ -116,56 +107,52 @@ class TwoTowerConfig(ConfigMixin):
     model_type = "two_tower"
 
     def __post_init__(self):
+        self.vision = as_config(self.vision, VisionTowerConfig, "--model.vision")
+        self.text = as_config(self.text, TextTowerConfig, "--model.text")
         if self.fusion not in FUSIONS:
             raise ValueError(f"--model.fusion={self.fusion!r} is not one of {FUSIONS}")
         if self.loss not in LOSSES:
             raise ValueError(f"--model.loss={self.loss!r} is not one of {LOSSES}")
-        if self.text_pooler not in POOLERS:
-            raise ValueError(f"--model.text_pooler={self.text_pooler!r} is not one of {tuple(POOLERS)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"--model.hidden_size={self.hidden_size} must be divisible by --model.num_heads={self.num_heads}"
             )
         if self.reasoning_steps < 1:
             raise ValueError(f"--model.reasoning_steps={self.reasoning_steps} must be at least 1")
-        if self.vision_grid_stride not in GRID_STRIDES:
-            raise ValueError(f"--model.vision_grid_stride={self.vision_grid_stride} is not one of {GRID_STRIDES}")
-        if self.image_size < 16:
-            raise ValueError(f"--model.image_size={self.image_size} is too small (at least 16)")
+        if self.vision.image_size < 16:
+            raise ValueError(f"--model.vision.image_size={self.vision.image_size} is too small (at least 16)")
         self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
 
     @property
     def num_answers(self) -> int:
         return len(self.id2label)
 
-    def vision_config(self) -> VisionTowerConfig:
-        """The vision tower's options, checked against the tower (``vision_truncate``, ``vision_color_stats``,
-        ``vision_grid_stride`` and ``vision_multiscale`` need the packaged EfficientNet)."""
-        return VisionTowerConfig(self.vision_tower, image_size=self.image_size, multiscale=self.vision_multiscale,
-                                 grid_stride=self.vision_grid_stride, truncate=self.vision_truncate,
-                                 color_stats=self.vision_color_stats, feature_norm=self.vision_feature_norm)
-
-    def text_config(self) -> TextTowerConfig:
-        """The text tower's options."""
-        return TextTowerConfig(self.text_tower, max_length=self.max_question_length, pooler=self.text_pooler)
-
     @classmethod
     def upgrade(cls, d: dict) -> dict:
-        return _patch_missing_keys(d)
+        """A ``config.json`` of any earlier layout: the defaults older checkpoints were trained under, then the flat
+        tower fields moved into ``vision`` / ``text``."""
+        return nest_tower_keys(_patch_missing_keys(d))
+
+    @classmethod
+    def upgrade_keys(cls, d: dict) -> dict:
+        """The flat tower fields of ``d`` (possibly partial: a YAML recipe's ``model`` section) moved into
+        ``vision`` / ``text``."""
+        return nest_tower_keys(d)
 
 
 def _patch_missing_keys(d: dict) -> dict:
     """Fill fields that older checkpoints lack with the defaults they were trained under."""
     d.setdefault("gradient_checkpointing", False)
-    d.setdefault("vision_multiscale", False)
-    d.setdefault("vision_grid_stride", 32)
     d.setdefault("reasoning_steps", 3)
     d.setdefault("position_readout", False)
     d.setdefault("relation_bias", False)
-    d.setdefault("vision_truncate", False)
-    d.setdefault("vision_color_stats", False)
-    d.setdefault("vision_feature_norm", False)
     d.setdefault("mlp_ratio", 4)
+    if "vision" not in d:  # the flat layout: its tower options as the flat fields, nested by nest_tower_keys
+        d.setdefault("vision_multiscale", False)
+        d.setdefault("vision_grid_stride", 32)
+        d.setdefault("vision_truncate", False)
+        d.setdefault("vision_color_stats", False)
+        d.setdefault("vision_feature_norm", False)
     return d
 
 
@@ -190,7 +177,7 @@ class ConcatFusion(nn.Module):
 
     def __init__(self, cfg: TwoTowerConfig):
         super().__init__()
-        self.pool_text = POOLERS[cfg.text_pooler]
+        self.pool_text = POOLERS[cfg.text.pooler]
         h = cfg.hidden_size
         self.mlp = nn.Sequential(mlp(2 * h, cfg.mlp_ratio * h, h, cfg.dropout), nn.GELU())
         self.out_dim = cfg.hidden_size
@@ -206,7 +193,7 @@ class GatedFusion(nn.Module):
     def __init__(self, cfg: TwoTowerConfig):
         super().__init__()
         h = cfg.hidden_size
-        self.pool_text = POOLERS[cfg.text_pooler]
+        self.pool_text = POOLERS[cfg.text.pooler]
         self.gate = nn.Linear(2 * h, h)
         self.ln = nn.LayerNorm(h)
         self.refine = mlp(h, cfg.mlp_ratio * h, h, cfg.dropout)
@@ -432,7 +419,7 @@ class RelationalFusion(nn.Module):
             for _ in range(cfg.num_fusion_layers)
         )
         self.ln_v = nn.LayerNorm(h)
-        self.token_pos = nn.Parameter(torch.randn(cfg.max_question_length, h) * 0.1)
+        self.token_pos = nn.Parameter(torch.randn(cfg.text.max_length, h) * 0.1)
         self.question_out = mlp(h, 2 * h, h, 0.0)
         self.step_query = nn.Parameter(torch.randn(k_steps, h) * 0.02)
         self.step_from_question = nn.Linear(h, k_steps * h)
@@ -552,9 +539,8 @@ class TwoTowerModel(nn.Module):
         self.config = config
         vision_cfg = _subdir(tower_dir, "vision_tower")
         text_cfg = _subdir(tower_dir, "text_tower")
-        vision_config = config.vision_config()
-        self.vision = build_vision_tower(vision_config, pretrained=pretrained_towers, config_dir=vision_cfg)
-        self.text = HFTextTower(config.text_config(), pretrained=pretrained_towers, config_dir=text_cfg)
+        self.vision = build_vision_tower(config.vision, pretrained=pretrained_towers, config_dir=vision_cfg)
+        self.text = HFTextTower(config.text, pretrained=pretrained_towers, config_dir=text_cfg)
         if config.gradient_checkpointing:  # the towers too, not only the fusion layers
             self.vision.gradient_checkpointing_enable()
             self.text.gradient_checkpointing_enable()
@@ -562,12 +548,12 @@ class TwoTowerModel(nn.Module):
             config.image_mean, config.image_std = list(self.vision.image_mean), list(self.vision.image_std)
         if config.num_image_tokens is None:
             with torch.no_grad():
-                probe = torch.zeros(1, 3, config.image_size, config.image_size)
+                probe = torch.zeros(1, 3, config.vision.image_size, config.vision.image_size)
                 config.num_image_tokens = self.vision.eval()(probe).shape[1]
         h = config.hidden_size
         # momentum=None: a cumulative average over every training batch, i.e. the training set's statistics
         self.vision_norm = (nn.BatchNorm1d(self.vision.out_dim, affine=False, momentum=None)
-                            if vision_config.feature_norm else None)
+                            if config.vision.feature_norm else None)
         self.vision_proj = nn.Sequential(nn.Linear(self.vision.out_dim, h), nn.LayerNorm(h))
         self.text_proj = nn.Sequential(nn.Linear(self.text.out_dim, h), nn.LayerNorm(h))
         self.image_pos = nn.Parameter(torch.zeros(1, config.num_image_tokens, h))  # where each grid cell is
@@ -606,7 +592,7 @@ class TwoTowerModel(nn.Module):
         if image_features.shape[1] != self.image_pos.shape[1]:
             raise ValueError(
                 f"the vision tower gave {image_features.shape[1]} tokens but the model was built for "
-                f"{self.image_pos.shape[1]} (image_size={self.config.image_size}); resize images to that size"
+                f"{self.image_pos.shape[1]} (image_size={self.config.vision.image_size}); resize images to that size"
             )
         param_dtype = self.image_pos.dtype
         image_features = image_features.to(param_dtype)
@@ -624,7 +610,7 @@ class TwoTowerModel(nn.Module):
 class TwoTowerForQuestionAnswering(nn.Module):
     """``TwoTowerModel`` + a classifier over the answer vocabulary (Teney et al.'s two-layer head).
 
-    >>> cfg = TwoTowerConfig(image_size=64, fusion="gated", id2label={0: "yes", 1: "no"})
+    >>> cfg = TwoTowerConfig(VisionTowerConfig(image_size=64), fusion="gated", id2label={0: "yes", 1: "no"})
     >>> model = TwoTowerForQuestionAnswering(cfg)  # the packaged towers, loaded offline
     >>> ids = torch.tensor([[101, 2003, 2009, 2417, 1029, 102]])
     >>> model(pixel_values=torch.zeros(1, 3, 64, 64), input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape

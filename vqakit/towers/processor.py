@@ -2,7 +2,7 @@
 
 Images: any input ``load_image`` accepts -> RGB -> resized to ``image_size`` squared (bilinear) ->
 scaled to [0, 1] -> normalised with the vision tower's mean/std. Questions: the text tower's tokenizer,
-padded to the longest in the batch and truncated to ``max_question_length``.
+padded to the longest in the batch and truncated to ``max_question_length`` (the model config's ``text.max_length``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class VQAProcessor:
     @classmethod
     def from_config(cls, config, tokenizer_dir: str | Path | None = None) -> "VQAProcessor":
         """From a ``TwoTowerConfig``; the tokenizer from ``tokenizer_dir`` (a checkpoint's ``text_tower/``)."""
-        tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir is not None else config.text_tower)
-        return cls(config.image_size, config.image_mean, config.image_std, tokenizer, config.max_question_length)
+        tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir is not None else config.text.name)
+        return cls(config.vision.image_size, config.image_mean, config.image_std, tokenizer, config.text.max_length)
 
     def image(self, source) -> torch.Tensor:
         """One image (path, bytes, PIL, numpy) -> (3, S, S) float tensor."""

@@ -47,8 +47,8 @@ assert get_args(TextPooler) == tuple(POOLERS)
 
 @dataclass
 class TextTowerConfig:
-    """A text tower's options, checked here (open_clip's ``CLIPTextCfg``). A model family builds it from its own
-    flat fields (``TwoTowerConfig.text_config()``).
+    """A text tower's options, checked here (open_clip's ``CLIPTextCfg``). A model family's config holds it as its
+    ``text`` field (``TwoTowerConfig.text``, ``--model.text.pooler``).
 
     Args:
         name: packaged ``minilm-l6``, or any HF BERT-family model id / local directory.

@@ -42,7 +42,7 @@ class VisionTowerConfig:
 
     ``multiscale``, ``grid_stride``, ``truncate`` and ``color_stats`` are implemented for the packaged EfficientNet
     (see :class:`EfficientNetLiteTower`); a Hugging Face tower raises ``NotImplementedError`` naming the option.
-    A model family builds it from its own flat fields (``TwoTowerConfig.vision_config()``).
+    A model family's config holds it as its ``vision`` field (``TwoTowerConfig.vision``: ``--model.vision.truncate``).
 
     Args:
         name: packaged ``efficientnet-lite0``, or any HF vision model id / local directory.

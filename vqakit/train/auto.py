@@ -180,18 +180,21 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
                     if side == native_side else
                     f"native {p.image_width}x{p.image_height} px, down to {size} px: a {side}x{side} grid still "
                     f"runs {need:,} steps in the {budget_minutes:g}-min budget, {native_side}x{native_side} would not")
+    vision = {
+        "name": choose("model.vision.name", "efficientnet-lite0", "packaged ImageNet CNN, offline"),
+        "image_size": choose("model.vision.image_size", size, size_why),
+        "multiscale": True,
+        "grid_stride": choose("model.vision.grid_stride", stride,
+                              f"a {size // stride}x{size // stride} grid of {stride}-px cells"),
+        "truncate": choose("model.vision.truncate", True, "mid-level features (where and what colour) "
+                           "at a fraction of the full network's cost"),
+        "color_stats": choose("model.vision.color_stats", True, "per-cell mean/max/min RGB: colours are named "
+                              "exactly"),
+        "feature_norm": True,
+    }
     model = {
-        "vision_tower": choose("model.vision_tower", "efficientnet-lite0", "packaged ImageNet CNN, offline"),
-        "text_tower": choose("model.text_tower", "minilm-l6", "packaged sentence encoder, offline"),
-        "image_size": choose("model.image_size", size, size_why),
-        "vision_multiscale": True,
-        "vision_grid_stride": choose("model.vision_grid_stride", stride,
-                                     f"a {size // stride}x{size // stride} grid of {stride}-px cells"),
-        "vision_truncate": choose("model.vision_truncate", True, "mid-level features (where and what colour) "
-                                  "at a fraction of the full network's cost"),
-        "vision_color_stats": choose("model.vision_color_stats", True, "per-cell mean/max/min RGB: colours "
-                                     "are named exactly"),
-        "vision_feature_norm": True,
+        "vision": vision,
+        "text": {"name": choose("model.text.name", "minilm-l6", "packaged sentence encoder, offline")},
         "fusion": choose("model.fusion", "relational", "find / relate / read steps: attribute, position, "
                          "counting, comparison and relations alike"),
     }
