@@ -52,7 +52,7 @@ def verify_int8(checkpoint_dir: str | Path, examples: list, max_drop: float = MA
               "drop": drop, "max_drop": max_drop, "keeps_accuracy": drop <= max_drop, "answers_changed": changed,
               "seconds": seconds, "backend": "onnx"}
     write_int8_verdict(checkpoint_dir, record)
-    logger.info("INT8 check of %s on %d questions: accuracy %.2f -> %.2f (%d answers changed): %s",
+    logger.info("INT8 check of %s on %d questions: accuracy %.2f -> %.2f (answers changed: %d): %s",
                 checkpoint_dir, len(examples), scores["float32"], scores["int8"], changed,
                 "INT8 is served by default" if record["keeps_accuracy"] else
                 f"INT8 loses more than {max_drop} points, float32 is served by default")

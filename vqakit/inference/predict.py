@@ -252,7 +252,11 @@ class VQAPredictor:
                 quantize = None  # the INT8 check was of the ONNX graphs: PyTorch serves float32
         if quantize == "int8":
             # the torch model also serves attention maps on the onnx backend: quantize it the same way
-            model = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
+            import warnings
+
+            with warnings.catch_warnings():  # torch announces the quantized tensor types' future removal, per layer
+                warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+                model = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
         return cls(model, processor, device, onnx, quantize, question_cache)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
