@@ -14,37 +14,28 @@ from pathlib import Path
 
 import torch
 
+from fixtures.checkpoints import ANSWERS, fixture_logits, write_checkpoint_fixture
+
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "two_tower_v1"
-ANSWERS = ["yes", "no", "red", "blue", "circle", "square", "2", "3"]
-WORDS = "what is the color of shape is there a red blue circle square how many ?".split()
+# its config as that code was given it (the flat layout; the other fields took that code's defaults)
+FLAT = {"vision_tower": "tiny-vit", "text_tower": "tiny-bert", "image_size": 32, "hidden_size": 16, "num_heads": 2,
+        "num_fusion_layers": 1, "mlp_ratio": 2, "max_question_length": 16}
 
 
 def test_old_checkpoint_gives_the_same_logits():
-    from safetensors.torch import load_file
-
     from vqakit.models.two_tower import TwoTowerForQuestionAnswering
 
-    expected = load_file(str(FIXTURE / "expected.safetensors"))
     model = TwoTowerForQuestionAnswering.from_pretrained(FIXTURE)
-    with torch.no_grad():
-        logits = model(pixel_values=expected["pixel_values"], input_ids=expected["input_ids"],
-                       attention_mask=expected["attention_mask"]).logits
-    torch.testing.assert_close(logits, expected["logits"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(*fixture_logits(FIXTURE, model), atol=1e-6, rtol=0)
     assert model.config.id2label == dict(enumerate(ANSWERS))
 
 
 def test_old_checkpoint_serves_through_the_predictor():
-    from safetensors.torch import load_file
-
     from vqakit.inference.generative import load_predictor
 
-    expected = load_file(str(FIXTURE / "expected.safetensors"))
     predictor = load_predictor(FIXTURE, device="cpu", backend="torch")
     assert type(predictor).__name__ == "VQAPredictor" and predictor.labels == ANSWERS
-    with torch.no_grad():
-        logits = predictor.model(pixel_values=expected["pixel_values"], input_ids=expected["input_ids"],
-                                 attention_mask=expected["attention_mask"]).logits
-    torch.testing.assert_close(logits, expected["logits"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(*fixture_logits(FIXTURE, predictor.model), atol=1e-6, rtol=0)
 
 
 def test_old_config_json_is_flat():
@@ -54,41 +45,7 @@ def test_old_config_json_is_flat():
 
 def write_fixture(out: Path = FIXTURE) -> None:
     """Write the fixture with the code checked out now (see the module docstring: only on purpose)."""
-    import tempfile
-
-    from safetensors.torch import save_file
-    from transformers import BertConfig, BertModel, BertTokenizerFast, ViTConfig, ViTModel
-
-    from vqakit.models.two_tower import TwoTowerConfig, TwoTowerForQuestionAnswering
-
-    with tempfile.TemporaryDirectory() as tmp:
-        vit, bert = Path(tmp) / "tiny-vit", Path(tmp) / "tiny-bert"
-        torch.manual_seed(1)
-        ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=24), add_pooling_layer=False).save_pretrained(vit)
-        torch.manual_seed(0)
-        bert.mkdir()
-        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
-        (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        tokenizer = BertTokenizerFast(vocab_file=str(bert / "vocab.txt"))
-        tokenizer.save_pretrained(bert)
-        BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=24, max_position_embeddings=32)).save_pretrained(bert)
-        torch.manual_seed(2)
-        config = TwoTowerConfig(vision_tower=str(vit), text_tower=str(bert), image_size=32, hidden_size=16,
-                                num_heads=2, num_fusion_layers=1, mlp_ratio=2, max_question_length=16,
-                                id2label=dict(enumerate(ANSWERS)))
-        model = TwoTowerForQuestionAnswering(config).eval()
-        config.vision_tower, config.text_tower = "tiny-vit", "tiny-bert"  # no temporary paths in config.json
-        model.save_pretrained(out, tokenizer=tokenizer)
-    g = torch.Generator().manual_seed(0)
-    enc = tokenizer(["what is the color of the shape ?", "is there a red circle ?", "how many square ?"],
-                    padding=True, return_tensors="pt")
-    inputs = {"pixel_values": torch.randn(3, 3, 32, 32, generator=g), "input_ids": enc["input_ids"],
-              "attention_mask": enc["attention_mask"]}
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    save_file({**inputs, "logits": logits.contiguous()}, str(out / "expected.safetensors"))
+    write_checkpoint_fixture(out, FLAT)
 
 
 if __name__ == "__main__":
