@@ -647,20 +647,22 @@ def export(checkpoint: str, out_dir: str | None = None, verify_int8: bool = Fals
     """
     from vqakit.inference.export import export_onnx
 
-    if verify_int8 and out_dir is not None:
-        raise ValueError("--verify_int8 checks the export that serving loads, <checkpoint>/onnx: drop --out_dir")
+    if verify_int8:  # the questions first: bad data fails before the export runs
+        from vqakit.data.config import load_split
+
+        if out_dir is not None:
+            raise ValueError("--verify_int8 checks the export that serving loads, <checkpoint>/onnx: drop --out_dir")
+        split = split or data.eval_split
+        examples = load_split(data, split)
+        if not any(e.answers for e in examples):
+            raise ValueError(f"split {split!r} of {data.dataset} has no questions with human answers to check INT8 on")
     out = export_onnx(checkpoint, out_dir)
     info = json.loads((out / "export.json").read_text())
     print(f"wrote {out}: max |onnx - torch| = {info['max_abs_diff']}")
     result = {"onnx_dir": str(out), "max_abs_diff": info["max_abs_diff"]}
     if verify_int8:
-        from vqakit.data.config import load_split
         from vqakit.eval.int8 import verify_int8 as check
 
-        split = split or data.eval_split
-        examples = load_split(data, split)
-        if not any(e.answers for e in examples):
-            raise ValueError(f"split {split!r} of {data.dataset} has no questions with human answers to check INT8 on")
         result["int8_check"] = check(checkpoint, examples, max_drop=max_drop, limit=limit)  # logs the verdict
     return result
 
@@ -721,6 +723,7 @@ def _resolve_configs(argv: list[str]) -> list[str]:
     the earlier names (``--model.vision_grid_stride 16``) are read in today's names (``model.vision.grid_stride``;
     ``vqakit.models.registry.upgrade_recipe``), saying so on stderr."""
     from vqakit.configs import resolve_config
+    from vqakit.models.registry import upgrade_dotted_key
 
     out = list(argv)
     for i, arg in enumerate(out):
@@ -730,17 +733,11 @@ def _resolve_configs(argv: list[str]) -> list[str]:
             out[i] = "--config=" + _upgraded_config(resolve_config(arg.split("=", 1)[1]))
         elif arg.startswith("--") and "." in arg:
             key, eq, value = arg[2:].partition("=")
-            new = _upgraded_key(key)
+            new = upgrade_dotted_key(key)
             if new != key:
                 print(f"vqakit: --{key} is now --{new}", file=sys.stderr)
                 out[i] = f"--{new}{eq}{value}"
     return out
-
-
-def _upgraded_key(key: str) -> str:
-    from vqakit.models.registry import upgrade_dotted_key
-
-    return upgrade_dotted_key(key)
 
 
 def _upgraded_config(path: str) -> str:
