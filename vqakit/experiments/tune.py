@@ -442,7 +442,7 @@ def _worker_alive(worker: str) -> bool:
 
 def recover_dead_trials(study, storage, out: Path, retry) -> list[int]:
     """Mark RUNNING trials whose process died as failed, retry them (``retry``: Optuna's
-    ``RetryFailedTrialCallback``) and delete their partial run directories. Returns their numbers."""
+    ``RetryHeartbeatStaleTrialCallback``) and delete their partial run directories. Returns their numbers."""
     from optuna.trial import TrialState
 
     dead = []
@@ -692,7 +692,7 @@ def run_search(
         enqueue: settings ``{knob: value}`` to try first, after the base config.
     """
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     from vqakit.train.run import fit
@@ -742,9 +742,9 @@ def run_search(
     write_space(knobs, out / "space.yaml")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    retry = RetryFailedTrialCallback(max_retry=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
         rdb = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=HEARTBEAT_GRACE_S,
                          heartbeat_stale_trial_callback=retry)
     if pruner == "median":  # at least two complete trials to take a median of, then from the first report on
