@@ -574,7 +574,7 @@ def write_outputs(study, base: dict, knobs: list[Knob], num_train: int, reports:
 
     rows = _rows(study)
     states = [r["state"] for r in rows]
-    header = [f"# vqakit tune: {study.study_name}", "",
+    header = [f"# vqakit tune, study {study.study_name!r}", "",
               f"{len(rows)} trials: {states.count('complete')} complete, {states.count('pruned')} pruned, "
               f"{states.count('fail')} failed, {states.count('running')} running.", "", selection]
     written = {"trials_csv": out / "trials.csv", "trials_md": out / "trials.md", "plot": out / "tune.png"}
@@ -586,8 +586,8 @@ def write_outputs(study, base: dict, knobs: list[Knob], num_train: int, reports:
                    + (f" (base config, trial {base_trials[0].number}: {base_trials[0].value:.2f})" if base_trials else "")
                    + ". Train it: `vqakit train --config " + str(out / "best_config.yaml") + "`."]
         cfg = best_config(base, best, num_train, reports, out)
-        note = (f"# vqakit tune {study.study_name}: the best of {len(complete)} complete trials, trial {best.number}, "
-                f"val VQA accuracy {best.value:.2f}\n# {selection}\n# searched: "
+        note = (f"# vqakit tune, study {study.study_name!r}: the best of {len(complete)} complete trials, "
+                f"trial {best.number}, val VQA accuracy {best.value:.2f}\n# {selection}\n# searched: "
                 + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
                 + f"\n# vqakit train --config {out / 'best_config.yaml'}\n")
         (out / "best_config.yaml").write_text(note + yaml.safe_dump(cfg, sort_keys=False))
