@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from vqakit.data.images import DEFAULT_MAX_PIXELS, load_image
 from vqakit.inference.onnx_runtime import OnnxParts
+from vqakit.models.quantize import quantize_dynamic_int8
 from vqakit.models.registry import MODEL_FAMILIES, model_types
 from vqakit.models.two_tower import CONFIG_NAME, TwoTowerForQuestionAnswering
 from vqakit.towers.processor import VQAProcessor
@@ -252,11 +253,7 @@ class VQAPredictor:
                 quantize = None  # the INT8 check was of the ONNX graphs: PyTorch serves float32
         if quantize == "int8":
             # the torch model also serves attention maps on the onnx backend: quantize it the same way
-            import warnings
-
-            with warnings.catch_warnings():  # torch announces the quantized tensor types' future removal, per layer
-                warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
-                model = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
+            model = quantize_dynamic_int8(model, {torch.nn.Linear})
         return cls(model, processor, device, onnx, quantize, question_cache)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:

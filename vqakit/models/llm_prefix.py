@@ -687,12 +687,14 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         token as the float32 head. Measured on SmolLM2-135M (benchmarks/llm_latency.py and the easy-VQA subset):
         with ``down_proj`` quantized the answers break (58.18 vs 75.22; its input carries the LLM's activation
         outliers), so it stays float32; an INT8 head alone costs 0.7 points, the shortlist head nothing."""
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
+        from vqakit.models.quantize import quantize_dynamic_int8
 
         head = self.lm.get_output_embeddings()
         spec = {name: per_channel_dynamic_qconfig for name, m in self.lm.named_modules()
                 if isinstance(m, nn.Linear) and m is not head and not name.endswith(skip)}
-        self.lm = quantize_dynamic(self.lm.eval(), spec)
+        self.lm = quantize_dynamic_int8(self.lm, spec)
         if shortlist > 0 and isinstance(head, nn.Linear):
             self.lm.set_output_embeddings(Int8ShortlistHead(head, shortlist))
 
