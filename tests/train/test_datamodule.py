@@ -120,3 +120,24 @@ def test_grouped_sampler_keeps_images_together_and_is_resumable():
     again = EpochShuffleSampler(50, seed=3, groups=groups)
     again.load_state_dict(state)
     assert head + list(again) == first
+
+
+@pytest.mark.parametrize("batch_size", [10, 16])  # 40 questions: 4 full batches; 2 and a partial one
+def test_every_epoch_is_a_full_pass_also_when_the_batch_size_divides_the_data(batch_size):
+    """A batch sampler stops pulling indices once it has len(sampler) of them, so the sampler's generator never
+    runs past its last index when the batch size divides the data; the next pass must still be a full one
+    (it was empty: an epoch of no steps, and a run stopped by max_epochs after half its planned steps)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from vqakit.train.datamodule import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(40, seed=1, groups=[i // 4 for i in range(40)])
+    loader = StatefulDataLoader(list(range(40)), batch_size=batch_size, sampler=sampler)
+    passes = []
+    for _ in range(3):
+        it = iter(loader)
+        passes.append([int(i) for _ in range(len(loader)) for i in next(it)])  # as Lightning reads an epoch
+    assert [sorted(p) for p in passes] == [list(range(40))] * 3
+    assert len({tuple(p) for p in passes}) == 3  # a fresh order each epoch
+    fresh = EpochShuffleSampler(40, seed=1, groups=[i // 4 for i in range(40)])
+    assert [list(fresh) for _ in range(3)] == passes  # the same orders as a sampler read to its end

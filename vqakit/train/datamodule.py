@@ -144,6 +144,11 @@ class EpochShuffleSampler(Sampler[int]):
                           for m in (self.members[j] for j in torch.randperm(len(self.members), generator=gen))])
 
     def __iter__(self):
+        if self.position >= self.num_samples:
+            # the last pass was read to its end but its generator never resumed past the last index (a batch
+            # sampler stops asking once it has len(sampler) indices, when the batch size divides them), so
+            # the epoch was not rolled over there: do it now, or this pass would be empty
+            self.epoch, self.position = self.epoch + 1, 0
         order = self._order()
         while self.position < self.num_samples:
             self.position += 1
