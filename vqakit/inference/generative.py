@@ -78,8 +78,11 @@ class GenerativePredictor:
         model_class = family.model_class()
         if kind == "llm_prefix":
             model = model_class.from_pretrained(checkpoint_dir, device=device, **kwargs)
+            model.eval()
             if quantize == "int8":
-                model.quantize_int8()
+                model.quantize_int8()  # caches the prompt prefix's keys/values from the float32 LM first
+            else:
+                model.cache_prompt_prefix()
             return cls(model, model.processor, device)
         model = model_class.from_pretrained(checkpoint_dir)
         if kind == "gru_decoder":  # the two-tower encoder's processor

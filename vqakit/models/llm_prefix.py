@@ -320,6 +320,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         nn.init.trunc_normal_(self.visual_pos, std=0.02)
         prefix = tokenizer(config.prompt_prefix, add_special_tokens=True, return_tensors="pt")["input_ids"]
         self.register_buffer("prefix_ids", prefix, persistent=False)  # (1, P)
+        self._text_cache = None  # the LM's key/value cache of prefix_ids (cache_prompt_prefix), for serving
         self.eos_id = tokenizer.eos_token_id
         self.processor = LLMPrefixProcessor(config, tokenizer)
         self.set_draft_answers(config.draft_answers)
@@ -352,6 +353,36 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         """``[prompt_prefix][visual tokens]`` embeddings (B, P + K, H): identical for all questions of an image."""
         prefix = self._embed(self.prefix_ids.to(visual.device)).expand(visual.shape[0], -1, -1)
         return torch.cat([prefix.to(visual.dtype), visual], dim=1)
+
+    @torch.no_grad()
+    def cache_prompt_prefix(self) -> None:
+        """For serving: compute the LM's key/value cache of ``prompt_prefix`` once. It comes before the visual
+        tokens, so it is the same for every image; each prefill then starts after it (two fewer tokens a pass
+        with ``"Image:"``: the same answers). :meth:`quantize_int8` calls this first, so the cache comes from
+        the float32 LM: the prompt's first token carries the LM's largest activations (~100 against ~5 at the
+        other positions, SmolLM2-135M), which would otherwise set the INT8 activation scale of every pass.
+        Training never uses it (the LM changes); call again after changing the LM's weights."""
+        if self.prefix_ids.shape[1] == 0:
+            self._text_cache = None
+            return
+        training = self.lm.training
+        out = self.lm.eval()(input_ids=self.prefix_ids, use_cache=True, logits_to_keep=1)
+        self.lm.train(training)
+        self._text_cache = out.past_key_values if _prunable(out.past_key_values) else None
+
+    def _text_prefix_cache(self, rows: int, like: torch.Tensor):
+        """A fresh copy of the prompt prefix's cache for ``rows`` rows, on ``like``'s device and dtype, and its
+        length; ``(None, 0)`` when there is none or the model is training."""
+        if self._text_cache is None or self.training:
+            return None, 0
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        for i, layer in enumerate(self._text_cache.layers):
+            keys, values = (t.to(like.device, like.dtype).expand(rows, -1, -1, -1).clone()
+                            for t in (layer.keys, layer.values))
+            cache.update(keys, values, i)
+        return cache, self.prefix_ids.shape[1]
 
     def set_draft_answers(self, answers: list[str]) -> None:
         """Draft from these answers (most frequent first; see ``LLMPrefixConfig.draft_answers``): a trie of their
@@ -403,7 +434,14 @@ class LLMPrefixForQuestionAnswering(nn.Module):
 
     def _prefix_cache(self, prefix: torch.Tensor):
         """Run the LM over the visual prefix once: its key/value cache (no logits are needed here)."""
-        return self.lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).past_key_values
+        text, skip = self._text_prefix_cache(prefix.shape[0], prefix)
+        if text is None:
+            return self.lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).past_key_values
+        B, P = prefix.shape[:2]
+        positions = torch.arange(skip, P, device=prefix.device).expand(B, -1)
+        mask = torch.ones(B, P, dtype=torch.long, device=prefix.device)
+        return self.lm(inputs_embeds=prefix[:, skip:], attention_mask=mask, position_ids=positions,
+                       past_key_values=text, use_cache=True, logits_to_keep=1).past_key_values
 
     @torch.no_grad()
     def _decode(self, input_ids, attention_mask, cache=None, prefix_len: int | None = None,
@@ -450,14 +488,18 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             cache = DynamicCache(config=self.lm.config)  # made here to check that its rows can be re-indexed
             row = torch.tensor([r for r, c in enumerate(counts) for _ in range(c)], device=device)  # (B,) prefix
         prunable = _prunable(cache)
+        skip = 0  # prefix entries already in the cache: the prompt prefix's (cache_prompt_prefix)
         if prefix is not None and not prunable and max(counts) > 1:  # e.g. sliding-window caches: a prefix
             cache = self._prefix_cache(prefix)  # pass, then the questions on its rows
             cache.batch_select_indices(row)
             prefix = None
+        elif prefix is not None and prunable:
+            text, skip = self._text_prefix_cache(prefix.shape[0], prefix)
+            cache = text if text is not None else cache
         n = len(self.draft_tree)
         n = n if draft and 0 < B * n <= self.config.max_draft_tokens and prunable else 0
         cache, logits = self._prefill(ids, qmask, mask, position_ids, n, cache=cache, prefix=prefix, counts=counts,
-                                      row=row)
+                                      row=row, skip=skip)
         node_logits = logits[:, 1:] if n else None  # (B, n, V): the next token after each draft token
         logits = logits[:, 0 if n else -1].float()
         node = [-1] * B  # each row's tree node (-1: the root, right after the question)
@@ -496,17 +538,19 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         return ids, qmask
 
     def _prefill(self, ids, qmask, mask, position_ids, n: int, cache=None, prefix: torch.Tensor | None = None,
-                 counts: list[int] | None = None, row: torch.Tensor | None = None):
+                 counts: list[int] | None = None, row: torch.Tensor | None = None, skip: int = 0):
         """The questions' pass (see :meth:`_decode`): each left-padded question ``ids`` (B, T), followed by the
         first ``n`` draft tree tokens, over the cache of its prefix (``prefix`` None) or packed after its
         ``prefix`` embeddings; ``row`` (B,) is each question's prefix, ``counts`` the questions per prefix.
+        With ``prefix``, ``cache`` may already hold the first ``skip`` positions of every prefix (the prompt
+        prefix's entries, one row per prefix), which the pass then starts after.
         Returns the cache, one row ``[prefix][question][drafts]`` per question, and the logits (B, 1 + n, V)
         after the question and after each draft token."""
         B, T = ids.shape
         device = ids.device
         if prefix is not None and max(counts) == 1 and n == 0:  # one question per prefix, no drafts: one plain
             embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)  # causal pass
-            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+            out = self.lm(inputs_embeds=embeds[:, skip:], attention_mask=mask, position_ids=position_ids[:, skip:],
                           past_key_values=cache, use_cache=True, logits_to_keep=1)
             return out.past_key_values, out.logits
         P = mask.shape[1] - T
@@ -523,7 +567,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         span_pos = torch.cat([position_ids[:, P:], next_pos + depth[None] - 1], dim=1)  # (B, S)
         if prefix is None:
             return self._prefill_on_cache(span_ids, span_pos, span_ok, block, mask, cache, n)
-        return self._prefill_packed(prefix, span_ids, span_pos, span_ok, block, counts, row, cache, n)
+        return self._prefill_packed(prefix, span_ids, span_pos, span_ok, block, counts, row, cache, n, skip)
 
     def _prefill_on_cache(self, span_ids, span_pos, span_ok, block, mask, cache, n: int):
         """The questions' spans (B, S) over the cache (batch B) of their prefix: causal, or with ``n`` drafts a
@@ -543,9 +587,11 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         out = self.lm(input_ids=span_ids, position_ids=span_pos, past_key_values=cache, **kwargs)
         return out.past_key_values, out.logits  # (B, 1 + n, V)
 
-    def _prefill_packed(self, prefix, span_ids, span_pos, span_ok, block, counts, row, cache, n: int):
+    def _prefill_packed(self, prefix, span_ids, span_pos, span_ok, block, counts, row, cache, n: int,
+                        skip: int = 0):
         """R rows ``[prefix][span 1]...[span G]`` in one LM pass, each span seeing the prefix and itself only
-        (``block`` within a span); then the cache is split into one row ``[prefix][span]`` per question."""
+        (``block`` within a span); then the cache is split into one row ``[prefix][span]`` per question. The
+        first ``skip`` prefix positions are in ``cache`` already (R rows): the pass starts after them."""
         B, S = span_ids.shape
         T = S - n
         device = span_ids.device
@@ -569,8 +615,9 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         embeds = torch.cat([prefix, self._embed(packed_ids.reshape(R, G * S)).to(prefix.dtype)], dim=1)
         starts = P + torch.arange(G, device=device)[:, None] * S  # (G, 1): each span's first index
         keep = (starts + T - 1 + torch.arange(n + 1, device=device)).reshape(-1)  # question end + drafts
-        out = self.lm(inputs_embeds=embeds, attention_mask=_additive(allowed, dtype), position_ids=positions,
-                      past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        out = self.lm(inputs_embeds=embeds[:, skip:], attention_mask=_additive(allowed[:, skip:], dtype),
+                      position_ids=positions[:, skip:], past_key_values=cache, use_cache=True,
+                      logits_to_keep=keep - skip)
         cache = out.past_key_values
         logits = out.logits.reshape(R, G, n + 1, -1)[row, slot]  # (B, 1 + n, V)
         entries = torch.cat([torch.arange(P, device=device).expand(B, P),
@@ -679,21 +726,87 @@ class LLMPrefixForQuestionAnswering(nn.Module):
 
     # -- serving helpers (used by vqakit.inference.generative.GenerativePredictor) -------------------------------------------
 
-    def quantize_int8(self, skip: tuple[str, ...] = ("down_proj",), shortlist: int = 16) -> None:
+    @torch.no_grad()
+    def smooth_down_proj(self, alpha: float = 0.65, images: int = 6) -> list[str]:
+        """SmoothQuant (Xiao et al., 2023, https://arxiv.org/abs/2211.10438) for the MLPs' ``down_proj``: the
+        input channels whose activations run large (the outliers that break its per-batch INT8 scale) are
+        divided by ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)`` and the weight's columns multiplied by it.
+        The division is folded into ``up_proj``'s rows (``x = act(gate) * up``), so the float model computes
+        the same function. ``max|x_j|`` is measured on a few prompts in the model's own template about
+        synthetic images (flat greys and noise, seeded) and generic questions, at the positions after the
+        prompt prefix (whose keys/values :meth:`cache_prompt_prefix` keeps in float32). Returns the names of
+        the ``down_proj`` layers smoothed (those with an ``up_proj`` beside them)."""
+        mods = dict(self.lm.named_modules())
+        pairs = {n: mods[n[: -len("down_proj")] + "up_proj"] for n, m in mods.items()
+                 if n.endswith("down_proj") and isinstance(m, nn.Linear)
+                 and isinstance(mods.get(n[: -len("down_proj")] + "up_proj"), nn.Linear)}
+        if not pairs:
+            return []
+        skip = self.prefix_ids.shape[1]
+        stats: dict[str, torch.Tensor] = {}
+
+        def record(name):
+            def hook(module, args):
+                x = args[0].detach()[:, skip:].abs().flatten(0, -2).amax(0).float()
+                stats[name] = torch.maximum(stats[name], x) if name in stats else x
+            return hook
+
+        handles = [mods[n].register_forward_pre_hook(record(n)) for n in pairs]
+        gen = torch.Generator().manual_seed(0)
+        size = self.config.vision.image_size
+        pixels = [torch.full((size, size, 3), 40.0 * i) if i % 2 == 0 else torch.rand(size, size, 3, generator=gen)
+                  * 255 for i in range(images)]
+        questions = ["What color is the shape?", "Is there a circle in the image?", "What shape is it?",
+                     "How many objects are there?"]
+        training = self.training
+        self.eval()
+        try:
+            device = self.prefix_ids.device
+            values = self.processor.images([p.to(torch.uint8).numpy() for p in pixels]).to(device)
+            prefix = self.prefix_embeds(self.visual_tokens(values))  # (I, P+K, H)
+            text = self.processor.text(questions)
+            for r in range(prefix.shape[0]):
+                for q in range(len(questions)):
+                    ids = text["input_ids"][q : q + 1, : int(text["attention_mask"][q].sum())].to(device)
+                    self.lm(inputs_embeds=torch.cat([prefix[r : r + 1], self._embed(ids).to(prefix.dtype)], 1),
+                            use_cache=False, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+            self.train(training)
+        for name, up in pairs.items():
+            down = mods[name]
+            w = down.weight.detach().abs().amax(0).float().clamp(min=1e-5)
+            scale = (stats[name].clamp(min=1e-5) ** alpha / w ** (1 - alpha)).clamp(min=1e-5)
+            up.weight.div_(scale[:, None].to(up.weight.dtype))
+            down.weight.mul_(scale[None].to(down.weight.dtype))
+        return list(pairs)
+
+    def quantize_int8(self, skip: tuple[str, ...] = (), shortlist: int = 16, smooth: float | None = 0.5) -> None:
         """Dynamic INT8 for CPU serving: the LM's Linear layers get int8 weights (per output channel) and
         activations quantized per batch (``torch.ao.quantization.quantize_dynamic``), except the modules named
         in ``skip``. The LM head becomes an :class:`Int8ShortlistHead` (``shortlist`` > 0): INT8 logits over the
         vocabulary, with the top ``shortlist`` of them recomputed in float32, so greedy decoding picks the same
-        token as the float32 head. Measured on SmolLM2-135M (benchmarks/llm_latency.py and the easy-VQA subset):
-        with ``down_proj`` quantized the answers break (58.18 vs 75.22; its input carries the LLM's activation
-        outliers), so it stays float32; an INT8 head alone costs 0.7 points, the shortlist head nothing."""
+        token as the float32 head.
+
+        The MLPs' ``down_proj`` input carries the LM's activation outliers: quantized as it is, the answers
+        break (SmolLM2-135M on an easy-VQA subset: 58.18 against 75.22). Two things keep it usable: the prompt
+        prefix's keys/values come from the float32 LM (:meth:`cache_prompt_prefix`: its first token holds the
+        largest activations by far), and with ``smooth`` (SmoothQuant's alpha) :meth:`smooth_down_proj` moves
+        the rest of the outliers into the weights first. ``smooth=None`` with ``skip=("down_proj",)`` keeps
+        those layers in float32 (slower: on SmolLM2-135M they are a third of a pass's time). Measurements
+        (agreement with float32, latency): benchmarks/llm_latency.py and benchmarks/README.md."""
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
         from vqakit.models.quantize import quantize_dynamic_int8
 
+        if self._text_cache is None:
+            self.cache_prompt_prefix()  # from the float32 LM (see there)
+        if smooth is not None and not any("down_proj".endswith(k) for k in skip):
+            self.smooth_down_proj(smooth)
         head = self.lm.get_output_embeddings()
         spec = {name: per_channel_dynamic_qconfig for name, m in self.lm.named_modules()
-                if isinstance(m, nn.Linear) and m is not head and not name.endswith(skip)}
+                if isinstance(m, nn.Linear) and m is not head and not (skip and name.endswith(skip))}
         self.lm = quantize_dynamic_int8(self.lm, spec)
         if shortlist > 0 and isinstance(head, nn.Linear):
             self.lm.set_output_embeddings(Int8ShortlistHead(head, shortlist))
