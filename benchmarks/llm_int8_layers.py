@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from vqakit.models.llm_prefix import _cache_of, _with_cache
+
 
 def pass_inputs(model, processor, image, question):
     ids = processor.text([question])["input_ids"]
@@ -44,11 +46,11 @@ def question_logits(model, embeds, start: int) -> tuple[torch.Tensor, float, flo
     cache, skip = model._text_prefix_cache(1, embeds)
     t = time.perf_counter()
     out = model.lm(inputs_embeds=embeds[:, skip:], attention_mask=torch.ones(1, T, dtype=torch.long),
-                   position_ids=torch.arange(skip, T)[None], past_key_values=cache, use_cache=True)
+                   position_ids=torch.arange(skip, T)[None], **_with_cache(cache), use_cache=True)
     t1 = time.perf_counter()
     nxt = out.logits[:, -1].argmax(-1)
     model.lm(input_ids=nxt[:, None], attention_mask=torch.ones(1, T + 1, dtype=torch.long),
-             past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+             **_with_cache(_cache_of(out)), use_cache=True, logits_to_keep=1)
     t2 = time.perf_counter()
     return out.logits[0, start - skip :].float(), 1000 * (t1 - t), 1000 * (t2 - t1)
 

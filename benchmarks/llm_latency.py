@@ -35,6 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
 from _common import time_ms  # noqa: E402
 
+from vqakit.models.llm_prefix import _cache_of, _with_cache  # noqa: E402
+
 
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
@@ -59,19 +61,19 @@ def breakdown(model, processor, image: str, question: str) -> dict:
     cache, skip = model._text_prefix_cache(1, embeds)  # the prompt prefix's cached keys/values, as served
     positions = torch.arange(skip, embeds.shape[1])[None]
     out = model.lm(inputs_embeds=embeds[:, skip:], attention_mask=full_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+                   **_with_cache(cache), use_cache=True, logits_to_keep=1)
     times["prefill_ms"] = time.perf_counter() - t
     times["prefill_tokens"] = embeds.shape[1] - skip
-    steps, cache, nxt = [], out.past_key_values, out.logits[:, -1].argmax(-1)
+    steps, cache, nxt = [], _cache_of(out), out.logits[:, -1].argmax(-1)
     for _ in range(model.config.max_new_tokens - 1):
         if int(nxt) == model.eos_id:
             break
         full_mask = torch.cat([full_mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
         t = time.perf_counter()
-        out = model.lm(input_ids=nxt[:, None], attention_mask=full_mask, past_key_values=cache, use_cache=True,
+        out = model.lm(input_ids=nxt[:, None], attention_mask=full_mask, **_with_cache(cache), use_cache=True,
                        logits_to_keep=1)
         steps.append(time.perf_counter() - t)
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+        cache, nxt = _cache_of(out), out.logits[:, -1].argmax(-1)
     times["decode_steps"] = len(steps)
     times["decode_step_ms"] = statistics.median(steps) if steps else 0.0
     return {k: (round(1000 * v, 2) if k.endswith("_ms") else v) for k, v in times.items()}

@@ -28,6 +28,7 @@ GGUF or a hub id / local directory), as LLaVA checkpoints refer to their base LM
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -266,6 +267,25 @@ class DraftTree:
         return nxt if nxt < n else -1
 
 
+@functools.cache
+def _cache_name() -> str:
+    """What transformers calls the key/value cache, as a forward argument and an output field: ``cache`` in
+    recent releases (which log a deprecation warning for ``past_key_values``), ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _with_cache(cache) -> dict:
+    """The LM's keyword argument for ``cache``."""
+    return {_cache_name(): cache}
+
+
+def _cache_of(out):
+    """The key/value cache an LM pass returned."""
+    return getattr(out, _cache_name())
+
+
 def _prunable(cache) -> bool:
     """A cache whose layers are plain ``DynamicLayer``s (tensors ``(B, heads, L, D)``) can drop draft entries."""
     from transformers.cache_utils import DynamicLayer
@@ -368,7 +388,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         training = self.lm.training
         out = self.lm.eval()(input_ids=self.prefix_ids, use_cache=True, logits_to_keep=1)
         self.lm.train(training)
-        self._text_cache = out.past_key_values if _prunable(out.past_key_values) else None
+        self._text_cache = _cache_of(out) if _prunable(_cache_of(out)) else None
 
     def _text_prefix_cache(self, rows: int, like: torch.Tensor):
         """A fresh copy of the prompt prefix's cache for ``rows`` rows, on ``like``'s device and dtype, and its
@@ -436,12 +456,12 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         """Run the LM over the visual prefix once: its key/value cache (no logits are needed here)."""
         text, skip = self._text_prefix_cache(prefix.shape[0], prefix)
         if text is None:
-            return self.lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1).past_key_values
+            return _cache_of(self.lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1))
         B, P = prefix.shape[:2]
         positions = torch.arange(skip, P, device=prefix.device).expand(B, -1)
         mask = torch.ones(B, P, dtype=torch.long, device=prefix.device)
-        return self.lm(inputs_embeds=prefix[:, skip:], attention_mask=mask, position_ids=positions,
-                       past_key_values=text, use_cache=True, logits_to_keep=1).past_key_values
+        return _cache_of(self.lm(inputs_embeds=prefix[:, skip:], attention_mask=mask, position_ids=positions,
+                                 **_with_cache(text), use_cache=True, logits_to_keep=1))
 
     @torch.no_grad()
     def _decode(self, input_ids, attention_mask, cache=None, prefix_len: int | None = None,
@@ -551,8 +571,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         if prefix is not None and max(counts) == 1 and n == 0:  # one question per prefix, no drafts: one plain
             embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)  # causal pass
             out = self.lm(inputs_embeds=embeds[:, skip:], attention_mask=mask, position_ids=position_ids[:, skip:],
-                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-            return out.past_key_values, out.logits
+                          **_with_cache(cache), use_cache=True, logits_to_keep=1)
+            return _cache_of(out), out.logits
         P = mask.shape[1] - T
         tree = torch.tensor(self.draft_tree.tokens[:n], dtype=torch.long, device=device)
         depth = torch.tensor(self.draft_tree.depths[:n], dtype=torch.long, device=device)
@@ -584,8 +604,8 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             kwargs["attention_mask"] = _additive(allowed, dtype)
         else:
             kwargs["attention_mask"] = mask
-        out = self.lm(input_ids=span_ids, position_ids=span_pos, past_key_values=cache, **kwargs)
-        return out.past_key_values, out.logits  # (B, 1 + n, V)
+        out = self.lm(input_ids=span_ids, position_ids=span_pos, **_with_cache(cache), **kwargs)
+        return _cache_of(out), out.logits  # (B, 1 + n, V)
 
     def _prefill_packed(self, prefix, span_ids, span_pos, span_ok, block, counts, row, cache, n: int,
                         skip: int = 0):
@@ -616,9 +636,9 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         starts = P + torch.arange(G, device=device)[:, None] * S  # (G, 1): each span's first index
         keep = (starts + T - 1 + torch.arange(n + 1, device=device)).reshape(-1)  # question end + drafts
         out = self.lm(inputs_embeds=embeds[:, skip:], attention_mask=_additive(allowed[:, skip:], dtype),
-                      position_ids=positions[:, skip:], past_key_values=cache, use_cache=True,
+                      position_ids=positions[:, skip:], **_with_cache(cache), use_cache=True,
                       logits_to_keep=keep - skip)
-        cache = out.past_key_values
+        cache = _cache_of(out)
         logits = out.logits.reshape(R, G, n + 1, -1)[row, slot]  # (B, 1 + n, V)
         entries = torch.cat([torch.arange(P, device=device).expand(B, P),
                              P + slot[:, None] * S + torch.arange(S, device=device)], dim=1)  # (B, P + S)
@@ -661,9 +681,9 @@ class LLMPrefixForQuestionAnswering(nn.Module):
         """One LM pass over each row's last token ``nxt`` (B,): the grown mask, the next position, the cache and
         the next logits (B, V) in float32."""
         mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
-        out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+        out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, **_with_cache(cache),
                       use_cache=True, logits_to_keep=1)
-        return mask, next_pos + 1, out.past_key_values, out.logits[:, -1].float()
+        return mask, next_pos + 1, _cache_of(out), out.logits[:, -1].float()
 
     def _answers(self, generated: list[torch.Tensor], logp: torch.Tensor) -> list[tuple[str, float]]:
         """Each row's tokens up to ``<eos>`` as text, with its sequence probability."""
