@@ -259,3 +259,20 @@ def test_relation_bias_starts_neutral_and_gets_gradients(tiny_config, tiny_batch
     biased(**batch).logits.logsumexp(-1).sum().backward()
     grads = [p.grad for n, p in biased.named_parameters() if "relation_gain" in n and n.endswith("weight")]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_position_gate_can_read_the_question_with_the_same_weights(tiny_config, tiny_batch, tokenizer):
+    """position_gate_question changes what the position gate reads (the step's control plus the pooled question),
+    not the parameters: the same weights load into both, and the answers differ; checkpoints without the field
+    keep the control-only gate."""
+    from vqakit.models.two_tower import TwoTowerConfig
+
+    torch.manual_seed(0)
+    control = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", dropout=0.0)).eval()
+    both = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", dropout=0.0,
+                                                    position_gate_question=True)).eval()
+    both.load_state_dict(control.state_dict())  # strict: the same parameters
+    batch = tiny_batch(tokenizer)
+    assert not torch.allclose(control(**batch).logits, both(**batch).logits)
+    old = {k: v for k, v in control.config.to_dict().items() if k != "position_gate_question"}
+    assert TwoTowerConfig.from_dict(old).position_gate_question is False

@@ -63,6 +63,10 @@ class TwoTowerConfig(ConfigMixin):
         position_readout: ``relational``: each step's attended position also enters the answer through its
             sin/cos codes gated by the step's control (where the found object is, read as the question asks:
             "in the left half?", "on which side?"). Off in checkpoints written before it existed.
+        position_gate_question: ``relational`` with ``position_readout``: the gate reads the pooled question as
+            well as the step's control, so the step that found the object and the word that asks about it
+            ("left", "upper") need not be read by the same step (transfer-sort75 at batch 80, same seed and init:
+            position 81.97 -> 100.0). ``--recipe auto`` turns it on.
         relation_bias: ``relational``: a step's attention scores also get, per earlier step, a question-set
             multiple of each cell's squared distance to where that step looked and of that step's attention map
             ("nearest to it, not it": near, and away from the earlier find). Off in checkpoints written before
@@ -93,6 +97,7 @@ class TwoTowerConfig(ConfigMixin):
     num_fusion_layers: int = 3
     reasoning_steps: int = 3
     position_readout: bool = True
+    position_gate_question: bool = False
     relation_bias: bool = False
     num_heads: int = 4
     mlp_ratio: int = 4
@@ -434,6 +439,7 @@ class RelationalFusion(nn.Module):
         self.geometry = mlp(2 * k_steps + 2 * pairs, 2 * h, h, 0.0)  # positions and their differences, widened
         self.out_dim = h + k_steps + k_steps * h + k_steps * read + 2 * pairs + h + 2 * h
         self.position_readout = cfg.position_readout
+        self.position_gate_question = cfg.position_gate_question
         if cfg.position_readout:
             # absolute position as the question asks for it: codes(where_k) (.) gate(control_k), per step. The
             # product makes "is it in the LEFT / RIGHT half?" (position sign times a question word) linear
@@ -510,7 +516,8 @@ class RelationalFusion(nn.Module):
         if self.position_readout:
             where_all = torch.stack(wheres, dim=1)  # (B, K, 2)
             gated = self.where_codes(cell_codes(where_all.flatten(0, 1), 3).unflatten(0, where_all.shape[:2]))
-            parts.append((gated * self.where_gate(controls)).flatten(1))  # (B, K * H)
+            gate_from = controls + question[:, None] if self.position_gate_question else controls
+            parts.append((gated * self.where_gate(gate_from)).flatten(1))  # (B, K * H)
         pooled = torch.cat(parts, dim=-1)
         attentions = None
         if output_attentions:  # per step, where it looked, as (B, T, N) like the other fusions' maps

@@ -201,6 +201,9 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     steps = 4 if p.question_words <= 12 else 5
     model["reasoning_steps"] = choose("model.reasoning_steps", steps,
                                       f"questions average {p.question_words} words (max {p.question_words_max})")
+    model["position_gate_question"] = choose(
+        "model.position_gate_question", True, "position questions read where an object is found with the "
+        "question's side word, whichever step read it")
     model.update(hidden_size=128, num_fusion_layers=1, num_heads=4, mlp_ratio=2, dropout=0.0)
     loss = "ce" if p.agreement >= 0.75 else "bce"
     model["loss"] = choose("model.loss", loss,
