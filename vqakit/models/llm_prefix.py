@@ -747,7 +747,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
     # -- serving helpers (used by vqakit.inference.generative.GenerativePredictor) -------------------------------------------
 
     @torch.no_grad()
-    def smooth_down_proj(self, alpha: float = 0.65, images: int = 6) -> list[str]:
+    def smooth_down_proj(self, alpha: float = 0.5, images: int = 6) -> list[str]:
         """SmoothQuant (Xiao et al., 2023, https://arxiv.org/abs/2211.10438) for the MLPs' ``down_proj``: the
         input channels whose activations run large (the outliers that break its per-batch INT8 scale) are
         divided by ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)`` and the weight's columns multiplied by it.
@@ -826,7 +826,7 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             self.smooth_down_proj(smooth)
         head = self.lm.get_output_embeddings()
         spec = {name: per_channel_dynamic_qconfig for name, m in self.lm.named_modules()
-                if isinstance(m, nn.Linear) and m is not head and not (skip and name.endswith(skip))}
+                if isinstance(m, nn.Linear) and m is not head and not name.endswith(skip)}
         self.lm = quantize_dynamic_int8(self.lm, spec)
         if shortlist > 0 and isinstance(head, nn.Linear):
             self.lm.set_output_embeddings(Int8ShortlistHead(head, shortlist))
