@@ -276,3 +276,25 @@ def test_position_gate_can_read_the_question_with_the_same_weights(tiny_config, 
     assert not torch.allclose(control(**batch).logits, both(**batch).logits)
     old = {k: v for k, v in control.config.to_dict().items() if k != "position_gate_question"}
     assert TwoTowerConfig.from_dict(old).position_gate_question is False
+
+
+def test_free_steps_start_without_a_word_order_preference(tiny_config, tiny_batch, tokenizer):
+    """free_steps: the last steps start with no preference for where in the question they read, the others keep the
+    ordered start (first words to last); the parameters are the same, and a step count they do not fit is refused."""
+    from vqakit.models.two_tower import TwoTowerConfig
+
+    torch.manual_seed(0)
+    ordered = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=4, dropout=0.0))
+    free = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=4, free_steps=1,
+                                                    dropout=0.0))
+    order = free.backbone.fusion.order.detach()
+    assert torch.allclose(ordered.backbone.fusion.order.detach(), torch.linspace(-2, 2, 4))
+    assert torch.allclose(order, torch.tensor([-2.0, 0.0, 2.0, 0.0]))
+    free.load_state_dict(ordered.state_dict())  # strict: the same parameters
+    loss = free(**tiny_batch(tokenizer)).logits.logsumexp(-1).sum()
+    loss.backward()
+    assert free.backbone.fusion.order.grad[-1] != 0  # the free step learns where to read
+    with pytest.raises(ValueError, match="free_steps=4 must be .* less than --model.reasoning_steps=4"):
+        TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=4, free_steps=4))
+    old = {k: v for k, v in ordered.config.to_dict().items() if k != "free_steps"}
+    assert TwoTowerConfig.from_dict(old).free_steps == 0
