@@ -36,7 +36,12 @@ def test_image_size_and_grid_follow_the_native_resolution():
 def test_loss_follows_answer_agreement_and_schedule_follows_size():
     assert auto_recipe(DataConfig(), profile=_profile(agreement=0.95)).config["model"]["loss"] == "ce"
     assert auto_recipe(DataConfig(), profile=_profile(agreement=0.5)).config["model"]["loss"] == "bce"
-    assert auto_recipe(DataConfig(), profile=_profile()).config["model"]["position_gate_question"] is True
+    model = auto_recipe(DataConfig(), profile=_profile()).config["model"]
+    assert model["position_gate_question"] is True
+    assert model["relation_bias"] is True
+    assert model["free_steps"] == 1 and model["reasoning_steps"] == 5  # 4 ordered steps for short questions
+    long = auto_recipe(DataConfig(), profile=_profile(question_words=14)).config["model"]
+    assert long["reasoning_steps"] == 6 and long["free_steps"] == 1
     small = auto_recipe(DataConfig(), profile=_profile(num_questions=5_000)).config["train"]["max_steps"]
     large = auto_recipe(DataConfig(), profile=_profile(num_questions=200_000), budget_minutes=1000)
     n_large = int(200_000 * 0.95)

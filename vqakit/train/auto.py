@@ -6,7 +6,8 @@ It reads the training split once (questions, answers, a sample of image headers)
   as far down as the CPU budget needs), and the EfficientNet stage whose grid gives 8-16 cells a side
   (stride 8 for images up to 96 px, else 16), cut after that stage, with per-cell colour statistics;
 - **fusion**: the relational find / relate / read steps (``RelationalFusion``), which answer attribute, position,
-  counting, comparison and relation questions alike; more steps for longer questions;
+  counting, comparison and relation questions alike; more steps for longer questions, the last of them free to
+  read any word of the question;
 - **answer head and loss**: the vocabulary covering the answers; soft-score BCE where humans disagree (real
   photos), cross-entropy on the majority answer where they mostly agree;
 - **schedule**: a number of optimizer steps from the dataset size (passes enough for small data, fewer for large
@@ -199,11 +200,18 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
                          "counting, comparison and relations alike"),
     }
     steps = 4 if p.question_words <= 12 else 5
-    model["reasoning_steps"] = choose("model.reasoning_steps", steps,
-                                      f"questions average {p.question_words} words (max {p.question_words_max})")
+    model["reasoning_steps"] = choose("model.reasoning_steps", steps + 1,
+                                      f"questions average {p.question_words} words (max {p.question_words_max}): "
+                                      f"{steps} steps that read the question in order, and one more")
+    model["free_steps"] = choose(
+        "model.free_steps", 1, "the last step reads wherever it learns to: a step can relate to the object the "
+        "ordered steps found from the question's last words (\"nearest to the green one\")")
     model["position_gate_question"] = choose(
         "model.position_gate_question", True, "position questions read where an object is found with the "
         "question's side word, whichever step read it")
+    model["relation_bias"] = choose(
+        "model.relation_bias", True, "a later step scores cells by their distance to, and away from, what an "
+        "earlier step found: nearest / farthest from a named object")
     model.update(hidden_size=128, num_fusion_layers=1, num_heads=4, mlp_ratio=2, dropout=0.0)
     loss = "ce" if p.agreement >= 0.75 else "bce"
     model["loss"] = choose("model.loss", loss,
