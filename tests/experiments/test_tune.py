@@ -49,6 +49,9 @@ def test_default_space_follows_the_base_config():
     assert rel["model.hidden_size"].choices == [64, 128, 256] and rel["train.batch_size"].choices == [80, 160, 320]
     assert (rel["model.reasoning_steps"].low, rel["model.reasoning_steps"].high) == (2, 6)
     assert rel["model.reasoning_steps"].kind == "int" and rel["model.dropout"].kind == "float"
+    short = _preset("shapes-rel")
+    short["model"].update(reasoning_steps=3, free_steps=1)  # never fewer steps than free ones plus one
+    assert {k.name: k for k in default_space(short)}["model.reasoning_steps"].low == 2
 
     easy = _preset("easy-vqa")
     assert "model.reasoning_steps" not in {k.name for k in default_space(easy)}  # not the relational fusion

@@ -224,8 +224,9 @@ def default_space(base: dict) -> list[Knob]:
         knobs.append(Knob("model.num_fusion_layers", low=max(1, n - 1), high=n + 1,
                           why=f"base {n} +- 1 ({fusion} fusion)"))
     if isinstance(model.get("reasoning_steps"), int) and fusion == "relational":
-        s = model["reasoning_steps"]
-        knobs.append(Knob("model.reasoning_steps", low=max(1, s - 2), high=s + 2, why=f"base {s} +- 2"))
+        s, free = model["reasoning_steps"], int(model.get("free_steps") or 0)
+        knobs.append(Knob("model.reasoning_steps", low=max(1 + free, s - 2), high=s + 2,
+                          why=f"base {s} +- 2" + (f", more than its {free} free" if free else "")))
     dropout = model.get("dropout")
     if isinstance(dropout, (int, float)):
         high = round(min(0.5, max(0.3, 2 * dropout)), 3)
