@@ -129,6 +129,9 @@ class TwoTowerConfig(ConfigMixin):
             )
         if self.reasoning_steps < 1:
             raise ValueError(f"--model.reasoning_steps={self.reasoning_steps} must be at least 1")
+        if not 0 <= self.free_steps < self.reasoning_steps:
+            raise ValueError(f"--model.free_steps={self.free_steps} must be at least 0 and less than "
+                             f"--model.reasoning_steps={self.reasoning_steps}")
         if self.vision.image_size < 16:
             raise ValueError(f"--model.vision.image_size={self.vision.image_size} is too small (at least 16)")
         self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
@@ -436,9 +439,6 @@ class RelationalFusion(nn.Module):
         self.question_out = mlp(h, 2 * h, h, 0.0)
         self.step_query = nn.Parameter(torch.randn(k_steps, h) * 0.02)
         self.step_from_question = nn.Linear(h, k_steps * h)
-        if not 0 <= cfg.free_steps < k_steps:
-            raise ValueError(f"--model.free_steps={cfg.free_steps} must be at least 0 and less than "
-                             f"--model.reasoning_steps={k_steps}")
         ordered = k_steps - cfg.free_steps
         self.order = nn.Parameter(torch.cat([torch.linspace(-order_bias, order_bias, ordered),
                                              torch.zeros(cfg.free_steps)]))
