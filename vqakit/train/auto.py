@@ -199,13 +199,13 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         "fusion": choose("model.fusion", "relational", "find / relate / read steps: attribute, position, "
                          "counting, comparison and relations alike"),
     }
-    steps = 4 if p.question_words <= 12 else 5
-    model["reasoning_steps"] = choose("model.reasoning_steps", steps + 1,
+    steps, free = (4 if p.question_words <= 12 else 5), 1
+    model["reasoning_steps"] = choose("model.reasoning_steps", steps + free,
                                       f"questions average {p.question_words} words (max {p.question_words_max}): "
-                                      f"{steps} steps that read the question in order, and one more")
+                                      f"{steps} steps that read the question in order, and {free} more")
     model["free_steps"] = choose(
-        "model.free_steps", 1, "the last step reads wherever it learns to: a step can relate to the object the "
-        "ordered steps found from the question's last words (\"nearest to the green one\")")
+        "model.free_steps", free, "the last step reads wherever it learns to: a step can relate to the object "
+        "the ordered steps found from the question's last words (\"nearest to the green one\")")
     model["position_gate_question"] = choose(
         "model.position_gate_question", True, "position questions read where an object is found with the "
         "question's side word, whichever step read it")
