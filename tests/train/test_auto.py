@@ -118,11 +118,29 @@ def _write_vqa(root, answers, image_bytes=None):
 @pytest.mark.parametrize("case,message", [
     ("single", "every question has the same answer 'red'"),
     ("undecodable", "fail to decode|could be opened"),
+    ("no_answers", "no question has an answer"),
 ])
 def test_data_it_cannot_train_on_is_refused(tmp_path, case, message):
     if case == "single":
         _write_vqa(tmp_path, [["red"] * 10] * 4)
+    elif case == "no_answers":
+        _write_vqa(tmp_path, [[], []])
     else:
         _write_vqa(tmp_path, [["red"] * 10, ["blue"] * 10], image_bytes=b"not an image")
     with pytest.raises(ValueError, match=message):
         profile_data(DataConfig(dataset="vqa-v2", root=str(tmp_path), scan_images=False))
+
+
+def test_image_sizes_that_vary_wildly_are_named_in_the_recipe(tmp_path):
+    from PIL import Image
+
+    from vqakit.data.sources import vqa_v2_image_path, vqa_v2_paths
+
+    _write_vqa(tmp_path, [["red"] * 10, ["blue"] * 10, ["red"] * 10])
+    _, _, img_dir = vqa_v2_paths(tmp_path, "train2014")
+    Image.new("RGB", (480, 320)).save(vqa_v2_image_path(img_dir, "train2014", 3))
+    recipe = auto_recipe(DataConfig(dataset="vqa-v2", root=str(tmp_path), scan_images=False))
+    assert recipe.profile.size_spread == 15.0
+    warning = [why for key, _, why in recipe.reasons if key == "warning"]
+    assert warning and "vary 15.0x" in warning[0] and "32 px" in warning[0]
+    assert "warning" in recipe.describe()
