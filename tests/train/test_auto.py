@@ -92,6 +92,18 @@ def test_cli_writes_the_recipe_and_options_override_it(scenes, tmp_path, capsys)
     assert {r["key"] for r in reasons["reasons"]} >= {"model.vision.image_size", "train.max_steps", "model.loss"}
 
 
+def test_prepare_writes_the_recipe_into_its_own_out_dir(scenes, tmp_path, monkeypatch):
+    from vqakit.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default run directory (runs/easy-vqa) would be under here
+    out = tmp_path / "prepared"
+    main(["prepare", "--recipe", "auto", "--data.dataset", "vqa-v2", "--data.root", str(scenes),
+          "--data.eval_split", "val", "--out_dir", str(out)])
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["model"]["vision"]["image_size"] == 80
+    assert not (tmp_path / "runs").exists()
+
+
 def _write_vqa(root, answers, image_bytes=None):
     from PIL import Image
 
