@@ -36,11 +36,13 @@ from pathlib import Path
 from vqakit.data.answers import majority_answer, normalize_answer
 from vqakit.data.config import DataConfig, load_split
 
-# Seconds per optimizer step of the relational recipe on 2 idle CPU cores (batch 160, frozen towers), by grid
-# cells. 64: measured (the shapes-rel recipe, 3,700 steps in 1,000-1,078 s); the others scale it by the fusion's
-# measured forward+backward cost (100 cells: 1.2x of 64) and linearly in cells beyond. Only the budget cap uses
-# it; every run measures its own s/step and prints the estimate (training plan).
-_SECONDS_PER_STEP = {64: 0.28, 100: 0.34, 144: 0.48, 256: 0.85}
+# Seconds per optimizer step of the relational recipe on 2 idle CPU cores (batch 160, frozen towers, the auto
+# recipe's 5 steps), by grid cells. 64 and 100: measured by the training plan's timer (transfer-clutter128 0.211 s,
+# transfer-sort75 0.243-0.260 s, alone, 2026-12-06). 144 and 256: the fusion's measured forward+backward cost
+# relative to 64 cells, from before the image-side gather became an index_select (~20% faster), so on the slow
+# side: the cap then keeps large images on a grid whose run was measured. Only the budget cap uses the table;
+# every run measures its own s/step and prints the estimate (training plan).
+_SECONDS_PER_STEP = {64: 0.22, 100: 0.26, 144: 0.48, 256: 0.85}
 # Fewest steps the recipe wants before it trades grid cells for steps (large images only).
 _MIN_STEPS = 2400
 
