@@ -52,6 +52,18 @@ def test_loss_follows_answer_agreement_and_schedule_follows_size():
     assert any("budget" in why for _, _, why in capped.reasons)
 
 
+def test_small_data_gets_a_narrower_regularised_fusion():
+    small = auto_recipe(DataConfig(), profile=_profile(num_questions=5_000))
+    assert small.config["model"]["hidden_size"] == 64 and small.config["model"]["dropout"] == 0.1
+    assert small.config["train"]["weight_decay"] == 0.05
+    assert any("memorising" in why for key, _, why in small.reasons if key == "model.hidden_size")
+    # the line is on training questions, after the validation split is carved out
+    edge = auto_recipe(DataConfig(), profile=_profile(num_questions=11_000)).config  # 9,900 training questions
+    assert edge["model"]["hidden_size"] == 64
+    large = auto_recipe(DataConfig(), profile=_profile(num_questions=12_000)).config  # 10,800
+    assert (large["model"]["hidden_size"], large["model"]["dropout"], large["train"]["weight_decay"]) == (128, 0.0, 0.01)
+
+
 def test_plan_follows_max_steps_whatever_the_data_size():
     plan = make_plan(40_000, 160, epochs=4, max_steps=3700)
     assert plan.steps == 3700 and plan.max_epochs == 15 and plan.rule == "max_steps"
