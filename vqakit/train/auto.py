@@ -48,9 +48,10 @@ _SECONDS_PER_STEP = {64: 0.22, 100: 0.26, 144: 0.48, 256: 0.85}
 # Fewest steps the recipe wants before it trades grid cells for steps (large images only).
 _MIN_STEPS = 2400
 # Below this many training questions the fusion is narrowed and regularised. transfer-dots64 (4,487 questions,
-# 40 passes) reached a training loss of 0.001 at width 128 without dropout while its position questions fell to
-# ~72 on two seeds of three; at width 64, dropout 0.1, weight decay 0.05 its three seeds scored 98.30 / 97.52 /
-# 97.03 against 98.07 / 92.07 / 92.02 (docs/LOG.md, 2026-12-06), and vqakit tune had picked the same direction.
+# 40 passes) reached a training loss of 0.001 at width 128 without dropout, and its position questions fell to
+# chance on two seeds of five; at width 64, dropout 0.1, weight decay 0.05 five seeds averaged 97.57 against
+# 95.72, worst family 85.7 against 72.2, in half the time (docs/LOG.md, 2026-12-06); vqakit tune had picked the
+# same direction.
 _SMALL_DATA = 10_000
 
 
