@@ -326,7 +326,7 @@ class SpatialAttentionLayer(nn.Module):
         heads, d = self.heads, self.d
         k, val = self.to_kv(self.ln_v(v)).unflatten(-1, (2, heads, d)).permute(2, 0, 3, 1, 4)  # (U, heads, N, d)
         if image_index is not None:
-            k, val = k[image_index], val[image_index]  # (B, heads, N, d)
+            k, val = k.index_select(0, image_index), val.index_select(0, image_index)  # (B, heads, N, d)
         qn = self.ln_q(q)
         query = self.to_q(qn).unflatten(-1, (heads, d)).transpose(1, 2)  # (B, heads, T, d)
         u = self.to_u(qn).unflatten(-1, (heads, 3)).transpose(1, 2)  # (B, heads, T, 3)
@@ -380,7 +380,7 @@ class SpatialFusion(nn.Module):
                 attentions.append(attn)
         image = self.ln_v(v).mean(1)
         if image_index is not None:
-            image = image[image_index]
+            image = image.index_select(0, image_index)
         pooled = torch.cat([image, mean_pool(self.ln_q(q), q_mask)], dim=-1)
         return pooled, (attentions if output_attentions else None)
 
@@ -624,8 +624,8 @@ class TwoTowerModel(nn.Module):
         q = self.text_proj(text_features.to(param_dtype))  # (B, T, H)
         if getattr(self.fusion, "image_index_aware", False):
             return self.fusion(v, q, attention_mask, output_attentions=output_attentions, image_index=image_index)
-        if image_index is not None:
-            v = v[image_index]
+        if image_index is not None:  # index_select: a cheaper backward than v[image_index] (see RelationalFusion)
+            v = v.index_select(0, image_index)
         return self.fusion(v, q, attention_mask, output_attentions=output_attentions)
 
 
