@@ -802,8 +802,7 @@ def _apply_recipe(argv: list[str]) -> list[str]:
     parser.add_function_arguments(command, as_group=False, as_positional=False)
     cfg = parser.parse_args([a for a in rest[1:] if a != "--print_config"])
     data = DataConfig(**cfg.data.as_dict())
-    # a command's own --out_dir where it has one (tune, prepare), else the run's: prepare --recipe auto once wrote
-    # into the default run directory (runs/easy-vqa) whatever --out_dir said
+    # the command's own --out_dir where it has one (prepare, compare, tune), else the run's (train.out_dir)
     out_dir = Path(cfg.out_dir if "out_dir" in cfg or "train" not in cfg else cfg.train.out_dir)
     kwargs = {} if budget is None else {"budget_minutes": budget}
     auto = auto_recipe(data, **kwargs)
