@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(params=[{}, {"fusion": "spatial", "grid_stride": 16},
-                        {"fusion": "relational", "grid_stride": 16, "relation_bias": True}],
+                        {"fusion": "relational", "grid_stride": 16, "relation_bias": True, "question_find": True}],
                 ids=["cross-attention", "spatial", "relational"])
 def checkpoint(request, tiny_config, tiny_text_tower, tmp_path):
     torch.manual_seed(0)

@@ -298,3 +298,30 @@ def test_free_steps_start_without_a_word_order_preference(tiny_config, tiny_batc
         TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=4, free_steps=4))
     old = {k: v for k, v in ordered.config.to_dict().items() if k != "free_steps"}
     assert TwoTowerConfig.from_dict(old).free_steps == 0
+
+
+def test_question_find_is_a_step_the_pooled_question_alone_drives(tiny_config, tiny_batch, tokenizer):
+    """question_find adds step 0, controlled by the pooled question and not by where a step reads the words: its
+    control does not move with the word-order bias, the other steps' do; it trains, and checkpoints without the
+    field have no such step."""
+    from vqakit.models.two_tower import TwoTowerConfig
+
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=3, dropout=0.0,
+                                                     question_find=True)).eval()
+    fusion = model.backbone.fusion
+    assert fusion.steps == 4 and fusion.order.shape == (3,)
+    q, mask = torch.randn(2, 6, fusion.token_pos.shape[1]), torch.ones(2, 6)
+    _, controls, read_at = fusion.controls(q, mask)
+    with torch.no_grad():
+        fusion.order.mul_(-5.0)  # read the question the other way round
+    _, controls2, read_at2 = fusion.controls(q, mask)
+    assert controls.shape[1] == 4 and (read_at[:, 0] == 0).all()
+    torch.testing.assert_close(controls[:, 0], controls2[:, 0])
+    assert not torch.allclose(controls[:, 1:], controls2[:, 1:])
+    model.train()
+    model(**tiny_batch(tokenizer)).logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fusion.find_control.parameters())
+    old = {k: v for k, v in model.config.to_dict().items() if k != "question_find"}
+    assert TwoTowerConfig.from_dict(old).question_find is False
+    assert TwoTowerForQuestionAnswering(TwoTowerConfig.from_dict(old)).backbone.fusion.find_control is None

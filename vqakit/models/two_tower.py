@@ -75,6 +75,10 @@ class TwoTowerConfig(ConfigMixin):
             multiple of each cell's squared distance to where that step looked and of that step's attention map
             ("nearest to it, not it": near, and away from the earlier find). Off in checkpoints written before
             it existed.
+        question_find: ``relational``: one more step, before the ``reasoning_steps``, whose control comes from the
+            pooled question alone (no reading of words in order): it finds the object the question names
+            whatever the question's word order, and the later steps and the position readout see what it found.
+            Off in checkpoints written before it existed.
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
@@ -104,6 +108,7 @@ class TwoTowerConfig(ConfigMixin):
     position_readout: bool = True
     position_gate_question: bool = False
     relation_bias: bool = False
+    question_find: bool = False
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
@@ -401,6 +406,10 @@ class RelationalFusion(nn.Module):
        ``free_steps`` steps start without the bias: with every step ordered, the last one reads the last words,
        which in "what colour is the object nearest to the green one?" name the object to relate to, and no
        step is left to relate (transfer-sort75: nearest_color 28.6 -> 83.6 with one free step).
+       With ``question_find`` a step 0 comes first, its control from the pooled question alone: it finds the
+       object the question names, whichever words the ordered steps end up reading. Without it, "is the red
+       object in the left half?" could stay at chance on some seeds while "which side is the red object on?"
+       scored 100: no ordered step found the object for the yes/no wording.
     3. Steps: the control and what the earlier steps read FiLM-modulate every cell; the cells also see their
        offset (dx, dy, |dx|, |dy|, distance^2) to every earlier step's attended position. One attention over
        the cells gives the step's read (the cells' content) and position. "The object closest to the red
@@ -424,7 +433,9 @@ class RelationalFusion(nn.Module):
 
     def __init__(self, cfg: TwoTowerConfig, order_bias: float = 2.0):
         super().__init__()
-        h, k_steps = cfg.hidden_size, cfg.reasoning_steps
+        h, k_read = cfg.hidden_size, cfg.reasoning_steps
+        self.question_find = cfg.question_find
+        k_steps = k_read + int(cfg.question_find)  # the question's find, if any, is step 0
         self.steps = k_steps
         self.register_buffer("coords", grid_coordinates(cfg.num_image_tokens), persistent=False)
         self.register_buffer("codes", cell_codes(self.coords, 3), persistent=False)
@@ -437,9 +448,10 @@ class RelationalFusion(nn.Module):
         self.ln_v = nn.LayerNorm(h)
         self.token_pos = nn.Parameter(torch.randn(cfg.text.max_length, h) * 0.1)
         self.question_out = mlp(h, 2 * h, h, 0.0)
-        self.step_query = nn.Parameter(torch.randn(k_steps, h) * 0.02)
-        self.step_from_question = nn.Linear(h, k_steps * h)
-        ordered = k_steps - cfg.free_steps
+        self.step_query = nn.Parameter(torch.randn(k_read, h) * 0.02)
+        self.step_from_question = nn.Linear(h, k_read * h)
+        self.find_control = mlp(h, 2 * h, h, 0.0) if cfg.question_find else None
+        ordered = k_read - cfg.free_steps
         self.order = nn.Parameter(torch.cat([torch.linspace(-order_bias, order_bias, ordered),
                                              torch.zeros(cfg.free_steps)]))
         self.step_out = mlp(2 * h, 2 * h, h, 0.0)
@@ -473,18 +485,23 @@ class RelationalFusion(nn.Module):
 
     def controls(self, q, q_mask):
         """(B, T, H) question tokens -> pooled question (B, H), step controls (B, K, H), where in the question
-        each step read (B, K), in [-1, 1] from the first token to the last."""
+        each step read (B, K), in [-1, 1] from the first token to the last (0 for the question's find, step 0)."""
         mask = q_mask.bool()
         t = q + self.token_pos[: q.shape[1]].to(q.dtype)
         question = mean_pool(t, mask)
         length = mask.sum(1, keepdim=True).to(q.dtype)
         place = torch.arange(q.shape[1], device=q.device, dtype=q.dtype)[None] / (length - 1).clamp(min=1) * 2 - 1
-        queries = self.step_query + self.step_from_question(question).unflatten(-1, (self.steps, -1))  # (B, K, H)
+        k_read = self.step_query.shape[0]
+        queries = self.step_query + self.step_from_question(question).unflatten(-1, (k_read, -1))  # (B, K, H)
         scores = queries @ t.transpose(1, 2) / math.sqrt(t.shape[-1])  # (B, K, T)
         scores = scores + self.order[:, None] * place[:, None]
         weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-        controls = self.step_out(torch.cat([weights @ t, question[:, None].expand(-1, self.steps, -1)], dim=-1))
-        return question, controls, (weights * place[:, None]).sum(-1)
+        controls = self.step_out(torch.cat([weights @ t, question[:, None].expand(-1, k_read, -1)], dim=-1))
+        read_at = (weights * place[:, None]).sum(-1)
+        if self.find_control is not None:  # step 0: the whole question, read at no particular place
+            controls = torch.cat([self.find_control(question)[:, None], controls], dim=1)
+            read_at = torch.cat([read_at.new_zeros(read_at.shape[0], 1), read_at], dim=1)
+        return question, controls, read_at
 
     def forward(self, v, q, q_mask, output_attentions=False, image_index=None):
         coords = self.coords.to(v.dtype)
