@@ -39,6 +39,7 @@ def test_loss_follows_answer_agreement_and_schedule_follows_size():
     model = auto_recipe(DataConfig(), profile=_profile()).config["model"]
     assert model["position_gate_question"] is True
     assert model["relation_bias"] is True
+    assert model["question_find"] is True  # a first step that finds what the whole question names
     assert model["free_steps"] == 1 and model["reasoning_steps"] == 5  # 4 ordered steps for short questions
     long = auto_recipe(DataConfig(), profile=_profile(question_words=14)).config["model"]
     assert long["reasoning_steps"] == 6 and long["free_steps"] == 1

@@ -6,8 +6,8 @@ It reads the training split once (questions, answers, a sample of image headers)
   as far down as the CPU budget needs), and the EfficientNet stage whose grid gives 8-16 cells a side
   (stride 8 for images up to 96 px, else 16), cut after that stage, with per-cell colour statistics;
 - **fusion**: the relational find / relate / read steps (``RelationalFusion``), which answer attribute, position,
-  counting, comparison and relation questions alike; more steps for longer questions, the last of them free to
-  read any word of the question;
+  counting, comparison and relation questions alike: a first step that finds what the whole question names, then
+  steps that read the question in order (more for longer questions), the last of them free to read any word;
 - **width and regularisation**: for small data (under 10,000 training questions, each seen up to 40 times) half
   the width, dropout and more weight decay, so that the fusion learns the rule instead of memorising the questions;
 - **answer head and loss**: the vocabulary covering the answers; soft-score BCE where humans disagree (real
@@ -39,12 +39,13 @@ from vqakit.data.answers import majority_answer, normalize_answer
 from vqakit.data.config import DataConfig, load_split
 
 # Seconds per optimizer step of the relational recipe on 2 idle CPU cores (batch 160, frozen towers, the auto
-# recipe's 5 steps), by grid cells. 64 and 100: measured by the training plan's timer (transfer-clutter128 0.211 s,
-# transfer-sort75 0.243-0.260 s, alone, 2026-12-06). 144 and 256: the fusion's measured forward+backward cost
-# relative to 64 cells, from before the image-side gather became an index_select (~20% faster), so on the slow
-# side: the cap then keeps large images on a grid whose run was measured. Only the budget cap uses the table;
-# every run measures its own s/step and prints the estimate (training plan).
-_SECONDS_PER_STEP = {64: 0.22, 100: 0.26, 144: 0.48, 256: 0.85}
+# recipe's 6 steps), by grid cells. With 5 steps the training plan's timer measured 0.211 s (transfer-clutter128,
+# 64 cells) and 0.243-0.260 s (transfer-sort75, 100 cells) alone (2026-12-06); the question's find step adds ~20%
+# to the fusion's forward+backward (0.193 -> 0.234 s at 64 cells, 0.302 -> 0.361 s at 100, one thread, side by
+# side), applied to the whole step here, so the table is on the slow side. 144 and 256: the fusion's measured cost
+# relative to 64 cells, from before the image-side gather became an index_select, times the same 1.2. Only the
+# budget cap uses the table; every run measures its own s/step and prints the estimate (training plan).
+_SECONDS_PER_STEP = {64: 0.26, 100: 0.31, 144: 0.57, 256: 1.0}
 # Fewest steps the recipe wants before it trades grid cells for steps (large images only).
 _MIN_STEPS = 2400
 # Below this many training questions the fusion is narrowed and regularised. transfer-dots64 (4,487 questions,
@@ -218,6 +219,9 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     model["free_steps"] = choose(
         "model.free_steps", free, "the last step reads wherever it learns to: a step can relate to the object "
         "the ordered steps found from the question's last words (\"nearest to the green one\")")
+    model["question_find"] = choose(
+        "model.question_find", True, "one more step, first, finds the object the whole question names, "
+        "whatever its wording (\"is the red object in the left half?\" as well as \"which side is it on?\")")
     model["position_gate_question"] = choose(
         "model.position_gate_question", True, "position questions read where an object is found with the "
         "question's side word, whichever step read it")
