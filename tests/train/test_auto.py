@@ -39,10 +39,12 @@ def test_loss_follows_answer_agreement_and_schedule_follows_size():
     model = auto_recipe(DataConfig(), profile=_profile()).config["model"]
     assert model["position_gate_question"] is True
     assert model["relation_bias"] is True
-    assert model["question_find"] is True  # a first step that finds what the whole question names
     assert model["free_steps"] == 1 and model["reasoning_steps"] == 5  # 4 ordered steps for short questions
     long = auto_recipe(DataConfig(), profile=_profile(question_words=14)).config["model"]
     assert long["reasoning_steps"] == 6 and long["free_steps"] == 1
+    # small data: a first step that finds what the whole question names; larger data: none (its cost buys steps)
+    assert auto_recipe(DataConfig(), profile=_profile(num_questions=5_000)).config["model"]["question_find"] is True
+    assert auto_recipe(DataConfig(), profile=_profile(num_questions=40_000)).config["model"]["question_find"] is False
     small = auto_recipe(DataConfig(), profile=_profile(num_questions=5_000)).config["train"]["max_steps"]
     large = auto_recipe(DataConfig(), profile=_profile(num_questions=200_000), budget_minutes=1000)
     n_large = int(200_000 * 0.95)

@@ -6,10 +6,11 @@ It reads the training split once (questions, answers, a sample of image headers)
   as far down as the CPU budget needs), and the EfficientNet stage whose grid gives 8-16 cells a side
   (stride 8 for images up to 96 px, else 16), cut after that stage, with per-cell colour statistics;
 - **fusion**: the relational find / relate / read steps (``RelationalFusion``), which answer attribute, position,
-  counting, comparison and relation questions alike: a first step that finds what the whole question names, then
-  steps that read the question in order (more for longer questions), the last of them free to read any word;
+  counting, comparison and relation questions alike; more steps for longer questions, the last of them free to
+  read any word of the question;
 - **width and regularisation**: for small data (under 10,000 training questions, each seen up to 40 times) half
-  the width, dropout and more weight decay, so that the fusion learns the rule instead of memorising the questions;
+  the width, dropout and more weight decay, so that the fusion learns the rule instead of memorising the questions,
+  and a first step that finds what the whole question names, whatever its wording;
 - **answer head and loss**: the vocabulary covering the answers; soft-score BCE where humans disagree (real
   photos), cross-entropy on the majority answer where they mostly agree;
 - **schedule**: a number of optimizer steps from the dataset size (passes enough for small data, fewer for large
@@ -38,21 +39,23 @@ from pathlib import Path
 from vqakit.data.answers import majority_answer, normalize_answer
 from vqakit.data.config import DataConfig, load_split
 
-# Seconds per optimizer step of the relational recipe on 2 idle CPU cores (batch 160, frozen towers, the auto
-# recipe's 6 steps), by grid cells. With 5 steps the training plan's timer measured 0.211 s (transfer-clutter128,
-# 64 cells) and 0.243-0.260 s (transfer-sort75, 100 cells) alone (2026-12-06); the question's find step adds ~20%
-# to the fusion's forward+backward (0.193 -> 0.234 s at 64 cells, 0.302 -> 0.361 s at 100, one thread, side by
-# side), applied to the whole step here, so the table is on the slow side. 144 and 256: the fusion's measured cost
-# relative to 64 cells, from before the image-side gather became an index_select, times the same 1.2. Only the
-# budget cap uses the table; every run measures its own s/step and prints the estimate (training plan).
-_SECONDS_PER_STEP = {64: 0.26, 100: 0.31, 144: 0.57, 256: 1.0}
+# Seconds per optimizer step of the relational recipe on 2 idle CPU cores (batch 160, frozen towers, 5 steps), by
+# grid cells. 64 and 100: measured by the training plan's timer (transfer-clutter128 0.211 s, transfer-sort75
+# 0.243-0.260 s, alone, 2026-12-06). 144 and 256: the fusion's measured forward+backward cost relative to 64 cells,
+# from before the image-side gather became an index_select (~20% faster), so on the slow side: the cap then keeps
+# large images on a grid whose run was measured. Only the budget cap uses the table; every run measures its own
+# s/step and prints the estimate (training plan).
+_SECONDS_PER_STEP = {64: 0.22, 100: 0.26, 144: 0.48, 256: 0.85}
+# The question's find step adds ~20% to the fusion's forward+backward (0.193 -> 0.234 s at 64 cells, 0.302 -> 0.361 s
+# at 100; one thread, side by side), applied to the whole step.
+_QUESTION_FIND_COST = 1.2
 # Fewest steps the recipe wants before it trades grid cells for steps (large images only).
 _MIN_STEPS = 2400
 # Below this many training questions the fusion is narrowed and regularised. transfer-dots64 (4,487 questions,
 # 40 passes) reached a training loss of 0.001 at width 128 without dropout, and its position questions fell to
 # chance on two seeds of five; at width 64, dropout 0.1, weight decay 0.05 five seeds averaged 97.57 against
 # 95.72, worst family 85.7 against 72.2, in half the time (docs/LOG.md, 2026-12-06); vqakit tune had picked the
-# same direction.
+# same direction. With the question's find step as well, all five seeds met the per-family target (mean 98.55).
 _SMALL_DATA = 10_000
 
 
@@ -172,6 +175,10 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
 
     val_fraction = 0.05 if p.num_questions >= 20_000 else 0.1
     n_train = int(p.num_questions * (1 - val_fraction))
+    small = n_train < _SMALL_DATA
+    fit = (f"{n_train:,} training questions (under {_SMALL_DATA:,}), seen many times each: "
+           if small else f"{n_train:,} training questions: ")
+    step_cost = _QUESTION_FIND_COST if small else 1.0  # small data get the question's find step
 
     # --- image side
     native = max(p.image_width, p.image_height)
@@ -187,7 +194,7 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         stride, native_side = 16, min(16, _round_up(native, 16) // 16)
         need = min(_steps_wanted(n_train, batch_size), _MIN_STEPS)
         side = native_side
-        while side > 8 and budget_minutes * 60 / _seconds_per_step(side * side) < need:
+        while side > 8 and budget_minutes * 60 / (_seconds_per_step(side * side) * step_cost) < need:
             side -= 2
         size = side * stride
         size_why = (f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 16"
@@ -220,17 +227,16 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         "model.free_steps", free, "the last step reads wherever it learns to: a step can relate to the object "
         "the ordered steps found from the question's last words (\"nearest to the green one\")")
     model["question_find"] = choose(
-        "model.question_find", True, "one more step, first, finds the object the whole question names, "
-        "whatever its wording (\"is the red object in the left half?\" as well as \"which side is it on?\")")
+        "model.question_find", small, fit + ("one more step, first, finds the object the whole question names, "
+        "whatever its wording (\"is the red object in the left half?\" as well as \"which side is it on?\")"
+        if small else "no question-driven first step: on 38,000 questions (transfer-sort75) it cost 20% of "
+        "the steps and two of three seeds scored lower"))
     model["position_gate_question"] = choose(
         "model.position_gate_question", True, "position questions read where an object is found with the "
         "question's side word, whichever step read it")
     model["relation_bias"] = choose(
         "model.relation_bias", True, "a later step scores cells by their distance to, and away from, what an "
         "earlier step found: nearest / farthest from a named object")
-    small = n_train < _SMALL_DATA
-    fit = (f"{n_train:,} training questions (under {_SMALL_DATA:,}), seen many times each: "
-           if small else f"{n_train:,} training questions: ")
     model["hidden_size"] = choose("model.hidden_size", 64 if small else 128,
                                   fit + ("half the width, so that it learns the rule instead of memorising the "
                                          "questions" if small else "the fusion's width"))
@@ -251,7 +257,7 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
 
     # --- schedule: passes from the dataset size, capped by the time budget
     cells = (size // stride) ** 2
-    per_step = _seconds_per_step(cells)
+    per_step = _seconds_per_step(cells) * step_cost
     steps_wanted = _steps_wanted(n_train, batch_size)
     steps_budget = int(budget_minutes * 60 / per_step)
     steps = max(200, min(steps_wanted, steps_budget))
