@@ -315,7 +315,7 @@ def test_question_find_is_a_step_the_pooled_question_alone_drives(tiny_config, t
     _, controls, read_at = fusion.controls(q, mask)
     with torch.no_grad():
         fusion.order.mul_(-5.0)  # read the question the other way round
-    _, controls2, read_at2 = fusion.controls(q, mask)
+    _, controls2, _ = fusion.controls(q, mask)
     assert controls.shape[1] == 4 and (read_at[:, 0] == 0).all()
     torch.testing.assert_close(controls[:, 0], controls2[:, 0])
     assert not torch.allclose(controls[:, 1:], controls2[:, 1:])

@@ -434,7 +434,6 @@ class RelationalFusion(nn.Module):
     def __init__(self, cfg: TwoTowerConfig, order_bias: float = 2.0):
         super().__init__()
         h, k_read = cfg.hidden_size, cfg.reasoning_steps
-        self.question_find = cfg.question_find
         k_steps = k_read + int(cfg.question_find)  # the question's find, if any, is step 0
         self.steps = k_steps
         self.register_buffer("coords", grid_coordinates(cfg.num_image_tokens), persistent=False)

@@ -36,6 +36,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from vqakit.data.answers import majority_answer, normalize_answer
 from vqakit.data.config import DataConfig, load_split
 
@@ -178,7 +180,7 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     small = n_train < _SMALL_DATA
     fit = (f"{n_train:,} training questions (under {_SMALL_DATA:,}), seen many times each: "
            if small else f"{n_train:,} training questions: ")
-    step_cost = _QUESTION_FIND_COST if small else 1.0  # small data get the question's find step
+    question_find = small  # the question's find step, for small data (it costs steps, see _SMALL_DATA)
 
     # --- image side
     native = max(p.image_width, p.image_height)
@@ -194,7 +196,7 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         stride, native_side = 16, min(16, _round_up(native, 16) // 16)
         need = min(_steps_wanted(n_train, batch_size), _MIN_STEPS)
         side = native_side
-        while side > 8 and budget_minutes * 60 / (_seconds_per_step(side * side) * step_cost) < need:
+        while side > 8 and budget_minutes * 60 / _seconds_per_step(side * side, question_find) < need:
             side -= 2
         size = side * stride
         size_why = (f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 16"
@@ -226,11 +228,11 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     model["free_steps"] = choose(
         "model.free_steps", free, "the last step reads wherever it learns to: a step can relate to the object "
         "the ordered steps found from the question's last words (\"nearest to the green one\")")
-    model["question_find"] = choose(
-        "model.question_find", small, fit + ("one more step, first, finds the object the whole question names, "
-        "whatever its wording (\"is the red object in the left half?\" as well as \"which side is it on?\")"
-        if small else "no question-driven first step: on 38,000 questions (transfer-sort75) it cost 20% of "
-        "the steps and two of three seeds scored lower"))
+    model["question_find"] = choose("model.question_find", question_find, fit + (
+        "one more step, first, finds the object the whole question names, whatever its wording (\"is the red "
+        "object in the left half?\" as well as \"which side is it on?\")" if question_find else
+        "no question-driven first step: on 38,000 questions (transfer-sort75) it cost 20% of the steps and two of "
+        "three seeds scored lower"))
     model["position_gate_question"] = choose(
         "model.position_gate_question", True, "position questions read where an object is found with the "
         "question's side word, whichever step read it")
@@ -257,7 +259,7 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
 
     # --- schedule: passes from the dataset size, capped by the time budget
     cells = (size // stride) ** 2
-    per_step = _seconds_per_step(cells) * step_cost
+    per_step = _seconds_per_step(cells, question_find)
     steps_wanted = _steps_wanted(n_train, batch_size)
     steps_budget = int(budget_minutes * 60 / per_step)
     steps = max(200, min(steps_wanted, steps_budget))
@@ -285,13 +287,12 @@ def _steps_wanted(n_train: int, batch_size: int) -> int:
     return int(epochs * n_train / batch_size)
 
 
-def _seconds_per_step(cells: int) -> float:
-    """Linear between the measured grid sizes, proportional to the cells beyond the largest."""
+def _seconds_per_step(cells: int, question_find: bool = False) -> float:
+    """Linear between the measured grid sizes, proportional to the cells beyond the largest; times
+    ``_QUESTION_FIND_COST`` with the question's find step."""
     known = sorted(_SECONDS_PER_STEP)
-    if cells <= known[0]:
-        return _SECONDS_PER_STEP[known[0]]
-    for lo, hi in zip(known, known[1:]):
-        if cells <= hi:
-            t = (cells - lo) / (hi - lo)
-            return _SECONDS_PER_STEP[lo] + t * (_SECONDS_PER_STEP[hi] - _SECONDS_PER_STEP[lo])
-    return _SECONDS_PER_STEP[known[-1]] * cells / known[-1]
+    if cells > known[-1]:
+        base = _SECONDS_PER_STEP[known[-1]] * cells / known[-1]
+    else:  # np.interp holds the first value below the smallest grid
+        base = float(np.interp(cells, known, [_SECONDS_PER_STEP[k] for k in known]))
+    return base * (_QUESTION_FIND_COST if question_find else 1.0)
