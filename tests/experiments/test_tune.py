@@ -48,6 +48,7 @@ def test_default_space_follows_the_base_config():
     assert rel["train.lr"].log and rel["train.lr"].low == pytest.approx(0.0005) and rel["train.lr"].high == 0.008
     assert rel["model.hidden_size"].choices == [64, 128, 256] and rel["train.batch_size"].choices == [80, 160, 320]
     assert (rel["model.reasoning_steps"].low, rel["model.reasoning_steps"].high) == (2, 6)
+    assert (rel["model.num_fusion_layers"].low, rel["model.num_fusion_layers"].high) == (0, 2)  # 1 +- 1
     assert rel["model.reasoning_steps"].kind == "int" and rel["model.dropout"].kind == "float"
     short = _preset("shapes-rel")
     short["model"].update(reasoning_steps=3, free_steps=1)  # never fewer steps than free ones plus one

@@ -19,14 +19,15 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(params=[{}, {"fusion": "spatial", "grid_stride": 16},
-                        {"fusion": "relational", "grid_stride": 16, "relation_bias": True, "question_find": True}],
+                        {"fusion": "relational", "grid_stride": 16, "relation_bias": True, "question_find": True,
+                         "num_fusion_layers": 0}],
                 ids=["cross-attention", "spatial", "relational"])
 def checkpoint(request, tiny_config, tiny_text_tower, tmp_path):
     torch.manual_seed(0)
     options = dict(request.param)
     vision = {"name": "efficientnet-lite0", "image_size": 64, "multiscale": True,
               **({"grid_stride": options.pop("grid_stride")} if "grid_stride" in options else {})}
-    model = TwoTowerForQuestionAnswering(tiny_config(vision=vision, num_fusion_layers=2, **options))
+    model = TwoTowerForQuestionAnswering(tiny_config(vision=vision, **{"num_fusion_layers": 2, **options}))
     model.save_pretrained(tmp_path / "ckpt", tokenizer=load_tokenizer(tiny_text_tower))
     return tmp_path / "ckpt"
 

@@ -221,7 +221,8 @@ def default_space(base: dict) -> list[Knob]:
     fusion = model.get("fusion")
     if isinstance(model.get("num_fusion_layers"), int) and fusion in CO_ATTENTION_FUSIONS:
         n = model["num_fusion_layers"]
-        knobs.append(Knob("model.num_fusion_layers", low=max(1, n - 1), high=n + 1,
+        fewest = 0 if fusion == "relational" else 1  # the relational steps can read the cells with no layer
+        knobs.append(Knob("model.num_fusion_layers", low=max(fewest, n - 1), high=n + 1,
                           why=f"base {n} +- 1 ({fusion} fusion)"))
     if isinstance(model.get("reasoning_steps"), int) and fusion == "relational":
         s, free = model["reasoning_steps"], int(model.get("free_steps") or 0)

@@ -397,7 +397,9 @@ class RelationalFusion(nn.Module):
     https://arxiv.org/abs/1709.07871, in place of MAC's memory).
 
     1. Image: the cells, with sin/cos codes of their position, pass ``num_fusion_layers`` self-attention layers,
-       once per image.
+       once per image. With none (``--recipe auto`` on 10,000 questions or more) every step reads each cell's
+       own features: a layer could learn to overwrite each cell with other cells' content, and a run that did
+       lost the cells' colour and plateaued (transfer-clutter128: 70.3 with a layer, 99.3 without, same seed).
     2. Controls: step ``k`` attends over the question tokens (a learned query plus one from the pooled
        question) with a bias on where in the question a token is: step 1 starts out preferring the first
        words, the last step the last ones (``order_bias``, then learned). Without it the

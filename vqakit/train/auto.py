@@ -244,7 +244,12 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
                                          "questions" if small else "the fusion's width"))
     model["dropout"] = choose("model.dropout", 0.1 if small else 0.0,
                               fit + ("dropout in the image layer and the classifier" if small else "no dropout"))
-    model.update(num_fusion_layers=1, num_heads=4, mlp_ratio=2)
+    model["num_fusion_layers"] = choose("model.num_fusion_layers", 1 if small else 0, fit + (
+        "one self-attention layer over the image cells before the steps" if small else
+        "no self-attention over the cells before the steps: each step reads every cell's own features. With a "
+        "layer, one run of three on transfer-clutter128 learned to overwrite each cell with other cells' content, "
+        "lost its colour and plateaued at 70"))
+    model.update(num_heads=4, mlp_ratio=2)
     loss = "ce" if p.agreement >= 0.75 else "bce"
     model["loss"] = choose("model.loss", loss,
                            f"humans agree with the majority answer {100 * p.agreement:.0f}% of the time: "
