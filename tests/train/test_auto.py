@@ -78,6 +78,29 @@ def test_plan_follows_max_steps_whatever_the_data_size():
         make_plan(0, 10, 1, -1)
 
 
+def test_vocabulary_holds_every_majority_answer_despite_frequent_synonyms():
+    from collections import Counter
+
+    from vqakit.data.answers import AnswerVocab, majority_answer
+    from vqakit.train.auto import _vocab_classes
+
+    # humans say "yep" / "nope" often enough that they outrank "purple", a majority answer of fewer questions
+    answers = ([["yes"] * 6 + ["yep"] * 4] * 30 + [["no"] * 6 + ["nope"] * 4] * 30 + [["purple"] * 10] * 10
+               + [["red"] * 10] * 2)
+    majorities = Counter(majority_answer(a) for a in answers)
+    assert len(majorities) == 4 and "purple" not in AnswerVocab.build(answers, top_k=len(majorities))
+    k = _vocab_classes(answers, majorities)
+    vocab = AnswerVocab.build(answers, top_k=k)
+    assert k == 6 and all(m in vocab for m in majorities)
+    # an answer given nearly as often as the last one kept stays above the cut too
+    near = answers + [["violet"]] * 19
+    assert _vocab_classes(near, majorities) == 7
+    # the recipe takes the measured size, and says why
+    recipe = auto_recipe(DataConfig(), profile=_profile(num_answers=4, vocab_classes=6))
+    assert recipe.config["data"]["top_k_answers"] == 6
+    assert any("6 classes" in why for key, _, why in recipe.reasons if key == "data.top_k_answers")
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")
@@ -87,7 +110,7 @@ def scenes(tmp_path_factory):
 def test_profile_reads_the_data(scenes):
     p = profile_data(DataConfig(dataset="vqa-v2", root=str(scenes)))
     assert (p.image_width, p.image_height, p.num_questions, p.num_images) == (75, 75, 200, 20)
-    assert 0.7 < p.agreement <= 1.0 and p.num_answers > 5
+    assert 0.7 < p.agreement <= 1.0 and p.num_answers > 5 and p.vocab_classes >= p.num_answers
 
 
 def test_cli_writes_the_recipe_and_options_override_it(scenes, tmp_path, capsys):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqakit.data.answers import majority_answer, normalize_answer
+from vqakit.data.answers import AnswerVocab, majority_answer, normalize_answer
 from vqakit.data.config import DataConfig, load_split
 
 # Seconds per optimizer step of the relational recipe on 2 idle CPU cores (batch 160, frozen towers, 5 steps), by
@@ -62,6 +62,7 @@ _MIN_STEPS = 2400
 # 95.72, worst family 85.7 against 72.2, in half the time (docs/LOG.md, 2026-12-06); vqakit tune had picked the
 # same direction. With the question's find step as well, all five seeds met the per-family target (mean 98.55).
 _SMALL_DATA = 10_000
+_MAX_ANSWERS = 3000  # majority answers kept as classes at most (the most frequent)
 
 
 @dataclass
@@ -80,6 +81,10 @@ class DataProfile:
     question_words_max: int
     top_answer_share: float
     bad_images: list = field(default_factory=list)
+    # answer classes the vocabulary needs so that it holds every majority answer (up to the 3,000 most frequent):
+    # the vocabulary ranks answers by how often humans gave them, so a frequent synonym ("yep", "violet") can
+    # outrank a real majority answer; 0: not measured (a profile made by hand), use num_answers
+    vocab_classes: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -131,6 +136,7 @@ def profile_data(data: DataConfig, sample_images: int = 256) -> DataProfile:
     agreement = statistics.fmean(
         sum(normalize_answer(a) == m for a in e.answers) / len(e.answers)
         for e, m in zip((e for e in examples if e.answers), majorities))
+    vocab_classes = _vocab_classes([e.answers for e in examples if e.answers], counts)
     words = [len(e.question.split()) for e in examples]
     images = sorted({e.image for e in examples})
     rng = random.Random(0)
@@ -154,7 +160,25 @@ def profile_data(data: DataConfig, sample_images: int = 256) -> DataProfile:
         answer_types=dict(Counter(e.answer_type for e in examples)), agreement=round(agreement, 3),
         question_words=round(statistics.fmean(words), 1), question_words_max=max(words),
         top_answer_share=round(counts.most_common(1)[0][1] / len(majorities), 3), bad_images=bad,
+        vocab_classes=vocab_classes,
     )  # fmt: skip
+
+
+def _vocab_classes(answer_lists: list, majorities: Counter, keep: int = _MAX_ANSWERS) -> int:
+    """The ``top_k`` for :meth:`AnswerVocab.build` that keeps the ``keep`` most frequent majority answers.
+
+    The vocabulary counts every human answer, so with noisy answers a synonym given often (``"yep"`` next to
+    ``"yes"``) can rank above a majority answer that fewer questions have (``"purple"``): a ``top_k`` equal to
+    the number of majority answers would then leave that answer out, and its questions could never be answered.
+    The cut is moved past answers given nearly as often (within 10%) as the last one kept, so that the
+    training split (the data less the carved validation images) ranks the same answers above it.
+    """
+    vocab = AnswerVocab.build(answer_lists, top_k=10**9)
+    rank = {a: i for i, a in enumerate(vocab.answers)}
+    k = max(rank[a] for a, _ in majorities.most_common(keep) if a in rank) + 1
+    while k < len(vocab) and vocab.counts[k] >= 0.9 * vocab.counts[k - 1]:
+        k += 1
+    return k
 
 
 def _round_up(x: float, m: int) -> int:
@@ -257,10 +281,14 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     model["loss"] = choose("model.loss", loss,
                            f"humans agree with the majority answer {100 * p.agreement:.0f}% of the time: "
                            + ("cross-entropy on it" if loss == "ce" else "soft VQA scores (BCE)"))
-    top_k = min(p.num_answers, 3000)
+    top_k = p.vocab_classes or min(p.num_answers, _MAX_ANSWERS)
+    kept = min(p.num_answers, _MAX_ANSWERS)
     data_out = {
-        "top_k_answers": choose("data.top_k_answers", top_k, f"{p.num_answers} distinct majority answers"
-                                + (" (the 3,000 most frequent)" if top_k < p.num_answers else "")),
+        "top_k_answers": choose("data.top_k_answers", top_k, (
+            f"every majority answer ({p.num_answers})" if kept == p.num_answers else
+            f"the {kept:,} most frequent of {p.num_answers:,} majority answers")
+            + (f"; the vocabulary ranks by every human answer, so it needs {top_k:,} classes to hold them"
+               if top_k > kept else "")),
         "val_fraction": choose("data.val_fraction", val_fraction,
                                "validation carved from train (whole images), for best.ckpt and vqakit tune"),
     }
