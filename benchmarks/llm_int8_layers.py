@@ -4,9 +4,9 @@ float32. Writes benchmarks/results/llm_int8_layers.json.
     python benchmarks/llm_int8_layers.py --checkpoint runs/easy-vqa-llm-stage4/checkpoint --threads 2
 
 Variants (``LLMPrefixForQuestionAnswering.quantize_int8``):
-- ``int8``: the default: the prompt prefix's keys/values from float32, ``down_proj`` smoothed (SmoothQuant,
-  alpha 0.5) and quantized with the other Linear layers;
-- ``int8_float_down``: the prompt prefix cached, ``down_proj`` kept in float32;
+- ``int8``: the prompt prefix's keys/values from float32, ``down_proj`` smoothed (SmoothQuant, alpha 0.5) and
+  quantized with the other Linear layers (``quantize_int8(skip=(), smooth=0.5)``);
+- ``int8_float_down``: the default: the prompt prefix cached, ``down_proj`` kept in float32;
 - ``int8_float_down_no_prefix_cache``: ``down_proj`` in float32 and the whole prefix run through the INT8 LM.
 
 Timing: for each of ``--images`` easy-VQA test questions (after 5 warm-up ones), the prefill pass over
@@ -71,7 +71,7 @@ def main() -> None:
     base._text_cache = None
     processor = base.processor
     variants = {}
-    for name, kwargs, prefix_cache in [("int8", {}, True),
+    for name, kwargs, prefix_cache in [("int8", {"skip": (), "smooth": 0.5}, True),
                                        ("int8_float_down", {"skip": ("down_proj",), "smooth": None}, True),
                                        ("int8_float_down_no_prefix_cache", {"skip": ("down_proj",), "smooth": None},
                                         False)]:
