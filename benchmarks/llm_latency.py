@@ -83,8 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="an llm_prefix checkpoint directory")
     parser.add_argument("--quantize", default="none,int8",
-                        help="comma-separated: none, int8 (the default INT8: down_proj smoothed and quantized too), "
-                             "int8_float_down (down_proj kept in float32)")
+                        help="comma-separated: none, int8 (the default INT8: down_proj kept in float32), "
+                             "int8_smoothed (down_proj smoothed and quantized too)")
     parser.add_argument("--images", type=int, default=20, help="timed images per setting (after 2 warm-up images)")
     parser.add_argument("--counts", default="1,5", help="questions per image")
     parser.add_argument("--drafts", default="on,off", help="comma-separated: on, off (answer drafts)")
@@ -109,8 +109,8 @@ def main() -> None:
     for quantize in args.quantize.split(","):
         predictor = load_predictor(args.checkpoint, device="cpu", quantize="int8" if quantize == "int8" else None)
         model, processor = predictor.model, predictor.processor
-        if quantize == "int8_float_down":
-            model.quantize_int8(skip=("down_proj",), smooth=None)
+        if quantize == "int8_smoothed":
+            model.quantize_int8(skip=(), smooth=0.5)
         drafts = list(model.config.draft_answers)
         if args.max_draft_tokens is not None:
             model.config.max_draft_tokens = args.max_draft_tokens
