@@ -294,6 +294,7 @@ def evaluate(
     system_prompt: str | None = None,
     endpoint_options: EndpointOptions = EndpointOptions(),
     resume: bool = True,
+    per_image: bool | None = None,
 ) -> dict:
     """Evaluate a checkpoint, or any OpenAI-compatible VQA server: official VQA accuracy (overall, per answer type,
     per question type), exact match, top-5, macro/weighted precision, recall and F1. Writes metrics.json,
@@ -317,6 +318,10 @@ def evaluate(
         endpoint_options: concurrency, retries and backoff, request timeout, max_tokens, logprobs, API key.
         resume: continue a killed evaluation from its ``predictions.partial.jsonl`` in ``out_dir`` (same
             checkpoint, split and settings); ``false`` predicts every question again.
+        per_image: answer each image's questions in one call, as ``vqakit serve`` and ``VQAPredictor.predict`` do,
+            not in batches of ``batch_size`` questions (checkpoint). Default: on with ``--quantize`` (dynamic INT8
+            scales activations per call, so batches of padded questions answer differently from requests), off
+            otherwise.
     """
     from vqakit.eval.evaluate import evaluate_checkpoint, format_metrics
 
@@ -335,8 +340,9 @@ def evaluate(
         from vqakit.inference.generative import load_predictor
 
         predictor = load_predictor(checkpoint, quantize=quantize) if quantize else None
+        per_image = bool(quantize) if per_image is None else per_image
         metrics = evaluate_checkpoint(checkpoint, data, split, out_dir, batch_size, use_cache, predictor=predictor,
-                                      resume=resume)
+                                      resume=resume, per_image=per_image)
     print(format_metrics(metrics))
     print(f"wrote {metrics['out_dir']}")
     return metrics

@@ -65,3 +65,28 @@ def test_journal_ignores_a_cut_line_and_another_checkpoints_answers(tmp_path):
     assert sorted(PredictionJournal(tmp_path, "key-a").done) == [0, 1, 2]
     assert PredictionJournal(tmp_path, "key-b").done == {}  # other weights / split / settings: start over
     assert PredictionJournal(tmp_path, "key-a").done == {}
+
+
+def test_per_image_answers_each_image_in_one_call_as_served(tiny_checkpoint, tmp_path, monkeypatch):
+    """per_image: one predictor.predict(image, questions) call per image, the answers in the split's order; a float32
+    classifier answers the same as in batches."""
+    from vqakit.inference.predict import VQAPredictor
+
+    data = DataConfig(limit=40, cache_dir=str(tmp_path / "cache"))
+    batched = evaluate_checkpoint(tiny_checkpoint, data, out_dir=tmp_path / "batched", batch_size=8, progress=False)
+    calls = []
+    predict = VQAPredictor.predict
+    monkeypatch.setattr(VQAPredictor, "predict", lambda self, image, questions, *a, **k: calls.append(
+        (image, list(questions))) or predict(self, image, questions, *a, **k))
+    served = evaluate_checkpoint(tiny_checkpoint, data, out_dir=tmp_path / "served", progress=False, per_image=True,
+                                 journal_every=7)
+    images = [image for image, _ in calls]
+    assert len(images) == len(set(images)) > 1  # one call per image, never cut between journal chunks
+    assert sum(len(q) for _, q in calls) == served["num_questions"] == batched["num_questions"]
+    assert served["vqa_accuracy"] == batched["vqa_accuracy"]
+    import csv
+
+    def answers(d):  # scores may differ in the 4th decimal with the batch's shape
+        return [(r["question_id"], r["prediction"]) for r in csv.DictReader(open(tmp_path / d / "predictions.csv"))]
+
+    assert answers("served") == answers("batched")

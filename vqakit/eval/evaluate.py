@@ -13,6 +13,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from vqakit.data.config import DataConfig, load_split
 from vqakit.data.images import filter_examples, scan_images
 from vqakit.eval.journal import PredictionJournal, journal_key
@@ -40,6 +42,7 @@ def evaluate_checkpoint(
     predictor: VQAPredictor | None = None,
     resume: bool = True,
     journal_every: int = JOURNAL_EVERY,
+    per_image: bool = False,
 ) -> dict:
     """Predict every question of ``split`` (default ``data.eval_split``) and score it.
 
@@ -50,6 +53,11 @@ def evaluate_checkpoint(
     Answers are appended to ``<out_dir>/predictions.partial.jsonl`` every ``journal_every`` questions (rounded up
     to whole batches, so batches are the same as in an uninterrupted run); with ``resume``, a rerun after a kill
     answers only the questions not in it, and scores the same as an uninterrupted run.
+
+    ``per_image``: answer each image's questions in one ``predictor.predict(image, questions)`` call, as
+    ``VQAPredictor.predict`` and ``vqakit serve`` do, instead of batches of ``batch_size`` questions from many
+    images. Answers can depend on what shares a pass: dynamic INT8 quantizes activations with one scale per call,
+    so a padded batch of 64 questions answers differently from a served request (see benchmarks/README.md).
     """
     split = split or data.eval_split
     if predictor is None:
@@ -61,16 +69,18 @@ def evaluate_checkpoint(
     out = Path(out_dir) if out_dir is not None else Path(checkpoint) / f"eval-{data.dataset}-{split}"
     key = journal_key(checkpoint, data.dataset, split, [e.question_id for e in examples], use_cache=use_cache,
                       quantize=getattr(predictor, "quantize", None), backend=getattr(predictor, "backend", None),
-                      decoding=getattr(predictor, "decoding", None), predictor=type(predictor).__name__)
+                      decoding=getattr(predictor, "decoding", None), predictor=type(predictor).__name__,
+                      **({"per_image": True} if per_image else {}))
     journal = PredictionJournal(out, key, resume=resume)
     todo = [i for i in range(len(examples)) if i not in journal.done]  # rows of ``examples``
     resumed = len(examples) - len(todo)
-    chunk = -(-max(1, journal_every) // batch_size) * batch_size
     start = time.perf_counter()
-    for begin in range(0, len(todo), chunk):
-        rows = todo[begin : begin + chunk]
-        answers = predictor.predict_examples([examples[i] for i in rows], batch_size=batch_size, use_cache=use_cache,
-                                             cache_dir=_features_dir(data), progress=progress)
+    for rows in _chunks(todo, examples, journal_every, batch_size, per_image):
+        if per_image:
+            answers = _answer_per_image(predictor, [examples[i] for i in rows], progress)
+        else:
+            answers = predictor.predict_examples([examples[i] for i in rows], batch_size=batch_size,
+                                                 use_cache=use_cache, cache_dir=_features_dir(data), progress=progress)
         journal.append([{"row": i, "question_id": examples[i].question_id, "answer": p.answer,
                          "score": float(p.score), "top_k": [[a, float(s)] for a, s in p.top_k]}
                         for i, p in zip(rows, answers)])
@@ -85,6 +95,42 @@ def evaluate_checkpoint(
     )  # fmt: skip
     journal.remove()
     return metrics
+
+
+def _chunks(todo: list[int], examples: list, journal_every: int, batch_size: int, per_image: bool):
+    """Rows to answer between journal writes: whole batches; with ``per_image``, an image's rows together (in
+    the split's order of first appearance) and never cut between two chunks."""
+    if not per_image:
+        chunk = -(-max(1, journal_every) // batch_size) * batch_size
+        yield from (todo[b : b + chunk] for b in range(0, len(todo), chunk))
+        return
+    groups: dict[str, list[int]] = {}
+    for i in todo:
+        image = examples[i].image
+        if not isinstance(image, (str, Path)):
+            raise ValueError(f"per_image: question {examples[i].question_id} has {len(image)} images; answering "
+                             f"per image needs one image per question")
+        groups.setdefault(str(image), []).append(i)
+    rows: list[int] = []
+    for group in groups.values():
+        rows += group
+        if len(rows) >= journal_every:
+            yield rows
+            rows = []
+    if rows:
+        yield rows
+
+
+def _answer_per_image(predictor, examples: list, progress: bool) -> list:
+    """One ``predictor.predict(image, questions)`` call per image, as served; answers in ``examples``' order."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(str(e.image), []).append(i)
+    answers = [None] * len(examples)
+    for image, rows in tqdm(groups.items(), desc="answering per image", disable=not progress):
+        for i, prediction in zip(rows, predictor.predict(image, [examples[i].question for i in rows])):
+            answers[i] = prediction
+    return answers
 
 
 def load_examples(data: DataConfig, split: str, progress: bool = True) -> tuple[list, list]:
