@@ -278,6 +278,33 @@ def test_position_gate_can_read_the_question_with_the_same_weights(tiny_config, 
     assert TwoTowerConfig.from_dict(old).position_gate_question is False
 
 
+def test_position_question_feeds_each_step_position_times_the_question(tiny_config, tiny_batch, tokenizer):
+    """position_question adds, per step, its attended (x, y) times the pooled question to the classifier's input:
+    no new parameters besides the classifier's wider first layer; the features flip sign with the position, so a
+    linear read of them answers "in the top half?"; checkpoints without the field keep it off."""
+    from vqakit.models.two_tower import TwoTowerConfig
+
+    torch.manual_seed(0)
+    plain = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", dropout=0.0)).eval()
+    cfg = tiny_config(fusion="relational", dropout=0.0, position_question=True)
+    both = TwoTowerForQuestionAnswering(cfg).eval()
+    fusion = both.backbone.fusion
+    assert fusion.out_dim - plain.backbone.fusion.out_dim == fusion.steps * 2 * cfg.hidden_size
+    differ = {k for k, v in both.state_dict().items() if plain.state_dict()[k].shape != v.shape}
+    assert differ == {"classifier.0.weight"} and both.state_dict().keys() == plain.state_dict().keys()
+    batch = tiny_batch(tokenizer)
+    pooled, _ = both.backbone(**batch)
+    extra = pooled[:, -fusion.steps * 2 * cfg.hidden_size:].unflatten(1, (fusion.steps, 2, -1))  # (B, K, 2, H)
+    # the same question vector in every step, scaled by the step's x and by its y
+    ratio = extra[:, :, 1] / extra[:, :, 0]
+    assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4, atol=1e-4)
+    loss = both(**batch).logits.logsumexp(-1).sum()
+    loss.backward()
+    assert both.classifier[0].weight.grad[:, -fusion.steps * 2 * cfg.hidden_size:].abs().sum() > 0
+    old = {k: v for k, v in plain.config.to_dict().items() if k != "position_question"}
+    assert TwoTowerConfig.from_dict(old).position_question is False
+
+
 def test_free_steps_start_without_a_word_order_preference(tiny_config, tiny_batch, tokenizer):
     """free_steps: the last steps start with no preference for where in the question they read, the others keep the
     ordered start (first words to last); the parameters are the same, and a step count they do not fit is refused."""

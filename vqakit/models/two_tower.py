@@ -71,6 +71,13 @@ class TwoTowerConfig(ConfigMixin):
             well as the step's control, so the step that found the object and the word that asks about it
             ("left", "upper") need not be read by the same step (transfer-sort75 at batch 80, same seed and init:
             position 81.97 -> 100.0). ``--recipe auto`` turns it on.
+        position_question: ``relational``: each step's attended (x, y) times the pooled question vector also
+            enters the answer. The position readout's gate is learned jointly with the coordinate codes it gates,
+            and a run could find the named object and still leave "is it in the top half?" near chance; with the
+            coordinates themselves times the question, "top / bottom" times y is linear in the classifier's
+            weights (transfer-clutter128 seed 0: that wording 65.0 -> 100, overall 96.63 -> 99.32). Off by default
+            and in ``--recipe auto``: on two other transfer runs with it a relational question family plateaued
+            instead (docs/LOG.md).
         relation_bias: ``relational``: a step's attention scores also get, per earlier step, a question-set
             multiple of each cell's squared distance to where that step looked and of that step's attention map
             ("nearest to it, not it": near, and away from the earlier find). Off in checkpoints written before
@@ -107,6 +114,7 @@ class TwoTowerConfig(ConfigMixin):
     free_steps: int = 0
     position_readout: bool = True
     position_gate_question: bool = False
+    position_question: bool = False
     relation_bias: bool = False
     question_find: bool = False
     num_heads: int = 4
@@ -473,6 +481,9 @@ class RelationalFusion(nn.Module):
             self.where_codes = nn.Linear(2 + 4 * 3, h)
             self.where_gate = nn.Linear(h, h)
             self.out_dim += k_steps * h
+        self.position_question = cfg.position_question
+        if cfg.position_question:
+            self.out_dim += k_steps * 2 * h
         if cfg.relation_bias:
             # step k's gains on the distance to, and the attention map of, each earlier step, from its control and
             # the question (the relation word, "closest" / "farthest", need not be the words the step reads);
@@ -551,6 +562,8 @@ class RelationalFusion(nn.Module):
             gated = self.where_codes(cell_codes(where_all.flatten(0, 1), 3).unflatten(0, where_all.shape[:2]))
             gate_from = controls + question[:, None] if self.position_gate_question else controls
             parts.append((gated * self.where_gate(gate_from)).flatten(1))  # (B, K * H)
+        if self.position_question:  # fixed coordinates times the question: (B, K, 2, H) -> (B, K * 2 * H)
+            parts.append((torch.stack(wheres, dim=1)[..., None] * question[:, None, None]).flatten(1))
         pooled = torch.cat(parts, dim=-1)
         attentions = None
         if output_attentions:  # per step, where it looked, as (B, T, N) like the other fusions' maps
