@@ -83,8 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="an llm_prefix checkpoint directory")
     parser.add_argument("--quantize", default="none,int8",
-                        help="comma-separated: none, int8 (the default INT8: down_proj kept in float32), "
-                             "int8_smoothed (down_proj smoothed and quantized too)")
+                        help="comma-separated: none, int8 (the default INT8: gate_proj / up_proj in INT8, the rest float32), "
+                             "int8_smoothed (every layer in INT8, down_proj smoothed first), "
+                             "int8_attn (the attention projections in INT8 too)")
     parser.add_argument("--images", type=int, default=20, help="timed images per setting (after 2 warm-up images)")
     parser.add_argument("--counts", default="1,5", help="questions per image")
     parser.add_argument("--drafts", default="on,off", help="comma-separated: on, off (answer drafts)")
@@ -111,6 +112,8 @@ def main() -> None:
         model, processor = predictor.model, predictor.processor
         if quantize == "int8_smoothed":
             model.quantize_int8(skip=(), smooth=0.5)
+        elif quantize == "int8_attn":
+            model.quantize_int8(skip=("down_proj",))
         drafts = list(model.config.draft_answers)
         if args.max_draft_tokens is not None:
             model.config.max_draft_tokens = args.max_draft_tokens

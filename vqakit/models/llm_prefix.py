@@ -192,6 +192,10 @@ class LLMPrefixOutput:
     answer_exact: torch.Tensor | None = None  # (B,) every answer token (and <eos>) is the argmax
 
 
+# Linear layers that dynamic INT8 serving keeps in float32 (see LLMPrefixForQuestionAnswering.quantize_int8)
+INT8_FLOAT32_LAYERS = ("down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
+
+
 class Int8ShortlistHead(nn.Module):
     """An LM head for CPU serving: logits over the vocabulary from an INT8 copy of the weight (a GEMV over the
     49k x 576 head reads a quarter of the bytes: about 1 ms instead of 10 for SmolLM2 on 2 cores), then the top
@@ -802,22 +806,25 @@ class LLMPrefixForQuestionAnswering(nn.Module):
             down.weight.mul_(scale[None].to(down.weight.dtype))
         return list(pairs)
 
-    def quantize_int8(self, skip: tuple[str, ...] = ("down_proj",), shortlist: int = 16,
+    def quantize_int8(self, skip: tuple[str, ...] = INT8_FLOAT32_LAYERS, shortlist: int = 16,
                       smooth: float | None = None) -> None:
         """Dynamic INT8 for CPU serving: the LM's Linear layers get int8 weights (per output channel) and
-        activations quantized per batch (``torch.ao.quantization.quantize_dynamic``), except the modules named
+        activations quantized per call (``torch.ao.quantization.quantize_dynamic``), except the modules named
         in ``skip``. The LM head becomes an :class:`Int8ShortlistHead` (``shortlist`` > 0): INT8 logits over the
         vocabulary, with the top ``shortlist`` of them recomputed in float32, so greedy decoding picks the same
         token as the float32 head.
 
-        The MLPs' ``down_proj`` input carries the LM's activation outliers: quantized as it is, the answers
-        break (SmolLM2-135M on an easy-VQA subset: 58.18 against 75.22). So by default those layers stay in
-        float32 (``skip=("down_proj",)``; on SmolLM2-135M they are a third of a pass's time), and the prompt
-        prefix's keys/values come from the float32 LM (:meth:`cache_prompt_prefix`: its first token holds the
-        largest activations by far). ``skip=(), smooth=0.5`` quantizes ``down_proj`` too, after
-        :meth:`smooth_down_proj` (SmoothQuant's alpha) moves the outliers into the weights: a pass is ~16%
-        faster, but on the trained easy-VQA checkpoint the full test split fell to 91.42 (float32 97.47) against
-        96.47 with ``down_proj`` in float32. Measurements: benchmarks/llm_latency.py and benchmarks/README.md."""
+        By default the MLPs' ``gate_proj`` / ``up_proj`` (half of a layer's weights) are INT8 and the rest stays in
+        float32 (``INT8_FLOAT32_LAYERS``). ``down_proj``'s input carries the LM's activation outliers: quantized as
+        it is, the answers break (SmolLM2-135M on an easy-VQA subset: 58.18 against 75.22). The attention
+        projections (where the LoRA adapters are merged) add the rest of the error: on the trained easy-VQA
+        checkpoint, answers of 300 training images, INT8 disagreed with float32 on 53 of 2,796 questions with them
+        quantized and 17 with them in float32, for ~10% more time per question (47 -> 52 ms). The prompt prefix's
+        keys/values come from the float32 LM (:meth:`cache_prompt_prefix`: its first token holds the largest
+        activations by far). ``skip=(), smooth=0.5`` quantizes every layer, ``down_proj`` after
+        :meth:`smooth_down_proj` (SmoothQuant's alpha) moves the outliers into the weights: faster, but the full
+        easy-VQA test split fell to 91.42 (float32 97.47). Measurements: benchmarks/llm_latency.py and
+        benchmarks/README.md."""
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
         from vqakit.models.quantize import quantize_dynamic_int8
