@@ -6,7 +6,8 @@ float32. Writes benchmarks/results/llm_int8_layers.json.
 Variants (``LLMPrefixForQuestionAnswering.quantize_int8``):
 - ``int8``: the prompt prefix's keys/values from float32, ``down_proj`` smoothed (SmoothQuant, alpha 0.5) and
   quantized with the other Linear layers (``quantize_int8(skip=(), smooth=0.5)``);
-- ``int8_float_down``: the default: the prompt prefix cached, ``down_proj`` kept in float32;
+- ``int8_float_down``: the prompt prefix cached, ``down_proj`` kept in float32, the attention projections in
+  INT8 (the default also keeps those in float32: ``INT8_FLOAT32_LAYERS``);
 - ``int8_float_down_no_prefix_cache``: ``down_proj`` in float32 and the whole prefix run through the INT8 LM.
 
 Timing: for each of ``--images`` easy-VQA test questions (after 5 warm-up ones), the prefill pass over

@@ -75,9 +75,16 @@ def evaluate_checkpoint(
     todo = [i for i in range(len(examples)) if i not in journal.done]  # rows of ``examples``
     resumed = len(examples) - len(todo)
     start = time.perf_counter()
-    for rows in _chunks(todo, examples, journal_every, batch_size, per_image):
+    if per_image:
+        chunks = _image_chunks(todo, examples, journal_every)
+    else:
+        chunk = -(-max(1, journal_every) // batch_size) * batch_size
+        chunks = ([todo[b : b + chunk]] for b in range(0, len(todo), chunk))
+    for groups in chunks:  # per_image: one list of rows per image; else one batch-aligned list of rows
+        rows = [i for group in groups for i in group]
         if per_image:
-            answers = _answer_per_image(predictor, [examples[i] for i in rows], progress)
+            answers = [p for group in tqdm(groups, desc="answering per image", disable=not progress)
+                       for p in predictor.predict(examples[group[0]].image, [examples[i].question for i in group])]
         else:
             answers = predictor.predict_examples([examples[i] for i in rows], batch_size=batch_size,
                                                  use_cache=use_cache, cache_dir=_features_dir(data), progress=progress)
@@ -97,13 +104,9 @@ def evaluate_checkpoint(
     return metrics
 
 
-def _chunks(todo: list[int], examples: list, journal_every: int, batch_size: int, per_image: bool):
-    """Rows to answer between journal writes: whole batches; with ``per_image``, an image's rows together (in
-    the split's order of first appearance) and never cut between two chunks."""
-    if not per_image:
-        chunk = -(-max(1, journal_every) // batch_size) * batch_size
-        yield from (todo[b : b + chunk] for b in range(0, len(todo), chunk))
-        return
+def _image_chunks(todo: list[int], examples: list, journal_every: int):
+    """``per_image``: each image's rows (in the split's order of first appearance), gathered into chunks of at
+    least ``journal_every`` rows between journal writes; an image is never cut between two chunks."""
     groups: dict[str, list[int]] = {}
     for i in todo:
         image = examples[i].image
@@ -111,26 +114,15 @@ def _chunks(todo: list[int], examples: list, journal_every: int, batch_size: int
             raise ValueError(f"per_image: question {examples[i].question_id} has {len(image)} images; answering "
                              f"per image needs one image per question")
         groups.setdefault(str(image), []).append(i)
-    rows: list[int] = []
+    chunk, n = [], 0
     for group in groups.values():
-        rows += group
-        if len(rows) >= journal_every:
-            yield rows
-            rows = []
-    if rows:
-        yield rows
-
-
-def _answer_per_image(predictor, examples: list, progress: bool) -> list:
-    """One ``predictor.predict(image, questions)`` call per image, as served; answers in ``examples``' order."""
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault(str(e.image), []).append(i)
-    answers = [None] * len(examples)
-    for image, rows in tqdm(groups.items(), desc="answering per image", disable=not progress):
-        for i, prediction in zip(rows, predictor.predict(image, [examples[i].question for i in rows])):
-            answers[i] = prediction
-    return answers
+        chunk.append(group)
+        n += len(group)
+        if n >= journal_every:
+            yield chunk
+            chunk, n = [], 0
+    if chunk:
+        yield chunk
 
 
 def load_examples(data: DataConfig, split: str, progress: bool = True) -> tuple[list, list]:

@@ -557,13 +557,13 @@ class RelationalFusion(nn.Module):
         geometry = self.geometry(torch.cat([*wheres, *diffs], dim=-1))
         parts = [self.question_out(question), read_at, *states,
                  *(torch.cat([r, w], -1) for r, w in zip(reads, wheres)), *diffs, geometry, z.amax(1), z.mean(1)]
+        where_all = torch.stack(wheres, dim=1)  # (B, K, 2)
         if self.position_readout:
-            where_all = torch.stack(wheres, dim=1)  # (B, K, 2)
             gated = self.where_codes(cell_codes(where_all.flatten(0, 1), 3).unflatten(0, where_all.shape[:2]))
             gate_from = controls + question[:, None] if self.position_gate_question else controls
             parts.append((gated * self.where_gate(gate_from)).flatten(1))  # (B, K * H)
         if self.position_question:  # fixed coordinates times the question: (B, K, 2, H) -> (B, K * 2 * H)
-            parts.append((torch.stack(wheres, dim=1)[..., None] * question[:, None, None]).flatten(1))
+            parts.append((where_all[..., None] * question[:, None, None]).flatten(1))
         pooled = torch.cat(parts, dim=-1)
         attentions = None
         if output_attentions:  # per step, where it looked, as (B, T, N) like the other fusions' maps
