@@ -20,16 +20,17 @@ def _profile(**changes):
 
 
 def test_image_size_and_grid_follow_the_native_resolution():
-    cases = {(64, 64): (64, 8), (75, 75): (80, 8), (128, 128): (128, 16), (320, 240): (160, 16)}
+    cases = {(64, 64): (64, 8), (75, 75): (80, 8), (128, 128): (128, 16), (320, 240): (192, 16)}
     for (w, h), (size, stride) in cases.items():
         model = auto_recipe(DataConfig(), profile=_profile(image_width=w, image_height=h)).config["model"]
         assert (model["vision"]["image_size"], model["vision"]["grid_stride"]) == (size, stride), (w, h)
-    # large images: the finest grid (16x16 cells of 16 px) when the budget runs enough steps on it, a coarser
-    # one when it does not
+    # large images: the finest grid (16x16 cells of 16 px) when the budget runs the planned steps on it, a
+    # coarser one that runs all of them when it does not
     roomy = auto_recipe(DataConfig(), profile=_profile(image_width=640, image_height=480), budget_minutes=120)
     assert roomy.config["model"]["vision"]["image_size"] == 256
     tight = auto_recipe(DataConfig(), profile=_profile(image_width=640, image_height=480), budget_minutes=18)
     assert tight.config["model"]["vision"]["image_size"] < 256
+    assert tight.config["train"]["max_steps"] == roomy.config["train"]["max_steps"]  # no steps traded for cells
     assert any("budget" in why for key, _, why in tight.reasons if key == "model.vision.image_size")
 
 

@@ -43,19 +43,19 @@ from vqakit.data.answers import AnswerVocab, majority_answer, normalize_answer
 from vqakit.data.config import DataConfig, load_split
 
 # Seconds per optimizer step of the relational recipe on 2 idle CPU cores (batch 160, frozen towers, 5 steps), by
-# grid cells. 64 and 100: measured by the training plan's timer (transfer-clutter128 0.211 s, transfer-sort75
-# 0.243-0.260 s, alone, 2026-12-06). 144 and 256: the fusion's measured forward+backward cost relative to 64 cells,
-# from before the image-side gather became an index_select (~20% faster), so on the slow side: the cap then keeps
-# large images on a grid whose run was measured. All measured with one self-attention layer over the cells; the
-# recipe drops it from _SMALL_DATA questions up (fusion forward+backward 0.32 -> 0.23 s at 64 cells, 0.40 -> 0.36 s
-# at 100, one thread, under load), so there the table is an upper bound. Only the budget cap uses the table; every
-# run measures its own s/step and prints the estimate (training plan).
-_SECONDS_PER_STEP = {64: 0.22, 100: 0.26, 144: 0.48, 256: 0.85}
+# grid cells, without self-attention over the cells (the recipe from _SMALL_DATA questions up): measured alone, 2
+# threads, 300 steps each, time to train / steps (2026-12-06; transfer-clutter128 at 64 cells, transfer-wide320 at
+# 160, 192, 224 and 256 px).
+_SECONDS_PER_STEP = {64: 0.14, 100: 0.21, 144: 0.25, 196: 0.30, 256: 0.44}
+# The same with one self-attention layer over the cells (the recipe under _SMALL_DATA questions). 64 and 100:
+# measured by the training plan's timer (transfer-clutter128 0.211 s, transfer-sort75 0.243-0.260 s, alone,
+# 2026-12-06); 144 and 256: the fusion's forward+backward cost relative to 64 cells, before the image-side gather
+# became an index_select (~20% faster), so on the slow side. Only the budget cap uses these tables; every run
+# measures its own s/step and prints the estimate (training plan).
+_SECONDS_PER_STEP_IMAGE_LAYER = {64: 0.22, 100: 0.26, 144: 0.48, 256: 0.85}
 # The question's find step adds ~20% to the fusion's forward+backward (0.193 -> 0.234 s at 64 cells, 0.302 -> 0.361 s
 # at 100; one thread, side by side), applied to the whole step.
 _QUESTION_FIND_COST = 1.2
-# Fewest steps the recipe wants before it trades grid cells for steps (large images only).
-_MIN_STEPS = 2400
 # Below this many training questions the fusion is narrowed and regularised. transfer-dots64 (4,487 questions,
 # 40 passes) reached a training loss of 0.001 at width 128 without dropout, and its position questions fell to
 # chance on two seeds of five; at width 64, dropout 0.1, weight decay 0.05 five seeds averaged 97.57 against
@@ -218,12 +218,14 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         size, stride = _round_up(native, 8), 8
         size_why = f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 8 (no resampling blur)"
     else:
-        # 16-px cells; as many a side as the native size gives, but no more than lets the schedule run enough
-        # steps in the budget (a finer grid trained for too few steps scored lower than a coarser one)
+        # 16-px cells; as many a side as the native size gives, but no more than lets the planned steps run in
+        # the budget: a finer grid trained for fewer steps scored lower than a coarser one trained for all of
+        # them (transfer-wide320 seed 0: carved validation 0.87 at step 1,355 of 2,454 on 16x16 cells, 0.99 at
+        # step 2,598 of 4,000 on 12x12; docs/LOG.md)
         stride, native_side = 16, min(16, _round_up(native, 16) // 16)
-        need = min(_steps_wanted(n_train, batch_size), _MIN_STEPS)
+        need = _steps_wanted(n_train, batch_size)
         side = native_side
-        while side > 8 and budget_minutes * 60 / _seconds_per_step(side * side, question_find) < need:
+        while side > 8 and budget_minutes * 60 / _seconds_per_step(side * side, small) < need:
             side -= 2
         size = side * stride
         size_why = (f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 16"
@@ -295,7 +297,7 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
 
     # --- schedule: passes from the dataset size, capped by the time budget
     cells = (size // stride) ** 2
-    per_step = _seconds_per_step(cells, question_find)
+    per_step = _seconds_per_step(cells, small)
     steps_wanted = _steps_wanted(n_train, batch_size)
     steps_budget = int(budget_minutes * 60 / per_step)
     steps = max(200, min(steps_wanted, steps_budget))
@@ -323,12 +325,13 @@ def _steps_wanted(n_train: int, batch_size: int) -> int:
     return int(epochs * n_train / batch_size)
 
 
-def _seconds_per_step(cells: int, question_find: bool = False) -> float:
-    """Linear between the measured grid sizes, proportional to the cells beyond the largest; times
-    ``_QUESTION_FIND_COST`` with the question's find step."""
-    known = sorted(_SECONDS_PER_STEP)
+def _seconds_per_step(cells: int, small: bool = False) -> float:
+    """Linear between the measured grid sizes, proportional to the cells beyond the largest. ``small``: the
+    small-data recipe (one self-attention layer over the cells, the question's find step: ``_QUESTION_FIND_COST``)."""
+    table = _SECONDS_PER_STEP_IMAGE_LAYER if small else _SECONDS_PER_STEP
+    known = sorted(table)
     if cells > known[-1]:
-        base = _SECONDS_PER_STEP[known[-1]] * cells / known[-1]
+        base = table[known[-1]] * cells / known[-1]
     else:  # np.interp holds the first value below the smallest grid
-        base = float(np.interp(cells, known, [_SECONDS_PER_STEP[k] for k in known]))
-    return base * (_QUESTION_FIND_COST if question_find else 1.0)
+        base = float(np.interp(cells, known, [table[k] for k in known]))
+    return base * (_QUESTION_FIND_COST if small else 1.0)
