@@ -45,7 +45,7 @@ from vqakit.data.config import DataConfig, load_split
 # Seconds per optimizer step of the relational recipe on 2 idle CPU cores (batch 160, frozen towers, 5 steps), by
 # grid cells, without self-attention over the cells (the recipe from _SMALL_DATA questions up): measured alone, 2
 # threads, 300 steps each, time to train / steps (2026-12-06; transfer-clutter128 at 64 cells, transfer-wide320 at
-# 160, 192, 224 and 256 px).
+# 160, 192, 224 and 256 px; 196 cells: the plan's timer, that run's second half shared the cores).
 _SECONDS_PER_STEP = {64: 0.14, 100: 0.21, 144: 0.25, 196: 0.30, 256: 0.44}
 # The same with one self-attention layer over the cells (the recipe under _SMALL_DATA questions). 64 and 100:
 # measured by the training plan's timer (transfer-clutter128 0.211 s, transfer-sort75 0.243-0.260 s, alone,
