@@ -208,6 +208,7 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     fit = (f"{n_train:,} training questions (under {_SMALL_DATA:,}), seen many times each: "
            if small else f"{n_train:,} training questions: ")
     question_find = small  # the question's find step, for small data (it costs steps, see _SMALL_DATA)
+    steps_wanted = _steps_wanted(n_train, batch_size)  # the schedule's steps before the budget cap
 
     # --- image side
     native = max(p.image_width, p.image_height)
@@ -223,15 +224,15 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         # them (transfer-wide320 seed 0: carved validation 0.87 at step 1,355 of 2,454 on 16x16 cells, 0.99 at
         # step 2,598 of 4,000 on 12x12; docs/LOG.md)
         stride, native_side = 16, min(16, _round_up(native, 16) // 16)
-        need = _steps_wanted(n_train, batch_size)
         side = native_side
-        while side > 8 and budget_minutes * 60 / _seconds_per_step(side * side, small) < need:
+        while side > 8 and budget_minutes * 60 / _seconds_per_step(side * side, small) < steps_wanted:
             side -= 2
         size = side * stride
         size_why = (f"native {p.image_width}x{p.image_height} px, rounded up to a multiple of 16"
                     if side == native_side else
                     f"native {p.image_width}x{p.image_height} px, down to {size} px: a {side}x{side} grid still "
-                    f"runs {need:,} steps in the {budget_minutes:g}-min budget, {native_side}x{native_side} would not")
+                    f"runs {steps_wanted:,} steps in the {budget_minutes:g}-min budget, "
+                    f"{native_side}x{native_side} would not")
     vision = {
         "name": choose("model.vision.name", "efficientnet-lite0", "packaged ImageNet CNN, offline"),
         "image_size": choose("model.vision.image_size", size, size_why),
@@ -298,7 +299,6 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
     # --- schedule: passes from the dataset size, capped by the time budget
     cells = (size // stride) ** 2
     per_step = _seconds_per_step(cells, small)
-    steps_wanted = _steps_wanted(n_train, batch_size)
     steps_budget = int(budget_minutes * 60 / per_step)
     steps = max(200, min(steps_wanted, steps_budget))
     why = (f"{steps_wanted * batch_size / n_train:.1f} passes over {n_train:,} questions"
