@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -352,3 +353,28 @@ def test_question_find_is_a_step_the_pooled_question_alone_drives(tiny_config, t
     old = {k: v for k, v in model.config.to_dict().items() if k != "question_find"}
     assert TwoTowerConfig.from_dict(old).question_find is False
     assert TwoTowerForQuestionAnswering(TwoTowerConfig.from_dict(old)).backbone.fusion.find_control is None
+
+
+def test_position_shared_axes_reads_x_and_y_through_one_map(tiny_config, tiny_batch, tokenizer):
+    """position_shared_axes passes x and y through the same code map: swapping the two axes of the attended
+    positions and the two halves of the gate gives the same features, so what the left / right questions train
+    serves the top / bottom ones; checkpoints without the field keep the joint map."""
+    from vqakit.models.two_tower import TwoTowerConfig
+
+    torch.manual_seed(0)
+    cfg = tiny_config(fusion="relational", dropout=0.0, position_shared_axes=True)
+    model = TwoTowerForQuestionAnswering(cfg).eval()
+    fusion, h = model.backbone.fusion, cfg.hidden_size
+    assert fusion.where_codes.weight.shape == (h, 7) and fusion.where_gate.weight.shape == (2 * h, h)
+    wheres, gate_from = torch.rand(3, fusion.steps, 2) * 2 - 1, torch.randn(3, fusion.steps, h)
+    swapped = copy.deepcopy(fusion)
+    with torch.no_grad():
+        swapped.where_gate.weight.copy_(fusion.where_gate.weight.roll(h, 0))
+        swapped.where_gate.bias.copy_(fusion.where_gate.bias.roll(h, 0))
+    same = fusion.read_positions(wheres, gate_from)
+    torch.testing.assert_close(swapped.read_positions(wheres.flip(-1), gate_from), same)
+    assert not torch.allclose(fusion.read_positions(wheres.flip(-1), gate_from), same)  # the axes still differ
+    model(**tiny_batch(tokenizer)).logits.sum().backward()
+    assert fusion.where_codes.weight.grad.abs().sum() > 0 and fusion.where_gate.weight.grad.abs().sum() > 0
+    old = {k: v for k, v in model.config.to_dict().items() if k != "position_shared_axes"}
+    assert TwoTowerConfig.from_dict(old).position_shared_axes is False

@@ -71,6 +71,10 @@ class TwoTowerConfig(ConfigMixin):
             well as the step's control, so the step that found the object and the word that asks about it
             ("left", "upper") need not be read by the same step (transfer-sort75 at batch 80, same seed and init:
             position 81.97 -> 100.0). ``--recipe auto`` turns it on.
+        position_shared_axes: ``relational`` with ``position_readout``: x and y pass the same code map, and the
+            gate says how much of each axis a question asks for. "Is it in the left half?" and "which side?" train
+            the map that "is it in the top half?" then reads y with, instead of one wording of many training the
+            y half of the map and its gate together from scratch. ``--recipe auto`` turns it on.
         position_question: ``relational``: each step's attended (x, y) times the pooled question vector also
             enters the answer. The position readout's gate is learned jointly with the coordinate codes it gates,
             and a run could find the named object and still leave "is it in the top half?" near chance; with the
@@ -115,6 +119,7 @@ class TwoTowerConfig(ConfigMixin):
     position_readout: bool = True
     position_gate_question: bool = False
     position_question: bool = False
+    position_shared_axes: bool = False
     relation_bias: bool = False
     question_find: bool = False
     num_heads: int = 4
@@ -298,7 +303,8 @@ def grid_coordinates(num_tokens: int) -> torch.Tensor:
 
 
 def cell_codes(coords: torch.Tensor, num_freqs: int) -> torch.Tensor:
-    """(N, 2) cell centres -> (N, 2 + 4 * num_freqs): the centres and their sin/cos at ``pi * 2**f``."""
+    """(N, D) positions (cell centres: D = 2) -> (N, D + 2 * D * num_freqs): them and their sin/cos at
+    ``pi * 2**f``."""
     freqs = torch.pi * 2.0 ** torch.arange(num_freqs, device=coords.device, dtype=coords.dtype)
     angles = coords[..., None] * freqs  # (N, 2, F)
     return torch.cat([coords, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
@@ -478,8 +484,13 @@ class RelationalFusion(nn.Module):
             # absolute position as the question asks for it: codes(where_k) (.) gate(control_k), per step. The
             # product makes "is it in the LEFT / RIGHT half?" (position sign times a question word) linear
             # for the classifier; a plain concatenation of the 2 coordinates left such questions at chance.
-            self.where_codes = nn.Linear(2 + 4 * 3, h)
-            self.where_gate = nn.Linear(h, h)
+            self.position_shared_axes = cfg.position_shared_axes
+            if cfg.position_shared_axes:  # one axis's codes, one map for x and y; the gate weighs the two axes
+                self.where_codes = nn.Linear(1 + 2 * 3, h)
+                self.where_gate = nn.Linear(h, 2 * h)
+            else:
+                self.where_codes = nn.Linear(2 + 4 * 3, h)
+                self.where_gate = nn.Linear(h, h)
             self.out_dim += k_steps * h
         self.position_question = cfg.position_question
         if cfg.position_question:
@@ -514,6 +525,15 @@ class RelationalFusion(nn.Module):
             controls = torch.cat([self.find_control(question)[:, None], controls], dim=1)
             read_at = torch.cat([read_at.new_zeros(read_at.shape[0], 1), read_at], dim=1)
         return question, controls, read_at
+
+    def read_positions(self, wheres, gate_from):
+        """(B, K, 2) attended positions, (B, K, H) what each step's gate reads -> (B, K, H): the position codes,
+        gated by the question."""
+        gate = self.where_gate(gate_from)
+        if self.position_shared_axes:  # (B, K, 2, H): the same map of x and of y, each axis by its own gate
+            codes = self.where_codes(cell_codes(wheres.reshape(-1, 1), 3).unflatten(0, wheres.shape))
+            return (codes * gate.unflatten(-1, (2, -1))).sum(2)
+        return self.where_codes(cell_codes(wheres.flatten(0, 1), 3).unflatten(0, wheres.shape[:2])) * gate
 
     def forward(self, v, q, q_mask, output_attentions=False, image_index=None):
         coords = self.coords.to(v.dtype)
@@ -559,9 +579,8 @@ class RelationalFusion(nn.Module):
                  *(torch.cat([r, w], -1) for r, w in zip(reads, wheres)), *diffs, geometry, z.amax(1), z.mean(1)]
         where_all = torch.stack(wheres, dim=1)  # (B, K, 2)
         if self.position_readout:
-            gated = self.where_codes(cell_codes(where_all.flatten(0, 1), 3).unflatten(0, where_all.shape[:2]))
             gate_from = controls + question[:, None] if self.position_gate_question else controls
-            parts.append((gated * self.where_gate(gate_from)).flatten(1))  # (B, K * H)
+            parts.append(self.read_positions(where_all, gate_from).flatten(1))  # (B, K * H)
         if self.position_question:  # fixed coordinates times the question: (B, K, 2, H) -> (B, K * 2 * H)
             parts.append((where_all[..., None] * question[:, None, None]).flatten(1))
         pooled = torch.cat(parts, dim=-1)
