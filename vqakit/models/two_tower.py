@@ -74,7 +74,9 @@ class TwoTowerConfig(ConfigMixin):
         position_shared_axes: ``relational`` with ``position_readout``: x and y pass the same code map, and the
             gate says how much of each axis a question asks for. "Is it in the left half?" and "which side?" train
             the map that "is it in the top half?" then reads y with, instead of one wording of many training the
-            y half of the map and its gate together from scratch. ``--recipe auto`` turns it on.
+            y half of the map and its gate together from scratch. It fixed both transfer runs that had left "in
+            the top half?" near chance, but two of three transfer-sort75 seeds then stalled on the colour-relational
+            questions (docs/LOG.md): off by default and in ``--recipe auto``.
         position_question: ``relational``: each step's attended (x, y) times the pooled question vector also
             enters the answer. The position readout's gate is learned jointly with the coordinate codes it gates,
             and a run could find the named object and still leave "is it in the top half?" near chance; with the

@@ -267,8 +267,9 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         "model.position_gate_question", True, "position questions read where an object is found with the "
         "question's side word, whichever step read it")
     model["position_shared_axes"] = choose(
-        "model.position_shared_axes", True, "x and y are read through one position map, so a wording that asks "
-        "for the height (\"in the top half?\") uses what the questions about left and right trained")
+        "model.position_shared_axes", False, "x and y keep their own position codes: with one map for both, the "
+        "top-half questions were learned on every run, but two of three transfer-sort75 seeds stalled on the "
+        "colour-relational questions (docs/LOG.md)")
     model["relation_bias"] = choose(
         "model.relation_bias", True, "a later step scores cells by their distance to, and away from, what an "
         "earlier step found: nearest / farthest from a named object")
