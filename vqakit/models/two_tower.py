@@ -304,11 +304,14 @@ def grid_coordinates(num_tokens: int) -> torch.Tensor:
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
 
 
+WHERE_FREQS = 3  # sin/cos frequencies of the position readout's codes of an attended position
+
+
 def cell_codes(coords: torch.Tensor, num_freqs: int) -> torch.Tensor:
     """(N, D) positions (cell centres: D = 2) -> (N, D + 2 * D * num_freqs): them and their sin/cos at
     ``pi * 2**f``."""
     freqs = torch.pi * 2.0 ** torch.arange(num_freqs, device=coords.device, dtype=coords.dtype)
-    angles = coords[..., None] * freqs  # (N, 2, F)
+    angles = coords[..., None] * freqs  # (N, D, F)
     return torch.cat([coords, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
 
 
@@ -488,10 +491,10 @@ class RelationalFusion(nn.Module):
             # for the classifier; a plain concatenation of the 2 coordinates left such questions at chance.
             self.position_shared_axes = cfg.position_shared_axes
             if cfg.position_shared_axes:  # one axis's codes, one map for x and y; the gate weighs the two axes
-                self.where_codes = nn.Linear(1 + 2 * 3, h)
+                self.where_codes = nn.Linear(1 + 2 * WHERE_FREQS, h)
                 self.where_gate = nn.Linear(h, 2 * h)
             else:
-                self.where_codes = nn.Linear(2 + 4 * 3, h)
+                self.where_codes = nn.Linear(2 + 4 * WHERE_FREQS, h)
                 self.where_gate = nn.Linear(h, h)
             self.out_dim += k_steps * h
         self.position_question = cfg.position_question
@@ -533,9 +536,9 @@ class RelationalFusion(nn.Module):
         gated by the question."""
         gate = self.where_gate(gate_from)
         if self.position_shared_axes:  # (B, K, 2, H): the same map of x and of y, each axis by its own gate
-            codes = self.where_codes(cell_codes(wheres.reshape(-1, 1), 3).unflatten(0, wheres.shape))
+            codes = self.where_codes(cell_codes(wheres.reshape(-1, 1), WHERE_FREQS).unflatten(0, wheres.shape))
             return (codes * gate.unflatten(-1, (2, -1))).sum(2)
-        return self.where_codes(cell_codes(wheres.flatten(0, 1), 3).unflatten(0, wheres.shape[:2])) * gate
+        return self.where_codes(cell_codes(wheres.flatten(0, 1), WHERE_FREQS).unflatten(0, wheres.shape[:2])) * gate
 
     def forward(self, v, q, q_mask, output_attentions=False, image_index=None):
         coords = self.coords.to(v.dtype)
