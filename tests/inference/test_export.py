@@ -20,7 +20,8 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(params=[{}, {"fusion": "spatial", "grid_stride": 16},
                         {"fusion": "relational", "grid_stride": 16, "relation_bias": True, "question_find": True,
-                         "position_gate_question": True, "position_shared_axes": True, "num_fusion_layers": 0}],
+                         "position_gate_question": True, "position_shared_axes": True, "step_read": True,
+                         "num_fusion_layers": 0}],
                 ids=["cross-attention", "spatial", "relational"])
 def checkpoint(request, tiny_config, tiny_text_tower, tmp_path):
     torch.manual_seed(0)

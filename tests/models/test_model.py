@@ -378,3 +378,46 @@ def test_position_shared_axes_reads_x_and_y_through_one_map(tiny_config, tiny_ba
     assert fusion.where_codes.weight.grad.abs().sum() > 0 and fusion.where_gate.weight.grad.abs().sum() > 0
     old = {k: v for k, v in model.config.to_dict().items() if k != "position_shared_axes"}
     assert TwoTowerConfig.from_dict(old).position_shared_axes is False
+
+
+def test_step_read_picks_the_step_the_question_points_to(tiny_config, tiny_batch, tokenizer):
+    """step_read adds a question-weighted read over the steps: at the start the mean of the steps' reads; with a
+    question that points at one step, that step's read exactly. Checkpoints without the field have none."""
+    from vqakit.models.two_tower import STEP_READ_HEADS, TwoTowerConfig
+
+    torch.manual_seed(0)
+    cfg = tiny_config(fusion="relational", dropout=0.0, step_read=True)
+    model = TwoTowerForQuestionAnswering(cfg).eval()
+    fusion, h, k = model.backbone.fusion, cfg.hidden_size, model.backbone.fusion.steps
+    batch = tiny_batch(tokenizer)
+    inputs = {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask")}
+
+    def reads_and_step_read():
+        pooled, _ = model.backbone(**inputs)
+        start = h + k + k * h  # question, where each step read in the question, the steps' states
+        reads = torch.stack([pooled[:, start + i * (h + 2): start + i * (h + 2) + h] for i in range(k)], dim=1)
+        return reads, pooled[:, -STEP_READ_HEADS * h:].unflatten(-1, (STEP_READ_HEADS, h))
+
+    with torch.no_grad():
+        reads, step_read = reads_and_step_read()
+        torch.testing.assert_close(step_read, reads.mean(1, keepdim=True).expand(-1, STEP_READ_HEADS, -1))
+        fusion.step_read_key.weight.zero_()
+        fusion.step_read_key.bias.zero_()
+        fusion.step_read_order.zero_()
+        fusion.step_read_order[k - 1, 0] = 1.0  # the last step, along one direction the query looks in
+        fusion.step_read_query.bias.fill_(0.0)
+        fusion.step_read_query.bias[0] = 1e4  # head 0 attends to it; head 1 still averages
+        reads, step_read = reads_and_step_read()
+        torch.testing.assert_close(step_read[:, 0], reads[:, -1])
+        torch.testing.assert_close(step_read[:, 1], reads.mean(1))
+    model = TwoTowerForQuestionAnswering(cfg)  # fresh: the query learns first, then the keys it looks at
+    model(**batch).logits.sum().backward()
+    fusion = model.backbone.fusion
+    assert fusion.step_read_query.weight.grad.abs().sum() > 0 and fusion.step_read_order.grad.abs().sum() == 0
+    with torch.no_grad():
+        fusion.step_read_query.weight.normal_()
+    model.zero_grad()
+    model(**batch).logits.sum().backward()
+    assert fusion.step_read_order.grad.abs().sum() > 0 and fusion.step_read_key.weight.grad.abs().sum() > 0
+    old = {key: v for key, v in model.config.to_dict().items() if key != "step_read"}
+    assert TwoTowerConfig.from_dict(old).step_read is False

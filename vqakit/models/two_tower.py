@@ -77,6 +77,12 @@ class TwoTowerConfig(ConfigMixin):
             y half of the map and its gate together from scratch. It fixed both transfer runs that had left "in
             the top half?" near chance, but two of three transfer-sort75 seeds then stalled on the colour-relational
             questions (docs/LOG.md): off by default and in ``--recipe auto``.
+        step_read: ``relational``: the answer also gets what the steps read (the content at each step's attended
+            place) weighted by a softmax over the steps, its scores from the pooled question against each step's
+            control (``STEP_READ_HEADS`` such reads). "What colour is the object nearest to the green one?" takes
+            its colour from the step that related, "what colour is the green object's neighbour's shape?" from
+            another: one question-set softmax picks the step, where the classifier alone has to learn to route
+            among the concatenated reads of all steps. Off in checkpoints written before it existed.
         position_question: ``relational``: each step's attended (x, y) times the pooled question vector also
             enters the answer. The position readout's gate is learned jointly with the coordinate codes it gates,
             and a run could find the named object and still leave "is it in the top half?" near chance; with the
@@ -122,6 +128,7 @@ class TwoTowerConfig(ConfigMixin):
     position_gate_question: bool = False
     position_question: bool = False
     position_shared_axes: bool = False
+    step_read: bool = False
     relation_bias: bool = False
     question_find: bool = False
     num_heads: int = 4
@@ -305,6 +312,7 @@ def grid_coordinates(num_tokens: int) -> torch.Tensor:
 
 
 WHERE_FREQS = 3  # sin/cos frequencies of the position readout's codes of an attended position
+STEP_READ_HEADS = 2  # question-weighted reads over the steps, with ``step_read``
 
 
 def cell_codes(coords: torch.Tensor, num_freqs: int) -> torch.Tensor:
@@ -497,6 +505,14 @@ class RelationalFusion(nn.Module):
                 self.where_codes = nn.Linear(2 + 4 * WHERE_FREQS, h)
                 self.where_gate = nn.Linear(h, h)
             self.out_dim += k_steps * h
+        self.step_read = cfg.step_read
+        if cfg.step_read:  # question (query) against each step's control and its place in the order (keys)
+            self.step_read_query = nn.Linear(h, STEP_READ_HEADS * h)
+            nn.init.zeros_(self.step_read_query.weight)  # zero at the start: the mean of the steps' reads
+            nn.init.zeros_(self.step_read_query.bias)
+            self.step_read_key = nn.Linear(h, h)
+            self.step_read_order = nn.Parameter(torch.randn(k_steps, h) * 0.02)
+            self.out_dim += STEP_READ_HEADS * h
         self.position_question = cfg.position_question
         if cfg.position_question:
             self.out_dim += k_steps * 2 * h
@@ -586,6 +602,11 @@ class RelationalFusion(nn.Module):
         if self.position_readout:
             gate_from = controls + question[:, None] if self.position_gate_question else controls
             parts.append(self.read_positions(where_all, gate_from).flatten(1))  # (B, K * H)
+        if self.step_read:  # (B, heads, K) softmax over the steps -> (B, heads * H)
+            query = self.step_read_query(question).unflatten(-1, (STEP_READ_HEADS, -1))  # (B, heads, H)
+            keys = self.step_read_key(controls) + self.step_read_order  # (B, K, H)
+            weights = (query @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])).softmax(-1)
+            parts.append((weights @ torch.stack(reads, dim=1)).flatten(1))
         if self.position_question:  # fixed coordinates times the question: (B, K, 2, H) -> (B, K * 2 * H)
             parts.append((where_all[..., None] * question[:, None, None]).flatten(1))
         pooled = torch.cat(parts, dim=-1)
