@@ -80,9 +80,11 @@ class TwoTowerConfig(ConfigMixin):
         step_read: ``relational``: the answer also gets what the steps read (the content at each step's attended
             place) weighted by a softmax over the steps, its scores from the pooled question against each step's
             control (``STEP_READ_HEADS`` such reads). "What colour is the object nearest to the green one?" takes
-            its colour from the step that related, "what colour is the green object's neighbour's shape?" from
-            another: one question-set softmax picks the step, where the classifier alone has to learn to route
-            among the concatenated reads of all steps. Off in checkpoints written before it existed.
+            its colour from the step that related, "what colour is the square?" from the step that found the
+            square: one question-set softmax picks the step, where the classifier alone has to learn to route
+            among the concatenated reads of all steps. With ``position_shared_axes`` it cured the transfer-sort75
+            colour-relational stalls, but all three transfer-clutter128 seeds then left "is the X bigger than the
+            Y?" near chance (docs/LOG.md): off by default, in ``--recipe auto`` and in older checkpoints.
         position_question: ``relational``: each step's attended (x, y) times the pooled question vector also
             enters the answer. The position readout's gate is learned jointly with the coordinate codes it gates,
             and a run could find the named object and still leave "is it in the top half?" near chance; with the
