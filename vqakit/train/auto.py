@@ -272,8 +272,8 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         "colour-relational questions (docs/LOG.md)")
     model["step_read"] = choose(
         "model.step_read", False, "the head routes among the steps' reads itself: a question-weighted read over "
-        "the steps (with the shared position map) cured the colour-relational stalls on transfer-sort75, but two "
-        "of three transfer-clutter128 seeds then left \"is the X bigger than the Y?\" near chance (docs/LOG.md)")
+        "the steps (with the shared position map) cured the colour-relational stalls on transfer-sort75, but all "
+        "three transfer-clutter128 seeds then left \"is the X bigger than the Y?\" near chance (docs/LOG.md)")
     model["relation_bias"] = choose(
         "model.relation_bias", True, "a later step scores cells by their distance to, and away from, what an "
         "earlier step found: nearest / farthest from a named object")
