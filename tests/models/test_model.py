@@ -421,3 +421,30 @@ def test_step_read_picks_the_step_the_question_points_to(tiny_config, tiny_batch
     assert fusion.step_read_order.grad.abs().sum() > 0 and fusion.step_read_key.weight.grad.abs().sum() > 0
     old = {key: v for key, v in model.config.to_dict().items() if key != "step_read"}
     assert TwoTowerConfig.from_dict(old).step_read is False
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_focal_gamma_keeps_the_gradient_on_what_is_not_learned(loss):
+    """focal_gamma 0 is the plain loss; with gamma > 0 a question the model already answers gives almost no
+    gradient while one it does not gives nearly its plain gradient, so the unlearned question's share of the
+    gradient rises. Checkpoints without the field train with the plain loss."""
+    targets = torch.zeros(3, 4)
+    targets[0, 1] = targets[1, 2] = targets[2, 3] = 1.0
+    labels = torch.tensor([1, 2, -100])  # the third question's majority answer is out of vocabulary (ce skips it)
+    base = torch.zeros(3, 4)
+    base[0] = -8.0
+    base[0, 1] = 8.0  # learned; the second question is at chance
+    torch.testing.assert_close(vqa_loss(base, targets, labels, loss, 0.0), vqa_loss(base, targets, labels, loss))
+
+    def grad_norms(gamma):
+        logits = base.clone().requires_grad_()
+        vqa_loss(logits, targets, labels, loss, gamma).backward()
+        return logits.grad[0].norm(), logits.grad[1].norm()
+
+    learned_plain, unlearned_plain = grad_norms(0.0)
+    learned, unlearned = grad_norms(2.0)
+    assert learned < 0.01 * learned_plain  # (1 - p)^2 with p ~ 1
+    assert unlearned > 0.25 * unlearned_plain
+    assert unlearned / learned > 100 * (unlearned_plain / learned_plain)
+    cfg = TwoTowerConfig(fusion="concat", loss=loss, focal_gamma=2.0)
+    assert TwoTowerConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "focal_gamma"}).focal_gamma == 0

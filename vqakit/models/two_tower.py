@@ -104,6 +104,9 @@ class TwoTowerConfig(ConfigMixin):
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
         loss: ``bce`` against VQA soft scores (standard) or ``ce`` against the majority answer.
+        focal_gamma: > 0 weighs each question's loss by how wrong the model still is on it (focal loss; see
+            :func:`vqa_loss`), so questions the model has not learned keep their share of the gradient once the
+            rest are learned. 0 (the plain loss) in checkpoints written before it existed.
         gradient_checkpointing: recompute activations in backward to save memory: per fusion layer, per
             tower layer (transformers' own) and per EfficientNet block.
         id2label: answer vocabulary, class id -> answer (filled from the training data).
@@ -137,6 +140,7 @@ class TwoTowerConfig(ConfigMixin):
     mlp_ratio: int = 4
     dropout: float = 0.1
     loss: Loss = "bce"
+    focal_gamma: float = 0.0
     gradient_checkpointing: bool = False
     id2label: dict[int, str] = field(default_factory=dict)
     image_mean: list[float] | None = None
@@ -774,13 +778,25 @@ def _subdir(root, name):
     return str(path) if (path / CONFIG_NAME).is_file() else None
 
 
-def vqa_loss(logits: torch.Tensor, soft_targets: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
+def vqa_loss(logits: torch.Tensor, soft_targets: torch.Tensor, labels: torch.Tensor, loss: str,
+             focal_gamma: float = 0.0) -> torch.Tensor:
     """``bce``: BCE against soft scores, times the number of answers as in ban-vqa / ViLT
     (https://github.com/jnhwkim/ban-vqa/blob/master/train.py); ``ce``: cross-entropy on the majority
-    answer (questions whose majority answer is out of vocabulary, label -100, are ignored)."""
+    answer (questions whose majority answer is out of vocabulary, label -100, are ignored).
+
+    ``focal_gamma`` > 0 scales each term by how wrong it still is: ``(1 - p_label) ** gamma`` for ``ce`` (focal
+    loss, Lin et al., 2017, https://arxiv.org/abs/1708.02002), ``|target - sigmoid| ** gamma`` for ``bce`` (its
+    soft-target form, Li et al., 2020, https://arxiv.org/abs/2006.04388)."""
     if loss == "bce":
-        return F.binary_cross_entropy_with_logits(logits, soft_targets) * soft_targets.shape[1]
+        if not focal_gamma:
+            return F.binary_cross_entropy_with_logits(logits, soft_targets) * soft_targets.shape[1]
+        terms = F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none")
+        return (terms * (soft_targets - logits.sigmoid()).abs().pow(focal_gamma)).sum(1).mean()
     if loss == "ce":
-        return F.cross_entropy(logits, labels, ignore_index=-100)
+        if not focal_gamma:
+            return F.cross_entropy(logits, labels, ignore_index=-100)
+        keep = labels != -100
+        logp = logits[keep].log_softmax(-1).gather(1, labels[keep, None]).squeeze(1)
+        return -((1 - logp.exp()).pow(focal_gamma) * logp).sum() / keep.sum().clamp(min=1)
     raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
 

@@ -34,9 +34,13 @@ class VQASystem(L.LightningModule):
     def forward(self, batch: dict):
         return self.model(**model_inputs(batch))
 
+    def compute_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        cfg = self.model.config
+        return vqa_loss(logits, batch["targets"], batch["labels"], cfg.loss, cfg.focal_gamma)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         logits = self(batch).logits
-        loss = checked_loss(self, vqa_loss(logits, batch["targets"], batch["labels"], self.model.config.loss), batch)
+        loss = checked_loss(self, self.compute_loss(logits, batch), batch)
         if loss is None:  # a NaN/inf loss, skipped: no backward, no optimizer step
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
@@ -44,7 +48,7 @@ class VQASystem(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch).logits
-        loss = vqa_loss(logits, batch["targets"], batch["labels"], self.model.config.loss)
+        loss = self.compute_loss(logits, batch)
         # VQA score of the top answer: its soft target, min(humans / 3, 1) (Teney et al., 2018)
         score = batch["targets"].gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
         self.val_vqa_score.update(score)
