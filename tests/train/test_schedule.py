@@ -49,3 +49,30 @@ def test_lambda_lr_scales_every_group():
         assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * f(step), 1e-4 * f(step)])
         opt.step()
         sched.step()
+
+
+def test_focal_exponent_waits_for_focal_from_then_rises_over_a_tenth_of_the_steps(tiny_config):
+    """--train.focal_from: the plain loss first, then the focal exponent rises linearly to --model.focal_gamma;
+    0 applies it from the first step, and without a focal exponent nothing changes."""
+    from vqakit.models.two_tower import TwoTowerForQuestionAnswering
+    from vqakit.train.config import TrainConfig
+    from vqakit.train.system import VQASystem
+
+    class AtStep(VQASystem):
+        step = 0
+
+        @property
+        def global_step(self):
+            return self.step
+
+    model = TwoTowerForQuestionAnswering(tiny_config(focal_gamma=2.0))
+    system = AtStep(model, TrainConfig(focal_from=0.5), total_steps=100)
+    gammas = {}
+    for system.step in (0, 49, 50, 55, 60, 99):
+        gammas[system.step] = system.focal_gamma()
+    assert gammas == pytest.approx({0: 0.0, 49: 0.0, 50: 0.0, 55: 1.0, 60: 2.0, 99: 2.0})
+    assert AtStep(model, TrainConfig(), total_steps=100).focal_gamma() == 2.0
+    plain = TwoTowerForQuestionAnswering(tiny_config())
+    assert AtStep(plain, TrainConfig(focal_from=0.5), total_steps=100).focal_gamma() == 0.0
+    with pytest.raises(ValueError, match="focal_from"):
+        TrainConfig(focal_from=1.0)

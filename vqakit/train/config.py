@@ -60,6 +60,10 @@ class TrainConfig:
         lora_lr: peak learning rate of LoRA adapter weights (new, low-rank: a higher rate than ``tower_lr``).
         weight_decay: AdamW weight decay (not applied to biases and norms).
         warmup_ratio: fraction of the steps with a linear warm-up, then cosine decay to 0.
+        focal_from: with ``--model.focal_gamma`` > 0, the fraction of the planned steps trained with the plain
+            loss first; the focal exponent then rises linearly to ``focal_gamma`` over the next tenth of the steps
+            (0: focal from the first step). What the model learns early is then what the plain loss learns, and
+            the focal form only changes the rest of the run.
         grad_clip: gradient norm clipping (0: off).
         precision: Lightning precision: ``32-true``, ``bf16-mixed`` (AMP; also on CPU), ``16-mixed``
             (fp16 AMP; on CPU it falls back to ``bf16-mixed``, as Lightning does), ``bf16-true``,
@@ -113,6 +117,7 @@ class TrainConfig:
     lora_lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
+    focal_from: float = 0.0
     grad_clip: float = 1.0
     precision: str = "32-true"
     optimizer: str = "adamw"
@@ -158,6 +163,8 @@ class TrainConfig:
                              f"{NONFINITE_LOSS_ACTIONS}")
         if self.checkpoint_every_n_examples < 0:
             raise ValueError(f"--train.checkpoint_every_n_examples={self.checkpoint_every_n_examples} must be >= 0")
+        if not 0.0 <= self.focal_from < 1.0:
+            raise ValueError(f"--train.focal_from={self.focal_from} must be in [0, 1): a fraction of the planned steps")
         if self.val_every_n_steps < 0:
             raise ValueError(f"--train.val_every_n_steps={self.val_every_n_steps} must be >= 0 (0: at epoch ends)")
         if isinstance(self.lora_vision, dict):

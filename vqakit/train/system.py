@@ -17,6 +17,8 @@ from vqakit.train.datamodule import model_inputs
 from vqakit.train.nonfinite import checked_loss
 from vqakit.train.schedule import warmup_cosine_schedule
 
+FOCAL_RAMP = 0.1  # with --train.focal_from: the fraction of the planned steps over which the focal exponent rises
+
 
 class VQASystem(L.LightningModule):
     def __init__(self, model, cfg: TrainConfig, total_steps: int):
@@ -34,9 +36,16 @@ class VQASystem(L.LightningModule):
     def forward(self, batch: dict):
         return self.model(**model_inputs(batch))
 
+    def focal_gamma(self) -> float:
+        """The focal exponent at this step: ``--model.focal_gamma``, after ``--train.focal_from`` of the planned
+        steps with the plain loss and a linear rise over the next tenth."""
+        gamma, start = self.model.config.focal_gamma, self.cfg.focal_from
+        if not gamma or not start:
+            return gamma
+        return gamma * min(1.0, max(0.0, (self.global_step / self.total_steps - start) / FOCAL_RAMP))
+
     def compute_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        cfg = self.model.config
-        return vqa_loss(logits, batch["targets"], batch["labels"], cfg.loss, cfg.focal_gamma)
+        return vqa_loss(logits, batch["targets"], batch["labels"], self.model.config.loss, self.focal_gamma())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         logits = self(batch).logits
