@@ -119,7 +119,7 @@ def test_unknown_tower_is_a_clear_error(tmp_path):
     [({"fusion": "bilinear"}, "--model.fusion"), ({"loss": "mse"}, "--model.loss"),
      ({"hidden_size": 30, "num_heads": 4}, "--model.hidden_size"), ({"text": {"pooler": "max"}}, "--model.text.pooler"),
      ({"vision": {"grid_stride": 4}}, "--model.vision.grid_stride"),
-     ({"vision": {"image_size": 8}}, "--model.vision.image_size")],
+     ({"vision": {"image_size": 8}}, "--model.vision.image_size"), ({"focal_gamma": -1.0}, "--model.focal_gamma")],
 )
 def test_config_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):

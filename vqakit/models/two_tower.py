@@ -156,6 +156,8 @@ class TwoTowerConfig(ConfigMixin):
             raise ValueError(f"--model.fusion={self.fusion!r} is not one of {FUSIONS}")
         if self.loss not in LOSSES:
             raise ValueError(f"--model.loss={self.loss!r} is not one of {LOSSES}")
+        if not self.focal_gamma >= 0:
+            raise ValueError(f"--model.focal_gamma={self.focal_gamma} must be >= 0 (0: the plain loss)")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"--model.hidden_size={self.hidden_size} must be divisible by --model.num_heads={self.num_heads}"
