@@ -797,8 +797,7 @@ def vqa_loss(logits: torch.Tensor, soft_targets: torch.Tensor, labels: torch.Ten
     if loss == "ce":
         if not focal_gamma:
             return F.cross_entropy(logits, labels, ignore_index=-100)
-        keep = labels != -100
-        logp = logits[keep].log_softmax(-1).gather(1, labels[keep, None]).squeeze(1)
-        return -((1 - logp.exp()).pow(focal_gamma) * logp).sum() / keep.sum().clamp(min=1)
+        nll = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")  # 0 where ignored
+        return ((1 - (-nll).exp()).pow(focal_gamma) * nll).sum() / (labels != -100).sum().clamp(min=1)
     raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
 
