@@ -340,10 +340,10 @@ def test_question_find_is_a_step_the_pooled_question_alone_drives(tiny_config, t
     fusion = model.backbone.fusion
     assert fusion.steps == 4 and fusion.order.shape == (3,)
     q, mask = torch.randn(2, 6, fusion.token_pos.shape[1]), torch.ones(2, 6)
-    _, controls, read_at = fusion.controls(q, mask)
+    _, controls, read_at, _ = fusion.controls(q, mask)
     with torch.no_grad():
         fusion.order.mul_(-5.0)  # read the question the other way round
-    _, controls2, _ = fusion.controls(q, mask)
+    _, controls2, _, _ = fusion.controls(q, mask)
     assert controls.shape[1] == 4 and (read_at[:, 0] == 0).all()
     torch.testing.assert_close(controls[:, 0], controls2[:, 0])
     assert not torch.allclose(controls[:, 1:], controls2[:, 1:])
@@ -353,6 +353,47 @@ def test_question_find_is_a_step_the_pooled_question_alone_drives(tiny_config, t
     old = {k: v for k, v in model.config.to_dict().items() if k != "question_find"}
     assert TwoTowerConfig.from_dict(old).question_find is False
     assert TwoTowerForQuestionAnswering(TwoTowerConfig.from_dict(old)).backbone.fusion.find_control is None
+
+
+def test_find_from_words_finds_what_the_step_read_whatever_the_rest_of_the_question(tiny_config, tiny_batch,
+                                                                                     tokenizer):
+    """find_from_words: a step's find (its FiLM) comes from the words it read, so changing the rest of the
+    question (the pooled question inside every control) leaves the find unchanged where the step reads the same
+    words; the control still changes, the model trains, and older checkpoints read False."""
+    from vqakit.models.two_tower import TwoTowerConfig
+
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=2, dropout=0.0,
+                                                     find_from_words=True)).eval()
+    fusion = model.backbone.fusion
+    h = fusion.token_pos.shape[1]
+    q = torch.randn(1, 4, h)
+    q2 = q.clone()
+    q2[:, 3] += 3 * torch.randn(h)  # another last word: another pooled question
+    with torch.no_grad():
+        fusion.order.fill_(0.0)
+        fusion.step_from_question.weight.zero_()  # each step's word query no longer depends on the question
+        fusion.token_pos.zero_()
+        big = torch.zeros(2, h)
+        big[:, 0] = 50.0  # ... and both steps read word 0 (the only word with a large first feature)
+        fusion.step_query.copy_(big)
+        q[:, 0, 0] = q2[:, 0, 0] = 5.0
+    mask = torch.ones(1, 4)
+    _, controls, _, finds = fusion.controls(q, mask)
+    _, controls2, _, finds2 = fusion.controls(q2, mask)
+    torch.testing.assert_close(finds, finds2, atol=1e-4, rtol=1e-4)  # the same word read: the same find
+    assert not torch.allclose(controls, controls2, atol=1e-3)  # the control sees the other question
+    plain = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=2, dropout=0.0)).eval()
+    plain.load_state_dict(model.state_dict())  # the same weights, the find from the control
+    with torch.no_grad():
+        plain.backbone.fusion.step_query.copy_(big)
+    _, c_plain, _, f_plain = plain.backbone.fusion.controls(q, mask)
+    torch.testing.assert_close(f_plain, c_plain)
+    model.train()
+    model(**tiny_batch(tokenizer)).logits.logsumexp(-1).sum().backward()
+    assert fusion.film.weight.grad.abs().sum() > 0 and fusion.step_query.grad.abs().sum() > 0
+    old = {k: v for k, v in model.config.to_dict().items() if k != "find_from_words"}
+    assert TwoTowerConfig.from_dict(old).find_from_words is False
 
 
 def test_position_shared_axes_reads_x_and_y_through_one_map(tiny_config, tiny_batch, tokenizer):

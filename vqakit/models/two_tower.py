@@ -100,6 +100,14 @@ class TwoTowerConfig(ConfigMixin):
             pooled question alone (no reading of words in order): it finds the object the question names
             whatever the question's word order, and the later steps and the position readout see what it found.
             Off in checkpoints written before it existed.
+        find_from_words: ``relational``: each step finds (the FiLM of the cells) from the question words it read
+            alone, not from its control, which also holds the pooled question. With the control, what a step
+            finds for "green" depends on the rest of the question: a run could find the green object for "which
+            side is the green object on?" and miss it for "is the green item in the left half?" (transfer-sort75,
+            a seed on which the yes/no position questions stayed near chance: the step reading "green" landed 0.45
+            from the object against 0.04), and the readout of a find that never lands gets no gradient to learn
+            from, nor the find from a readout that never answers. The control still sets the step's relation
+            gains and position gate. Off in checkpoints written before it existed.
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
@@ -136,6 +144,7 @@ class TwoTowerConfig(ConfigMixin):
     step_read: bool = False
     relation_bias: bool = False
     question_find: bool = False
+    find_from_words: bool = False
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
@@ -454,7 +463,9 @@ class RelationalFusion(nn.Module):
        names (the cell projection, FiLM from the control, the attention score) is one module shared by all
        steps, as MAC shares its read unit: a step that reads "red" can find red whichever step it is. With
        a module per step, "is the red object left of the blue one?" needs two steps to each learn to find
-       colours on their own; a run could finish with left_of at chance (seed 1 of the recipe before).
+       colours on their own; a run could finish with left_of at chance (seed 1 of the recipe before). With
+       ``find_from_words`` the FiLM comes from the words the step read, not from its control (which also holds
+       the pooled question), so "green" finds the green object whatever else the question says.
        With ``relation_bias`` a step's attention scores also get, per earlier step, a gain from its control and
        the question on each cell's squared distance to that step's position and on that step's attention map:
        "nearest to the red one, not the red one" as two numbers (transfer-dots64: relational 79.6 -> 87.8;
@@ -499,6 +510,7 @@ class RelationalFusion(nn.Module):
         pairs = k_steps * (k_steps - 1) // 2
         self.geometry = mlp(2 * k_steps + 2 * pairs, 2 * h, h, 0.0)  # positions and their differences, widened
         self.out_dim = h + k_steps + k_steps * h + k_steps * read + 2 * pairs + h + 2 * h
+        self.find_from_words = cfg.find_from_words
         self.position_readout = cfg.position_readout
         self.position_gate_question = cfg.position_gate_question
         if cfg.position_readout:
@@ -537,7 +549,8 @@ class RelationalFusion(nn.Module):
 
     def controls(self, q, q_mask):
         """(B, T, H) question tokens -> pooled question (B, H), step controls (B, K, H), where in the question
-        each step read (B, K), in [-1, 1] from the first token to the last (0 for the question's find, step 0)."""
+        each step read (B, K), in [-1, 1] from the first token to the last (0 for the question's find, step 0),
+        and what each step finds from (B, K, H): its control, or with ``find_from_words`` the words it read."""
         mask = q_mask.bool()
         t = q + self.token_pos[: q.shape[1]].to(q.dtype)
         question = mean_pool(t, mask)
@@ -548,12 +561,15 @@ class RelationalFusion(nn.Module):
         scores = queries @ t.transpose(1, 2) / math.sqrt(t.shape[-1])  # (B, K, T)
         scores = scores + self.order[:, None] * place[:, None]
         weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-        controls = self.step_out(torch.cat([weights @ t, question[:, None].expand(-1, k_read, -1)], dim=-1))
+        words = weights @ t  # (B, K, H) what each step read
+        controls = self.step_out(torch.cat([words, question[:, None].expand(-1, k_read, -1)], dim=-1))
         read_at = (weights * place[:, None]).sum(-1)
+        finds = words if self.find_from_words else controls
         if self.find_control is not None:  # step 0: the whole question, read at no particular place
-            controls = torch.cat([self.find_control(question)[:, None], controls], dim=1)
+            step0 = self.find_control(question)[:, None]
+            controls, finds = torch.cat([step0, controls], dim=1), torch.cat([step0, finds], dim=1)
             read_at = torch.cat([read_at.new_zeros(read_at.shape[0], 1), read_at], dim=1)
-        return question, controls, read_at
+        return question, controls, read_at, finds
 
     def read_positions(self, wheres, gate_from):
         """(B, K, 2) attended positions, (B, K, H) what each step's gate reads -> (B, K, H): the position codes,
@@ -575,8 +591,8 @@ class RelationalFusion(nn.Module):
             # index_select, not v[image_index]: its backward is index_add_, where advanced indexing's
             # index_put_(accumulate=True) took ~8% of a CPU training step
             v, cells = v.index_select(0, image_index), cells.index_select(0, image_index)  # (B, N, H)
-        question, controls, read_at = self.controls(q, q_mask)
-        films = self.film(controls)  # (B, K, 2H): the shared FiLM, all steps at once
+        question, controls, read_at, finds = self.controls(q, q_mask)
+        films = self.film(finds)  # (B, K, 2H): the shared FiLM, all steps at once
         reads, states, wheres, offsets, maps, dists, founds = [], [], [], [], [], [], []
         for k in range(self.steps):
             film, pre = films[:, k], cells
