@@ -95,3 +95,47 @@ def test_logger_values():
     assert logger_names("csv,tensorboard") == ["csv", "tensorboard"] and logger_names("wandb") == ["wandb"]
     with pytest.raises(ValueError, match=r"--train.logger='csv,neptune': \['neptune'\] not a tracker"):
         TrainConfig(logger="csv,neptune")
+
+
+def test_validation_is_scored_per_question_family_while_training(tiny_model_args, tmp_path):
+    """Each group of the carved validation split (question type where the data gives 2-30 of them, else answer
+    type) gets its own ``val/vqa_score_per_type/<group>`` curve; the groups' scores weighted by their sizes give the
+    overall score, and the run's metadata records the last of each."""
+    import csv
+
+    import yaml
+
+    from vqakit.data.config import DataConfig, split_validation
+    from vqakit.train.run import _load_train_examples
+    from vqakit.train.system import validation_groups
+
+    _train(tiny_model_args, tmp_path, "--data.val_fraction", "0.5")
+    run_dir = tmp_path / "run"
+    data = DataConfig(**yaml.safe_load((run_dir / "config.yaml").read_text())["data"])
+    _, val = split_validation(_load_train_examples(data, False)[0], data.val_fraction, data.seed)
+    groups = validation_groups(val)
+    assert groups is not None and len(set(groups)) >= 2
+    rows = [r for r in csv.DictReader((run_dir / "logs" / "metrics.csv").open()) if r.get("val/vqa_score")]
+    assert rows
+    for row in rows:
+        per_group = {g: float(row[f"val/vqa_score_per_type/{g}"]) for g in set(groups)}
+        weighted = sum(groups.count(g) * s for g, s in per_group.items()) / len(groups)
+        assert abs(weighted - float(row["val/vqa_score"])) < 1e-5
+    meta = json.loads((run_dir / "checkpoint" / "training_metadata.json").read_text())
+    assert {f"val/vqa_score_per_type/{g}" for g in set(groups)} <= set(meta["validation"])
+
+
+def test_validation_groups_are_question_types_when_few_else_answer_types():
+    from vqakit.data.example import Example
+    from vqakit.train.system import MAX_VAL_GROUPS, validation_groups
+
+    def ex(i, qtype, atype="other"):
+        return Example(image="x.png", question="q?", question_id=i, image_id=i, answer_type=atype, question_type=qtype)
+
+    families = [ex(0, "position", "yes/no"), ex(1, "counting", "number"), ex(2, "position", "other")]
+    assert validation_groups(families) == ["position", "counting", "position"]
+    many = [ex(i, f"type {i}", "yes/no" if i % 2 else "other") for i in range(MAX_VAL_GROUPS + 1)]
+    assert validation_groups(many) == [e.answer_type for e in many]  # VQA v2's 65 types: too many
+    untyped = [ex(0, "", "yes/no"), ex(1, "", "number")]
+    assert validation_groups(untyped) == ["yes/no", "number"]
+    assert validation_groups([ex(0, "", "other"), ex(1, "", "other")]) is None

@@ -35,7 +35,7 @@ from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import VQADataModule, VQADataset
 from vqakit.train.plan import PlanTimer, make_plan
 from vqakit.train.recipes import apply_strategies, check_device_support, merge_lora
-from vqakit.train.system import VQASystem
+from vqakit.train.system import VQASystem, validation_groups
 from vqakit.train.tracking import check_trackers, log_evaluation, log_run_start, make_loggers
 
 logger = logging.getLogger("vqakit")
@@ -235,7 +235,7 @@ def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: b
     world = train.devices * train.num_nodes if train.strategy != "auto" else 1
     plan = make_plan(len(train_set), train.batch_size, train.epochs, train.max_steps, world)
     logger.info("%s", plan.describe())
-    system = VQASystem(net, train, total_steps=plan.steps)
+    system = VQASystem(net, train, total_steps=plan.steps, val_groups=validation_groups(val_examples))
     datamodule = VQADataModule(train_set, val_set, train.batch_size, data.num_workers, train.eval_batch_size,
                                seed=train.seed, group_by_image=train.group_by_image, share_images=True)
     resume_state = ResumeState()

@@ -6,8 +6,11 @@ configure_optimizers.
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import torch
+from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -18,10 +21,30 @@ from vqakit.train.nonfinite import checked_loss
 from vqakit.train.schedule import warmup_cosine_schedule
 
 FOCAL_RAMP = 0.1  # with --train.focal_from: the fraction of the planned steps over which the focal exponent rises
+MAX_VAL_GROUPS = 30  # question types scored apart on the validation split at most; more: the answer types
+
+
+def validation_groups(examples: list) -> list[str] | None:
+    """The group each validation question is scored in apart (``val/vqa_score_per_type/<group>``): its question
+    type where the data gives every question one and there are 2 to ``MAX_VAL_GROUPS`` of them (a family of
+    questions, as in the transfer suite), else its answer type (yes/no, number, other: VQA v2's 65 question types
+    are too many); ``None`` when there is one group only. A family the run has not learned then shows in the
+    curves while it trains, not only in the evaluation after it."""
+    types = [e.question_type for e in examples]
+    if all(types) and 2 <= len(set(types)) <= MAX_VAL_GROUPS:
+        return types
+    answer_types = [e.answer_type for e in examples]
+    return answer_types if len(set(answer_types)) >= 2 else None
+
+
+def _metric_key(group: str) -> str:
+    return re.sub(r"[^\w\-. ]", "_", group).strip() or "_"
 
 
 class VQASystem(L.LightningModule):
-    def __init__(self, model, cfg: TrainConfig, total_steps: int):
+    def __init__(self, model, cfg: TrainConfig, total_steps: int, val_groups: list[str] | None = None):
+        """``val_groups``: one group name per validation question (by dataset index, :func:`validation_groups`);
+        each group's VQA score is logged as ``val/vqa_score_per_type/<group>`` besides the overall one."""
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -32,6 +55,15 @@ class VQASystem(L.LightningModule):
         n = model.config.num_answers
         self.val_vqa_score = MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro", ignore_index=-100)
+        names = sorted(set(val_groups)) if val_groups else []
+        index = {g: i for i, g in enumerate(names)}
+        keys = [_metric_key(g) for g in names]
+        # the logged names, made unique where two groups differ only in characters a metric name cannot hold
+        self.val_group_keys = [k if keys.count(k) == 1 else f"{k}_{i}" for i, k in enumerate(keys)]
+        # the group of each validation question by dataset index (a buffer: moves to the device with the model)
+        self.register_buffer("val_group_of", torch.tensor([index[g] for g in val_groups] if names else [],
+                                                          dtype=torch.long), persistent=False)
+        self.val_group_scores = nn.ModuleList(MeanMetric() for _ in names)
 
     def forward(self, batch: dict):
         return self.model(**model_inputs(batch))
@@ -65,6 +97,12 @@ class VQASystem(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=len(logits))
         self.log("val/vqa_score", self.val_vqa_score, prog_bar=True, batch_size=len(logits))
         self.log("val/acc", self.val_acc, batch_size=len(logits))
+        if self.val_group_keys:
+            groups = self.val_group_of[batch["index"]]
+            for i in groups.unique().tolist():
+                metric = self.val_group_scores[i]
+                metric.update(score[groups == i])
+                self.log(f"val/vqa_score_per_type/{self.val_group_keys[i]}", metric, batch_size=len(logits))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave frozen tower weights out of ``last.ckpt`` / ``best.ckpt``: a resumed run rebuilds them from
