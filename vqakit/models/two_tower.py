@@ -107,7 +107,8 @@ class TwoTowerConfig(ConfigMixin):
             a seed on which the yes/no position questions stayed near chance: the step reading "green" landed 0.45
             from the object against 0.04), and the readout of a find that never lands gets no gradient to learn
             from, nor the find from a readout that never answers. The control still sets the step's relation
-            gains and position gate. Off in checkpoints written before it existed.
+            gains and position gate. Off by default, in ``--recipe auto`` and in older checkpoints: it rescued
+            that run, but on another seed no step read the colour word of the yes/no wording at all (docs/LOG.md).
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
