@@ -24,3 +24,7 @@ def test_ddp_two_cpu_processes(tiny_model_args, tmp_path):
     assert meta["steps"] == 2 * -(-per_rank // 4)  # 2 epochs, batch 4
     assert (run / "checkpoint" / "eval-easy-vqa-test" / "metrics.json").is_file()
     assert "VQA accuracy (official)" in done.stdout
+    # the validation score per question type, synced across the ranks (a rank without a group's questions
+    # still logs it: otherwise the ranks would wait on each other at the epoch's end)
+    per_type = {k: v for k, v in meta["validation"].items() if k.startswith("val/vqa_score_per_type/")}
+    assert len(per_type) >= 2 and all(0.0 <= v <= 1.0 for v in per_type.values())

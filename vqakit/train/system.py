@@ -99,8 +99,9 @@ class VQASystem(L.LightningModule):
         self.log("val/acc", self.val_acc, batch_size=len(logits))
         if self.val_group_keys:
             groups = self.val_group_of[batch["index"]]
-            for i in groups.unique().tolist():
-                metric = self.val_group_scores[i]
+            # every group at every step, with no scores where the batch has none: under DDP each rank must log
+            # the same metrics, or the ranks wait on each other's sync at the epoch's end
+            for i, metric in enumerate(self.val_group_scores):
                 metric.update(score[groups == i])
                 self.log(f"val/vqa_score_per_type/{self.val_group_keys[i]}", metric, batch_size=len(logits))
 
