@@ -98,7 +98,7 @@ def test_logger_values():
 
 
 def test_validation_is_scored_per_question_family_while_training(tiny_model_args, tmp_path):
-    """Each group of the carved validation split (question type where the data gives 2-30 of them, else answer
+    """Each group of the carved validation split (question type where the data gives 2-12 of them, else answer
     type) gets its own ``val/vqa_score_per_type/<group>`` curve; the groups' scores weighted by their sizes give the
     overall score, and the run's metadata records the last of each."""
     import csv

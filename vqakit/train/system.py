@@ -21,15 +21,15 @@ from vqakit.train.nonfinite import checked_loss
 from vqakit.train.schedule import warmup_cosine_schedule
 
 FOCAL_RAMP = 0.1  # with --train.focal_from: the fraction of the planned steps over which the focal exponent rises
-MAX_VAL_GROUPS = 30  # question types scored apart on the validation split at most; more: the answer types
+MAX_VAL_GROUPS = 12  # question types scored apart on the validation split at most (families); more: answer types
 
 
 def validation_groups(examples: list) -> list[str] | None:
     """The group each validation question is scored in apart (``val/vqa_score_per_type/<group>``): its question
     type where the data gives every question one and there are 2 to ``MAX_VAL_GROUPS`` of them (a family of
     questions, as in the transfer suite), else its answer type (yes/no, number, other: VQA v2's 65 question types
-    are too many); ``None`` when there is one group only. A family the run has not learned then shows in the
-    curves while it trains, not only in the evaluation after it."""
+    and easy-VQA's 29 three-word prefixes are too many); ``None`` when there is one group only. A family the run
+    has not learned then shows in the curves while it trains, not only in the evaluation after it."""
     types = [e.question_type for e in examples]
     if all(types) and 2 <= len(set(types)) <= MAX_VAL_GROUPS:
         return types
