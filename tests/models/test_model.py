@@ -396,6 +396,46 @@ def test_find_from_words_finds_what_the_step_read_whatever_the_rest_of_the_quest
     assert TwoTowerConfig.from_dict(old).find_from_words is False
 
 
+def test_content_read_takes_the_same_word_in_every_wording(tiny_config, tiny_batch, tokenizer):
+    """content_read: each step also reads the words with a query the question does not set, so it takes the
+    same word wherever it stands and whatever the other words are; it trains, and older checkpoints read False."""
+    from vqakit.models.two_tower import TwoTowerConfig
+
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=2, dropout=0.0,
+                                                     find_from_words=True, content_read=True)).eval()
+    fusion = model.backbone.fusion
+    h = fusion.token_pos.shape[1]
+    with torch.no_grad():
+        fusion.order.fill_(0.0)
+        fusion.step_from_question.weight.zero_()
+        fusion.step_from_question.bias.zero_()
+        fusion.step_query.zero_()  # the question-set read: the mean of the words
+        fusion.token_pos.zero_()
+        fusion.content_query.zero_()
+        fusion.content_query[:, 0] = 50.0  # the content read: the word with a large first feature
+        fusion.content_gate.bias.fill_(20.0)  # gate open
+    mask = torch.ones(1, 5)
+    for where in (1, 3):  # the named word early or late, among other words
+        q = torch.randn(1, 5, h)
+        q[..., 0] = -1.0
+        q[:, where, 0] = 5.0
+        _, _, _, finds = fusion.controls(q, mask)
+        want = q.mean(1) + q[:, where]
+        torch.testing.assert_close(finds, want[:, None].expand(-1, 2, -1), atol=1e-4, rtol=1e-4)
+    plain = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=2, dropout=0.0,
+                                                     find_from_words=True)).eval()
+    assert plain.backbone.fusion.content_query is None
+    model.train()
+    with torch.no_grad():
+        fusion.content_query.normal_(0, 0.1)
+        fusion.content_gate.bias.zero_()
+    model(**tiny_batch(tokenizer)).logits.logsumexp(-1).sum().backward()
+    assert fusion.content_query.grad.abs().sum() > 0 and fusion.content_gate.weight.grad.abs().sum() > 0
+    old = {k: v for k, v in model.config.to_dict().items() if k != "content_read"}
+    assert TwoTowerConfig.from_dict(old).content_read is False
+
+
 def test_position_shared_axes_reads_x_and_y_through_one_map(tiny_config, tiny_batch, tokenizer):
     """position_shared_axes passes x and y through the same code map: swapping the two axes of the attended
     positions and the two halves of the gate gives the same features, so what the left / right questions train
