@@ -397,13 +397,14 @@ def test_find_from_words_finds_what_the_step_read_whatever_the_rest_of_the_quest
 
 
 def test_content_read_takes_the_same_word_in_every_wording(tiny_config, tiny_batch, tokenizer):
-    """content_read: each step also reads the words with a query the question does not set, so it takes the
-    same word wherever it stands and whatever the other words are; it trains, and older checkpoints read False."""
+    """content_read: each ordered step also reads the words with a query the question does not set, so it
+    takes the same word whatever the other words are (here, with no preference for where, wherever it stands);
+    the free step gets no such read; it trains, and older checkpoints read False."""
     from vqakit.models.two_tower import TwoTowerConfig
 
     torch.manual_seed(0)
-    model = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=2, dropout=0.0,
-                                                     find_from_words=True, content_read=True)).eval()
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=3, free_steps=1,
+                                                     dropout=0.0, find_from_words=True, content_read=True)).eval()
     fusion = model.backbone.fusion
     h = fusion.token_pos.shape[1]
     with torch.no_grad():
@@ -413,6 +414,7 @@ def test_content_read_takes_the_same_word_in_every_wording(tiny_config, tiny_bat
         fusion.step_query.zero_()  # the question-set read: the mean of the words
         fusion.token_pos.zero_()
         fusion.content_query.zero_()
+        fusion.content_order.zero_()
         fusion.content_query[:, 0] = 50.0  # the content read: the word with a large first feature
         fusion.content_gate.bias.fill_(20.0)  # gate open
     mask = torch.ones(1, 5)
@@ -422,7 +424,16 @@ def test_content_read_takes_the_same_word_in_every_wording(tiny_config, tiny_bat
         q[:, where, 0] = 5.0
         _, _, _, finds = fusion.controls(q, mask)
         want = q.mean(1) + q[:, where]
-        torch.testing.assert_close(finds, want[:, None].expand(-1, 2, -1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(finds[:, :2], want[:, None].expand(-1, 2, -1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(finds[:, 2], q.mean(1), atol=1e-4, rtol=1e-4)  # the free step
+    with torch.no_grad():  # two named words: the first ordered step takes the earlier, the second the later one
+        fusion.content_order.copy_(torch.tensor([-10.0, 10.0]))
+    q = torch.randn(1, 5, h)
+    q[..., 0] = -1.0
+    q[:, 1, 0] = q[:, 3, 0] = 5.0
+    _, _, _, finds = fusion.controls(q, mask)
+    torch.testing.assert_close(finds[:, 0], q.mean(1) + q[:, 1], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(finds[:, 1], q.mean(1) + q[:, 3], atol=1e-3, rtol=1e-3)
     plain = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=2, dropout=0.0,
                                                      find_from_words=True)).eval()
     assert plain.backbone.fusion.content_query is None

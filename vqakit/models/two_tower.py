@@ -109,13 +109,14 @@ class TwoTowerConfig(ConfigMixin):
             from, nor the find from a readout that never answers. The control still sets the step's relation
             gains and position gate. Off by default, in ``--recipe auto`` and in older checkpoints: it rescued
             that run, but on another seed no step read the colour word of the yes/no wording at all (docs/LOG.md).
-        content_read: ``relational``: each step also reads the question's words with a query of its own that
-            does not depend on the question (and no preference for where in the question), gated per step by
-            the pooled question, and adds that read to the words its question-set read took. A word this read
-            learns to take in one wording ("green" in "which side is the green object on?") it takes in every
-            wording ("is the green item in the left half?"), where the question-set reads of a run could all
-            settle on "is", "half" or the side word and no step found the object. Off by default and in older
-            checkpoints.
+        content_read: ``relational``: each ordered step (not the free ones) also reads the question's words
+            with a query of its own that does not depend on the question, and its own learned preference for
+            where in the question (early for the first step, late for the last, as the question-set read
+            starts), gated per step by the pooled question, and adds that read to the words its question-set
+            read took. A word this read learns to take in one wording ("green" in "which side is the green
+            object on?") it takes in every wording ("is the green item in the left half?"), where the
+            question-set reads of a run could all settle on "is", "half" or the side word and no step found the
+            object. Off by default and in older checkpoints.
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
@@ -511,9 +512,10 @@ class RelationalFusion(nn.Module):
         self.order = nn.Parameter(torch.cat([torch.linspace(-order_bias, order_bias, ordered),
                                              torch.zeros(cfg.free_steps)]))
         self.step_out = mlp(2 * h, 2 * h, h, 0.0)
-        if cfg.content_read:  # a query per step that the question does not set; a gate from the question
-            self.content_query = nn.Parameter(torch.randn(k_read, h) * 0.02)
-            self.content_gate = nn.Linear(h, k_read)
+        if cfg.content_read:  # per ordered step: a query the question does not set, its own order; a gate
+            self.content_query = nn.Parameter(torch.randn(ordered, h) * 0.02)
+            self.content_order = nn.Parameter(torch.linspace(-order_bias, order_bias, ordered))
+            self.content_gate = nn.Linear(h, ordered)
             nn.init.zeros_(self.content_gate.weight)  # 0.5 at the start
             nn.init.zeros_(self.content_gate.bias)
         else:
@@ -578,10 +580,13 @@ class RelationalFusion(nn.Module):
         scores = scores + self.order[:, None] * place[:, None]
         weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
         words = weights @ t  # (B, K, H) what each step read
-        if self.content_query is not None:  # the same words in every wording of a question
-            content = (self.content_query @ t.transpose(1, 2) / math.sqrt(t.shape[-1])).masked_fill(
-                ~mask[:, None], float("-inf")).softmax(-1)  # (B, K, T)
-            words = words + self.content_gate(question).sigmoid()[..., None] * (content @ t)
+        if self.content_query is not None:  # the same words in every wording of a question; no free step
+            scores = self.content_query @ t.transpose(1, 2) / math.sqrt(t.shape[-1])  # (B, ordered, T)
+            scores = scores + self.content_order[:, None] * place[:, None]
+            content = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1) @ t  # (B, ordered, H)
+            ordered = content.shape[1]
+            content = self.content_gate(question).sigmoid()[..., None] * content
+            words = torch.cat([words[:, :ordered] + content, words[:, ordered:]], dim=1)
         controls = self.step_out(torch.cat([words, question[:, None].expand(-1, k_read, -1)], dim=-1))
         read_at = (weights * place[:, None]).sum(-1)
         finds = words if self.find_from_words else controls
