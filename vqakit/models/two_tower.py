@@ -116,10 +116,11 @@ class TwoTowerConfig(ConfigMixin):
             read took. A word this read learns to take in one wording ("green" in "which side is the green
             object on?") it takes in every wording ("is the green item in the left half?"), where the
             question-set reads of a run could all settle on "is", "half" or the side word and no step found the
-            object. Off by default, in ``--recipe auto`` and in older checkpoints: with the find from words it
-            rescued the runs it was made for, but the reads it learned stayed broad (top word weight 0.1-0.4,
-            mostly the question's first or last tokens, not the colour words), and another seed then left a
-            relational family at chance (docs/LOG.md).
+            object. Off by default, in ``--recipe auto`` and in older checkpoints. With the find from words it
+            met the transfer target on every run tried, the four that the recipe or the find from words alone
+            missed among them, but the reads it learned stay broad (mostly the question's first or last tokens,
+            not the colour words), so why it helps is not shown, and one of those runs left a relational family
+            at chance until step ~2,900 of 4,000 (docs/LOG.md).
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
