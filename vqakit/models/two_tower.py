@@ -466,6 +466,8 @@ class RelationalFusion(nn.Module):
        ``free_steps`` steps start without the bias: with every step ordered, the last one reads the last words,
        which in "what colour is the object nearest to the green one?" name the object to relate to, and no
        step is left to relate (transfer-sort75: nearest_color 28.6 -> 83.6 with one free step).
+       With ``content_read`` each ordered step also reads the words with a query of its own that the question
+       does not set, added (gated by the question) to what its question-set read took.
        With ``question_find`` a step 0 comes first, its control from the pooled question alone: it finds the
        object the question names, whichever words the ordered steps end up reading. Without it, "is the red
        object in the left half?" could stay at chance on some seeds while "which side is the red object on?"
