@@ -117,7 +117,7 @@ class TwoTowerConfig(ConfigMixin):
             object on?") it takes in every wording ("is the green item in the left half?"), where the
             question-set reads of a run could all settle on "is", "half" or the side word and no step found the
             object. Off by default, in ``--recipe auto`` and in older checkpoints. With the find from words it
-            met the transfer target on every run tried, the four that the recipe or the find from words alone
+            met the transfer target on every run tried, the three that the recipe or the find from words alone
             missed among them, but the reads it learned stay broad (mostly the question's first or last tokens,
             not the colour words), so why it helps is not shown, and one of those runs left a relational family
             at chance until step ~2,900 of 4,000 (docs/LOG.md).
