@@ -525,7 +525,7 @@ class RelationalFusion(nn.Module):
             nn.init.zeros_(self.content_gate.weight)  # 0.5 at the start
             nn.init.zeros_(self.content_gate.bias)
         else:
-            self.content_query = self.content_gate = None
+            self.content_query = self.content_order = self.content_gate = None
         read = h + 2  # a step's read: content and position
         self.cell, self.cell2, self.attend = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, 1)  # shared by the steps
         self.film = nn.Linear(h, 2 * h)  # from the step's control, shared
@@ -580,18 +580,19 @@ class RelationalFusion(nn.Module):
         question = mean_pool(t, mask)
         length = mask.sum(1, keepdim=True).to(q.dtype)
         place = torch.arange(q.shape[1], device=q.device, dtype=q.dtype)[None] / (length - 1).clamp(min=1) * 2 - 1
+
+        def read(queries, order):  # (B or 1, K, H) queries, (K,) preference for where -> (B, K, T) word weights
+            scores = queries @ t.transpose(1, 2) / math.sqrt(t.shape[-1]) + order[:, None] * place[:, None]
+            return scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+
         k_read = self.step_query.shape[0]
         queries = self.step_query + self.step_from_question(question).unflatten(-1, (k_read, -1))  # (B, K, H)
-        scores = queries @ t.transpose(1, 2) / math.sqrt(t.shape[-1])  # (B, K, T)
-        scores = scores + self.order[:, None] * place[:, None]
-        weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+        weights = read(queries, self.order)
         words = weights @ t  # (B, K, H) what each step read
         if self.content_query is not None:  # the same words in every wording of a question; no free step
-            scores = self.content_query @ t.transpose(1, 2) / math.sqrt(t.shape[-1])  # (B, ordered, T)
-            scores = scores + self.content_order[:, None] * place[:, None]
-            content = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1) @ t  # (B, ordered, H)
-            ordered = content.shape[1]
-            content = self.content_gate(question).sigmoid()[..., None] * content
+            ordered = self.content_query.shape[0]
+            content = self.content_gate(question).sigmoid()[..., None] * (
+                read(self.content_query, self.content_order) @ t)  # (B, ordered, H)
             words = torch.cat([words[:, :ordered] + content, words[:, ordered:]], dim=1)
         controls = self.step_out(torch.cat([words, question[:, None].expand(-1, k_read, -1)], dim=-1))
         read_at = (weights * place[:, None]).sum(-1)
