@@ -46,7 +46,7 @@ def test_mlflow_and_wandb_receive_config_plan_metrics_and_the_evaluation(tiny_mo
     assert "train/loss" in run.data.metrics  # step metrics
     assert run.data.metrics["eval/vqa_accuracy"] == metrics["vqa_accuracy"]  # the final evaluation
     for t, v in metrics["per_answer_type"].items():
-        assert run.data.metrics[f"eval/per_answer_type/{t}"] == v
+        assert run.data.metrics[f"eval/per_answer_type/{t.replace('/', '_')}"] == v  # yes/no: yes_no
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"README.md", "metrics.json", "results.json", "config.yaml"} <= artifacts
 
@@ -107,7 +107,8 @@ def test_validation_is_scored_per_question_family_while_training(tiny_model_args
 
     from vqakit.data.config import DataConfig, split_validation
     from vqakit.train.run import _load_train_examples
-    from vqakit.train.system import _metric_key, validation_groups
+    from vqakit.train.system import validation_groups
+    from vqakit.train.tracking import metric_key
 
     _train(tiny_model_args, tmp_path, "--data.val_fraction", "0.5")
     run_dir = tmp_path / "run"
@@ -118,11 +119,11 @@ def test_validation_is_scored_per_question_family_while_training(tiny_model_args
     rows = [r for r in csv.DictReader((run_dir / "logs" / "metrics.csv").open()) if r.get("val/vqa_score")]
     assert rows
     for row in rows:
-        per_group = {g: float(row[f"val/vqa_score_per_type/{_metric_key(g)}"]) for g in set(groups)}
+        per_group = {g: float(row[f"val/vqa_score_per_type/{metric_key(g)}"]) for g in set(groups)}
         weighted = sum(groups.count(g) * s for g, s in per_group.items()) / len(groups)
         assert abs(weighted - float(row["val/vqa_score"])) < 1e-5
     meta = json.loads((run_dir / "checkpoint" / "training_metadata.json").read_text())
-    assert {f"val/vqa_score_per_type/{_metric_key(g)}" for g in set(groups)} <= set(meta["validation"])
+    assert {f"val/vqa_score_per_type/{metric_key(g)}" for g in set(groups)} <= set(meta["validation"])
 
 
 def test_validation_groups_are_question_types_when_few_else_answer_types():

@@ -6,8 +6,6 @@ configure_optimizers.
 
 from __future__ import annotations
 
-import re
-
 import lightning as L
 import torch
 from torch import nn
@@ -19,6 +17,7 @@ from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import model_inputs
 from vqakit.train.nonfinite import checked_loss
 from vqakit.train.schedule import warmup_cosine_schedule
+from vqakit.train.tracking import metric_key
 
 FOCAL_RAMP = 0.1  # with --train.focal_from: the fraction of the planned steps over which the focal exponent rises
 MAX_VAL_GROUPS = 12  # question types scored apart on the validation split at most (families); more: answer types
@@ -37,10 +36,6 @@ def validation_groups(examples: list) -> list[str] | None:
     return answer_types if len(set(answer_types)) >= 2 else None
 
 
-def _metric_key(group: str) -> str:
-    return re.sub(r"[^\w\-. ]", "_", group).strip() or "_"
-
-
 class VQASystem(L.LightningModule):
     def __init__(self, model, cfg: TrainConfig, total_steps: int, val_groups: list[str] | None = None):
         """``val_groups``: one group name per validation question (by dataset index, :func:`validation_groups`);
@@ -57,7 +52,7 @@ class VQASystem(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro", ignore_index=-100)
         names = sorted(set(val_groups)) if val_groups else []
         index = {g: i for i, g in enumerate(names)}
-        keys = [_metric_key(g) for g in names]
+        keys = [metric_key(g) for g in names]
         # the logged names, made unique where two groups differ only in characters a metric name cannot hold
         self.val_group_keys = [k if keys.count(k) == 1 else f"{k}_{i}" for i, k in enumerate(keys)]
         # the group of each validation question by dataset index (a buffer: moves to the device with the model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -143,15 +144,27 @@ def log_run_start(loggers: list, resolved: dict, plan: dict) -> None:
         lg.log_hyperparams({**resolved, "plan": plan})
 
 
+def metric_key(name: str) -> str:
+    """A group name (an answer or question type) as one level of a metric name: ``/`` and other characters the
+    trackers read as structure become ``_``, the same in the validation curves and in the final evaluation.
+
+    >>> metric_key("yes/no"), metric_key("colour of the X")
+    ('yes_no', 'colour of the X')
+    """
+    return re.sub(r"[^\w\-. ]", "_", name).strip() or "_"
+
+
 def evaluation_metrics(metrics: dict) -> dict[str, float]:
-    """The headline numbers of an evaluation as flat ``eval/*`` metrics.
+    """The headline numbers of an evaluation as flat ``eval/*`` metrics; each type's score under its
+    :func:`metric_key`, as in the validation curves (``val/vqa_score_per_type/<type>``).
 
     >>> evaluation_metrics({"vqa_accuracy": 50.0, "per_answer_type": {"yes/no": 75.0}, "num_questions": 4})
-    {'eval/vqa_accuracy': 50.0, 'eval/num_questions': 4.0, 'eval/per_answer_type/yes/no': 75.0}
+    {'eval/vqa_accuracy': 50.0, 'eval/num_questions': 4.0, 'eval/per_answer_type/yes_no': 75.0}
     """
     flat = {f"eval/{k}": float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    flat.update({f"eval/per_answer_type/{t}": float(v) for t, v in metrics.get("per_answer_type", {}).items()})
+    per_type = metrics.get("per_answer_type", {})
+    flat.update({f"eval/per_answer_type/{metric_key(t)}": float(v) for t, v in per_type.items()})
     return flat
 
 
