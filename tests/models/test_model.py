@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 
@@ -445,6 +446,48 @@ def test_content_read_takes_the_same_word_in_every_wording(tiny_config, tiny_bat
     assert fusion.content_query.grad.abs().sum() > 0 and fusion.content_gate.weight.grad.abs().sum() > 0
     old = {k: v for k, v in model.config.to_dict().items() if k != "content_read"}
     assert TwoTowerConfig.from_dict(old).content_read is False
+
+
+def test_word_dropout_hides_words_from_the_reads_while_training_only(tiny_config, tiny_batch, tokenizer):
+    """word_dropout: in training a read that settled on one word sometimes has to take another (never a padding
+    token, and never no word at all); in evaluation every word is read, as without it; a bad value is refused and
+    older checkpoints read 0."""
+    from vqakit.models.two_tower import TwoTowerConfig
+
+    torch.manual_seed(0)
+    model = TwoTowerForQuestionAnswering(tiny_config(fusion="relational", reasoning_steps=2, dropout=0.0,
+                                                     find_from_words=True, word_dropout=0.5))
+    fusion = model.backbone.fusion
+    h = fusion.token_pos.shape[1]
+    with torch.no_grad():
+        fusion.order.fill_(0.0)
+        fusion.step_from_question.weight.zero_()
+        fusion.step_from_question.bias.zero_()
+        fusion.token_pos.zero_()
+        fusion.step_query.zero_()
+        fusion.step_query[:, 0] = 50.0  # both steps read the word with a large first feature
+    q = torch.randn(1, 6, h)
+    q[0, :, 0] = torch.tensor([1.0, 2, 5, 3, 9, 9])  # word 2 first, then 3, 1, 0; never the padding
+    mask = torch.tensor([[1.0, 1, 1, 1, 0, 0]])  # two padding tokens
+    model.eval()
+    for _ in range(3):  # evaluation: always the settled word
+        torch.testing.assert_close(fusion.controls(q, mask)[3], q[:, 2:3].expand(-1, 2, -1))
+    model.train()
+    taken = collections.Counter()
+    for _ in range(200):
+        finds = fusion.controls(q, mask)[3]  # (1, 2, H): each step's read, sharp on one word
+        for step in range(2):
+            word = int((finds[0, step] - q[0]).abs().sum(-1).argmin())
+            torch.testing.assert_close(finds[0, step], q[0, word], atol=1e-3, rtol=1e-3)  # one whole word
+            taken[word] += 1
+    assert set(taken) == {0, 1, 2, 3}  # the settled word most often, the others sometimes, padding never
+    assert taken[2] == max(taken.values()) and 150 < taken[2] < 300  # ~225 of 400 at p = 0.5
+    model(**tiny_batch(tokenizer)).logits.logsumexp(-1).sum().backward()
+    assert fusion.step_query.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="word_dropout"):
+        TwoTowerConfig(fusion="relational", word_dropout=1.0)
+    old = {k: v for k, v in model.config.to_dict().items() if k != "word_dropout"}
+    assert TwoTowerConfig.from_dict(old).word_dropout == 0.0
 
 
 def test_position_shared_axes_reads_x_and_y_through_one_map(tiny_config, tiny_batch, tokenizer):

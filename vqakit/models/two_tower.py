@@ -121,6 +121,11 @@ class TwoTowerConfig(ConfigMixin):
             missed among them, but the reads it learned stay broad (mostly the question's first or last tokens,
             not the colour words), so why it helps is not shown, and one of those runs left a relational family
             at chance until step ~2,900 of 4,000 (docs/LOG.md).
+        word_dropout: ``relational``, training only: each step's read over the question's words (and its
+            content read) hides each word with this probability, drawn anew per question and step (a read that
+            would hide every word hides none). A read that has settled on one word ("is", weight 0.99) then
+            still has to try the others now and then, so the colour word's worth can be learned after the
+            read settled. Inference reads every word. 0 (off) by default and in older checkpoints.
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
@@ -159,6 +164,7 @@ class TwoTowerConfig(ConfigMixin):
     question_find: bool = False
     find_from_words: bool = False
     content_read: bool = False
+    word_dropout: float = 0.0
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
@@ -181,6 +187,8 @@ class TwoTowerConfig(ConfigMixin):
             raise ValueError(f"--model.loss={self.loss!r} is not one of {LOSSES}")
         if not self.focal_gamma >= 0:
             raise ValueError(f"--model.focal_gamma={self.focal_gamma} must be >= 0 (0: the plain loss)")
+        if not 0 <= self.word_dropout < 1:
+            raise ValueError(f"--model.word_dropout={self.word_dropout} must be in [0, 1) (0: every word read)")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"--model.hidden_size={self.hidden_size} must be divisible by --model.num_heads={self.num_heads}"
@@ -535,6 +543,7 @@ class RelationalFusion(nn.Module):
         self.geometry = mlp(2 * k_steps + 2 * pairs, 2 * h, h, 0.0)  # positions and their differences, widened
         self.out_dim = h + k_steps + k_steps * h + k_steps * read + 2 * pairs + h + 2 * h
         self.find_from_words = cfg.find_from_words
+        self.word_dropout = cfg.word_dropout
         self.position_readout = cfg.position_readout
         self.position_gate_question = cfg.position_gate_question
         if cfg.position_readout:
@@ -583,7 +592,11 @@ class RelationalFusion(nn.Module):
 
         def read(queries, order):  # (B or 1, K, H) queries, (K,) preference for where -> (B, K, T) word weights
             scores = queries @ t.transpose(1, 2) / math.sqrt(t.shape[-1]) + order[:, None] * place[:, None]
-            return scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+            visible = mask[:, None].expand_as(scores)
+            if self.training and self.word_dropout > 0:  # hide words at random; never all of a read's words
+                kept = visible & (torch.rand_like(scores) >= self.word_dropout)
+                visible = torch.where(kept.any(-1, keepdim=True), kept, visible)
+            return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
         k_read = self.step_query.shape[0]
         queries = self.step_query + self.step_from_question(question).unflatten(-1, (k_read, -1))  # (B, K, H)
