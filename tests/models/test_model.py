@@ -397,6 +397,18 @@ def test_find_from_words_finds_what_the_step_read_whatever_the_rest_of_the_quest
     assert TwoTowerConfig.from_dict(old).find_from_words is False
 
 
+def _set_reads(fusion, first_feature: float) -> None:
+    """The steps' question-set reads set by hand: no preference for where in the question, no query from the
+    question, no token positions; every step's query is ``first_feature`` on feature 0 (0: the mean of the words)."""
+    with torch.no_grad():
+        fusion.order.fill_(0.0)
+        fusion.step_from_question.weight.zero_()
+        fusion.step_from_question.bias.zero_()
+        fusion.token_pos.zero_()
+        fusion.step_query.zero_()
+        fusion.step_query[:, 0] = first_feature
+
+
 def test_content_read_takes_the_same_word_in_every_wording(tiny_config, tiny_batch, tokenizer):
     """content_read: each ordered step also reads the words with a query the question does not set, so it
     takes the same word whatever the other words are (here, with no preference for where, wherever it stands);
@@ -408,12 +420,8 @@ def test_content_read_takes_the_same_word_in_every_wording(tiny_config, tiny_bat
                                                      dropout=0.0, find_from_words=True, content_read=True)).eval()
     fusion = model.backbone.fusion
     h = fusion.token_pos.shape[1]
+    _set_reads(fusion, 0.0)  # the question-set read: the mean of the words
     with torch.no_grad():
-        fusion.order.fill_(0.0)
-        fusion.step_from_question.weight.zero_()
-        fusion.step_from_question.bias.zero_()
-        fusion.step_query.zero_()  # the question-set read: the mean of the words
-        fusion.token_pos.zero_()
         fusion.content_query.zero_()
         fusion.content_order.zero_()
         fusion.content_query[:, 0] = 50.0  # the content read: the word with a large first feature
@@ -459,13 +467,7 @@ def test_word_dropout_hides_words_from_the_reads_while_training_only(tiny_config
                                                      find_from_words=True, word_dropout=0.5))
     fusion = model.backbone.fusion
     h = fusion.token_pos.shape[1]
-    with torch.no_grad():
-        fusion.order.fill_(0.0)
-        fusion.step_from_question.weight.zero_()
-        fusion.step_from_question.bias.zero_()
-        fusion.token_pos.zero_()
-        fusion.step_query.zero_()
-        fusion.step_query[:, 0] = 50.0  # both steps read the word with a large first feature
+    _set_reads(fusion, 50.0)  # both steps read the word with the largest first feature
     q = torch.randn(1, 6, h)
     q[0, :, 0] = torch.tensor([1.0, 2, 5, 3, 9, 9])  # word 2 first, then 3, 1, 0; never the padding
     mask = torch.tensor([[1.0, 1, 1, 1, 0, 0]])  # two padding tokens
