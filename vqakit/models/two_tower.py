@@ -117,15 +117,16 @@ class TwoTowerConfig(ConfigMixin):
             object on?") it takes in every wording ("is the green item in the left half?"), where the
             question-set reads of a run could all settle on "is", "half" or the side word and no step found the
             object. Off by default, in ``--recipe auto`` and in older checkpoints. With the find from words it
-            met the transfer target on every run tried, the three that the recipe or the find from words alone
-            missed among them, but the reads it learned stay broad (mostly the question's first or last tokens,
-            not the colour words), so why it helps is not shown, and one of those runs left a relational family
-            at chance until step ~2,900 of 4,000 (docs/LOG.md).
+            met the transfer target on 12 of 13 runs, about the recipe's rate; the reads it learned stay broad
+            (mostly the question's first or last tokens, not the colour words), and on the run it missed no read
+            of either kind took the colour word of the yes/no wording (docs/LOG.md).
         word_dropout: ``relational``, training only: each step's read over the question's words (and its
             content read) hides each word with this probability, drawn anew per question and step (a read that
             would hide every word hides none). A read that has settled on one word ("is", weight 0.99) then
             still has to try the others now and then, so the colour word's worth can be learned after the
-            read settled. Inference reads every word. 0 (off) by default and in older checkpoints.
+            read settled (a softmax at weight ~1 gives the other words almost no gradient). Inference reads every
+            word. 0 (off) by default, in ``--recipe auto`` and in older checkpoints; 0.1 with the find from words
+            and the content read is being tried on the transfer suite (docs/LOG.md).
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.
