@@ -108,7 +108,7 @@ def test_validation_is_scored_per_question_family_while_training(tiny_model_args
     from vqakit.data.config import DataConfig, split_validation
     from vqakit.train.run import _load_train_examples
     from vqakit.train.system import validation_groups
-    from vqakit.train.tracking import metric_key
+    from vqakit.train.tracking import metric_keys
 
     _train(tiny_model_args, tmp_path, "--data.val_fraction", "0.5")
     run_dir = tmp_path / "run"
@@ -116,14 +116,15 @@ def test_validation_is_scored_per_question_family_while_training(tiny_model_args
     _, val = split_validation(_load_train_examples(data, False)[0], data.val_fraction, data.seed)
     groups = validation_groups(val)
     assert groups is not None and len(set(groups)) >= 2
+    keys = metric_keys(groups)
     rows = [r for r in csv.DictReader((run_dir / "logs" / "metrics.csv").open()) if r.get("val/vqa_score")]
     assert rows
     for row in rows:
-        per_group = {g: float(row[f"val/vqa_score_per_type/{metric_key(g)}"]) for g in set(groups)}
+        per_group = {g: float(row[f"val/vqa_score_per_type/{keys[g]}"]) for g in set(groups)}
         weighted = sum(groups.count(g) * s for g, s in per_group.items()) / len(groups)
         assert abs(weighted - float(row["val/vqa_score"])) < 1e-5
     meta = json.loads((run_dir / "checkpoint" / "training_metadata.json").read_text())
-    assert {f"val/vqa_score_per_type/{metric_key(g)}" for g in set(groups)} <= set(meta["validation"])
+    assert {f"val/vqa_score_per_type/{keys[g]}" for g in set(groups)} <= set(meta["validation"])
 
 
 def test_validation_groups_are_question_types_when_few_else_answer_types():

@@ -17,7 +17,7 @@ from vqakit.train.config import TrainConfig
 from vqakit.train.datamodule import model_inputs
 from vqakit.train.nonfinite import checked_loss
 from vqakit.train.schedule import warmup_cosine_schedule
-from vqakit.train.tracking import metric_key
+from vqakit.train.tracking import metric_keys
 
 FOCAL_RAMP = 0.1  # with --train.focal_from: the fraction of the planned steps over which the focal exponent rises
 MAX_VAL_GROUPS = 12  # question types scored apart on the validation split at most (families); more: answer types
@@ -52,9 +52,8 @@ class VQASystem(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro", ignore_index=-100)
         names = sorted(set(val_groups)) if val_groups else []
         index = {g: i for i, g in enumerate(names)}
-        keys = [metric_key(g) for g in names]
-        # the logged names, made unique where two groups differ only in characters a metric name cannot hold
-        self.val_group_keys = [k if keys.count(k) == 1 else f"{k}_{i}" for i, k in enumerate(keys)]
+        keys = metric_keys(names)  # unique where two groups differ only in characters a metric name cannot hold
+        self.val_group_keys = [keys[g] for g in names]
         # the group of each validation question by dataset index (a buffer: moves to the device with the model)
         self.register_buffer("val_group_of", torch.tensor([index[g] for g in val_groups] if names else [],
                                                           dtype=torch.long), persistent=False)

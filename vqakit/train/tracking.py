@@ -144,19 +144,22 @@ def log_run_start(loggers: list, resolved: dict, plan: dict) -> None:
         lg.log_hyperparams({**resolved, "plan": plan})
 
 
-def metric_key(name: str) -> str:
-    """A group name (an answer or question type) as one level of a metric name: ``/`` and other characters the
-    trackers read as structure become ``_``, the same in the validation curves and in the final evaluation.
+def metric_keys(names: list[str]) -> dict[str, str]:
+    """Group names (answer or question types) as one level of a metric name each: ``/`` and other characters the
+    trackers read as structure become ``_``, and names that then collide get their index in sorted order, the
+    same in the validation curves and in the final evaluation.
 
-    >>> metric_key("yes/no"), metric_key("colour of the X")
-    ('yes_no', 'colour of the X')
+    >>> metric_keys(["yes/no", "colour of the X", "yes_no"])
+    {'colour of the X': 'colour of the X', 'yes/no': 'yes_no_1', 'yes_no': 'yes_no_2'}
     """
-    return re.sub(r"[^\w\-. ]", "_", name).strip() or "_"
+    names = sorted(set(names))
+    keys = [re.sub(r"[^\w\-. ]", "_", n).strip() or "_" for n in names]
+    return {n: k if keys.count(k) == 1 else f"{k}_{i}" for i, (n, k) in enumerate(zip(names, keys))}
 
 
 def evaluation_metrics(metrics: dict) -> dict[str, float]:
     """The headline numbers of an evaluation as flat ``eval/*`` metrics; each type's score under its
-    :func:`metric_key`, as in the validation curves (``val/vqa_score_per_type/<type>``).
+    :func:`metric_keys`, as in the validation curves (``val/vqa_score_per_type/<type>``).
 
     >>> evaluation_metrics({"vqa_accuracy": 50.0, "per_answer_type": {"yes/no": 75.0}, "num_questions": 4})
     {'eval/vqa_accuracy': 50.0, 'eval/num_questions': 4.0, 'eval/per_answer_type/yes_no': 75.0}
@@ -164,7 +167,8 @@ def evaluation_metrics(metrics: dict) -> dict[str, float]:
     flat = {f"eval/{k}": float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     per_type = metrics.get("per_answer_type", {})
-    flat.update({f"eval/per_answer_type/{metric_key(t)}": float(v) for t, v in per_type.items()})
+    keys = metric_keys(list(per_type))
+    flat.update({f"eval/per_answer_type/{keys[t]}": float(v) for t, v in per_type.items()})
     return flat
 
 
