@@ -39,7 +39,8 @@ def test_loss_follows_answer_agreement_and_schedule_follows_size():
     assert auto_recipe(DataConfig(), profile=_profile(agreement=0.5)).config["model"]["loss"] == "bce"
     model = auto_recipe(DataConfig(), profile=_profile()).config["model"]
     assert model["position_gate_question"] is True
-    assert model["position_shared_axes"] is False and model["step_read"] is False
+    assert model["position_shared_axes"] is True and model["step_read"] is False
+    assert model["find_from_words"] is True and model["content_read"] is True and model["word_dropout"] == 0.1
     assert model["num_fusion_layers"] == 0  # no self-attention over the cells before the steps
     assert auto_recipe(DataConfig(), profile=_profile(num_questions=5_000)).config["model"]["num_fusion_layers"] == 1
     assert model["relation_bias"] is True

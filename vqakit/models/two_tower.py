@@ -76,7 +76,9 @@ class TwoTowerConfig(ConfigMixin):
             the map that "is it in the top half?" then reads y with, instead of one wording of many training the
             y half of the map and its gate together from scratch. It fixed both transfer runs that had left "in
             the top half?" near chance, but two of three transfer-sort75 seeds then stalled on the colour-relational
-            questions (docs/LOG.md): off by default and in ``--recipe auto``.
+            questions; with the three word options below (``find_from_words``, ``content_read``,
+            ``word_dropout``) every transfer run met its target (docs/LOG.md). Off by default and in older
+            checkpoints; ``--recipe auto`` turns it on.
         step_read: ``relational``: the answer also gets what the steps read (the content at each step's attended
             place) weighted by a softmax over the steps, its scores from the pooled question against each step's
             control (``STEP_READ_HEADS`` such reads). "What colour is the object nearest to the green one?" takes
@@ -107,8 +109,9 @@ class TwoTowerConfig(ConfigMixin):
             a seed on which the yes/no position questions stayed near chance: the step reading "green" landed 0.45
             from the object against 0.04), and the readout of a find that never lands gets no gradient to learn
             from, nor the find from a readout that never answers. The control still sets the step's relation
-            gains and position gate. Off by default, in ``--recipe auto`` and in older checkpoints: it rescued
-            that run, but on another seed no step read the colour word of the yes/no wording at all (docs/LOG.md).
+            gains and position gate. Off by default and in older checkpoints; ``--recipe auto`` turns it on. Alone
+            it rescued that run, but on another seed no step read the colour word of the yes/no wording at all
+            (docs/LOG.md).
         content_read: ``relational``: each ordered step (not the free ones) also reads the question's words
             with a query of its own that does not depend on the question, and its own learned preference for
             where in the question (early for the first step, late for the last, as the question-set read
@@ -116,8 +119,8 @@ class TwoTowerConfig(ConfigMixin):
             read took. A word this read learns to take in one wording ("green" in "which side is the green
             object on?") it takes in every wording ("is the green item in the left half?"), where the
             question-set reads of a run could all settle on "is", "half" or the side word and no step found the
-            object. Off by default, in ``--recipe auto`` and in older checkpoints. With the find from words it
-            met the transfer target on 12 of 13 runs, about the recipe's rate; the reads it learned stay broad
+            object. Off by default and in older checkpoints; ``--recipe auto`` turns it on. With the find from
+            words alone it met the transfer target on 12 of 13 runs; the reads it learned stay broad
             (mostly the question's first or last tokens, not the colour words), and on the run it missed no read
             of either kind took the colour word of the yes/no wording (docs/LOG.md).
         word_dropout: ``relational``, training only: each step's read over the question's words (and its
@@ -125,9 +128,10 @@ class TwoTowerConfig(ConfigMixin):
             would hide every word hides none). A read that has settled on one word ("is", weight 0.99) then
             still has to try the others now and then, so the colour word's worth can be learned after the
             read settled (a softmax at weight ~1 gives the other words almost no gradient). Inference reads every
-            word. 0 (off) by default, in ``--recipe auto`` and in older checkpoints: with the find from words and
-            the content read, 0.1 met the transfer target on 13 of 15 runs, the recipe's rate, both misses on the
-            yes/no position questions again (docs/LOG.md).
+            word. 0 (off) by default and in older checkpoints; ``--recipe auto`` uses 0.1. With the find from
+            words and the content read but a position code map per axis, 0.1 met the transfer target on 13 of 15
+            runs, both misses on the yes/no position questions; with ``position_shared_axes`` as well, on every
+            run (docs/LOG.md).
         num_heads: attention heads per fusion layer.
         mlp_ratio: width of the fusion MLPs, as a multiple of ``hidden_size``.
         dropout: dropout in the fusion layers and the classifier.

@@ -267,9 +267,18 @@ def auto_recipe(data: DataConfig, budget_minutes: float = 18.0, batch_size: int 
         "model.position_gate_question", True, "position questions read where an object is found with the "
         "question's side word, whichever step read it")
     model["position_shared_axes"] = choose(
-        "model.position_shared_axes", False, "x and y keep their own position codes: with one map for both, the "
-        "top-half questions were learned on every run, but two of three transfer-sort75 seeds stalled on the "
-        "colour-relational questions (docs/LOG.md)")
+        "model.position_shared_axes", True, "x and y pass one position code map: what the left / right questions "
+        "teach, \"is it in the top half?\" reads y with (with a map per axis the top-half question stayed near "
+        "chance on 2 of 14 transfer-suite runs)")
+    model["find_from_words"] = choose(
+        "model.find_from_words", True, "each step finds from the words it read, not from a control that also holds "
+        "the whole question: \"green\" finds the green object in every wording")
+    model["content_read"] = choose(
+        "model.content_read", True, "each ordered step also reads the words with a query the question does not "
+        "set: a read the wording cannot move onto \"is\" or \"half\"")
+    model["word_dropout"] = choose(
+        "model.word_dropout", 0.1, "while training, each read over the words hides each word with probability "
+        "0.1: a read settled on one word still learns which other word answers the question")
     model["step_read"] = choose(
         "model.step_read", False, "the head routes among the steps' reads itself: a question-weighted read over "
         "the steps (with the shared position map) cured the colour-relational stalls on transfer-sort75, but all "
