@@ -32,6 +32,7 @@ from vqakit.train.run import (
     _load_train_examples,
     _trainer,
     finish_run,
+    flushing_denormals,
     run_metadata,
     start_tracking,
     training_plan,
@@ -131,6 +132,7 @@ def _family(model_cfg):
     return family.training_module()
 
 
+@flushing_denormals
 def fit_generative(model_cfg, data: DataConfig, train: TrainConfig, evaluate: bool = True,
                    command: str | None = None) -> dict:
     """Train a generative model as configured; returns a summary (paths, time to train, metrics)."""

@@ -12,6 +12,8 @@ The run directory ``train.out_dir`` ends up with::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import platform
@@ -131,6 +133,64 @@ def _trainer(train: TrainConfig, out: Path, callbacks: list, precision: str, pla
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def flush_denormal(on: bool):
+    """Treat CPU float32 denormals as zero inside the block (``TrainConfig.flush_denormal``), on the calling thread
+    and on PyTorch's OpenMP threads, then restore the default. A CPU that cannot flush them gets one log line and
+    runs as before."""
+    enabled = bool(on) and set_flush_denormal(True)
+    if on and not enabled:
+        logger.info("this CPU cannot flush denormal floats to zero; training runs without it")
+    try:
+        yield enabled
+    finally:
+        if enabled:
+            set_flush_denormal(False)
+
+
+def set_flush_denormal(on: bool) -> bool:
+    """``torch.set_flush_denormal`` sets the mode of the calling thread only, and the threads of PyTorch's
+    intra-op pool keep theirs: with two threads half of every parallel op still ran on denormals. So the mode is
+    also set inside one OpenMP parallel region of the pool's size, on each of its threads (libgomp reuses the
+    same threads for PyTorch's regions). Where the OpenMP runtime is not libgomp the other threads keep their
+    mode. Returns whether the CPU supports it."""
+    if not torch.set_flush_denormal(on):
+        return False
+    threads = torch.get_num_threads()
+    if threads > 1 and "OpenMP" in torch.__config__.parallel_info():
+        libgomp = _loaded_library("libgomp")
+        if libgomp is not None:
+            import ctypes
+
+            callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+            callback = callback_type(lambda _: torch.set_flush_denormal(on))
+            parallel = ctypes.CDLL(libgomp).GOMP_parallel
+            parallel.argtypes = [callback_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            parallel(callback, None, threads, 0)
+    return True
+
+
+def _loaded_library(name: str) -> str | None:
+    """The path of a shared library this process has loaded whose file name starts with ``name`` (Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if f"/{name}" in line}
+    except OSError:
+        return None
+    return min(paths) if paths else None
+
+
+def flushing_denormals(fit_fn):
+    """Run a ``fit(model, data, train, ...)`` function under ``flush_denormal(train.flush_denormal)``."""
+
+    @functools.wraps(fit_fn)
+    def wrapper(model, data, train, *args, **kwargs):
+        with flush_denormal(train.flush_denormal):
+            return fit_fn(model, data, train, *args, **kwargs)
+
+    return wrapper
+
+
 def run_metadata(trainer: L.Trainer, resume_state: ResumeState, train: TrainConfig, params: dict,
                  train_examples: list, val_examples: list, skipped: list) -> dict:
     """What every run records in ``training_metadata.json``: cost, sizes, data and versions."""
@@ -151,6 +211,7 @@ def run_metadata(trainer: L.Trainer, resume_state: ResumeState, train: TrainConf
         "data_fingerprint": fingerprint(train_examples),
         "validation": {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "flush_denormal": train.flush_denormal,
         "torch": torch.__version__,
         "lightning": L.__version__,
         "python": platform.python_version(),
@@ -195,6 +256,7 @@ def finish_run(out: Path, ckpt: Path, metadata: dict, data: DataConfig, train: T
     return summary
 
 
+@flushing_denormals
 def fit(model: TwoTowerConfig, data: DataConfig, train: TrainConfig, evaluate: bool = True,
         command: str | None = None, callbacks: list | None = None) -> dict:
     """Train a model as configured; returns a summary (paths, time to train, metrics). ``command``: the command
