@@ -152,21 +152,24 @@ def set_flush_denormal(on: bool) -> bool:
     """``torch.set_flush_denormal`` sets the mode of the calling thread only, and the threads of PyTorch's
     intra-op pool keep theirs: with two threads half of every parallel op still ran on denormals. So the mode is
     also set inside one OpenMP parallel region of the pool's size, on each of its threads (libgomp reuses the
-    same threads for PyTorch's regions). Where the OpenMP runtime is not libgomp the other threads keep their
-    mode. Returns whether the CPU supports it."""
+    same threads for PyTorch's regions). Where PyTorch's OpenMP runtime is not libgomp the other threads keep
+    their mode. Returns whether the CPU supports it."""
     if not torch.set_flush_denormal(on):
         return False
     threads = torch.get_num_threads()
     if threads > 1 and "OpenMP" in torch.__config__.parallel_info():
-        libgomp = _loaded_library("libgomp")
-        if libgomp is not None:
+        libtorch = _loaded_library("libtorch_cpu")
+        if libtorch is not None:
             import ctypes
 
-            callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-            callback = callback_type(lambda _: torch.set_flush_denormal(on))
-            parallel = ctypes.CDLL(libgomp).GOMP_parallel
-            parallel.argtypes = [callback_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-            parallel(callback, None, threads, 0)
+            # looked up through libtorch_cpu, so the OpenMP runtime it links, not another copy in the process
+            # (scikit-learn ships its own libgomp)
+            parallel = getattr(ctypes.CDLL(libtorch), "GOMP_parallel", None)
+            if parallel is not None:
+                callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+                callback = callback_type(lambda _: torch.set_flush_denormal(on))
+                parallel.argtypes = [callback_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                parallel(callback, None, threads, 0)
     return True
 
 
